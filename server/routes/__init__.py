@@ -1,0 +1,12 @@
+"""One blueprint per resource; ``register`` mounts them all."""
+
+from __future__ import annotations
+
+from quart_trio import QuartTrio
+
+
+def register(app: QuartTrio) -> None:
+    from . import auth, chat, credits, health, models, observe, stream, supervisor
+
+    for module in (auth, chat, credits, health, models, observe, stream, supervisor):
+        app.register_blueprint(module.bp)

@@ -1,0 +1,84 @@
+"""A bounded ring of events addressed by id.
+
+Pure data structure: no trio, no waking. The stream owns one.
+"""
+
+from __future__ import annotations
+
+from .events import Event
+
+
+class Ring:
+    """The newest ``size`` events of a stream, addressed by their ids.
+
+    Ids are consecutive, so no search is ever needed: the event with id
+    ``i`` lives at ``buffer[(i - base) % size]``, where ``base`` is the id
+    stored at index 0 when the buffer started filling. The buffer grows up
+    to ``size`` (a short stream never allocates the whole ring), then
+    wraps, overwriting the oldest slot.
+
+    Invariants:
+      * ``first_id <= last_id + 1``; the ring is empty iff they are equal+1.
+      * ``len(self) == last_id - first_id + 1 <= size``.
+      * ids ``first_id..last_id`` are all present; nothing older is.
+    """
+
+    __slots__ = ("_base", "_buffer", "_last_id", "_size")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"ring size must be >= 1, not {size}")
+        self._size = size
+        self._buffer: list[Event] = []
+        self._base = 1
+        self._last_id = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def last_id(self) -> int:
+        """Id of the newest event ever appended (0 before any)."""
+        return self._last_id
+
+    @property
+    def first_id(self) -> int:
+        """Id of the oldest event still held (``last_id + 1`` when empty)."""
+        return self._last_id - len(self._buffer) + 1
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def is_full(self) -> bool:
+        return len(self._buffer) == self._size
+
+    def append(self, event: Event) -> None:
+        """Add the next event; when full, the oldest one is dropped."""
+        if event.id != self._last_id + 1:
+            raise ValueError(f"expected id {self._last_id + 1}, got {event.id}")
+        if len(self._buffer) < self._size:
+            self._buffer.append(event)
+        else:
+            self._buffer[(event.id - self._base) % self._size] = event
+        self._last_id = event.id
+
+    def slice(self, first: int, last: int) -> tuple[Event, ...]:
+        """The events with ids ``first..last`` inclusive, in order.
+
+        Both ids must be held (``first_id <= first <= last <= last_id``).
+        Costs O(last - first): two list slices at most, no per-event work.
+        """
+        if not (self.first_id <= first <= last <= self._last_id):
+            raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self._last_id}")
+        start = (first - self._base) % self._size
+        stop = (last - self._base) % self._size + 1
+        buffer = self._buffer
+        if start < stop:
+            return tuple(buffer[start:stop])
+        return (*buffer[start:], *buffer[:stop])
+
+    def release(self) -> None:
+        """Drop every event (the memory goes with them); ids keep counting."""
+        self._buffer = []
+        self._base = self._last_id + 1

@@ -1,0 +1,256 @@
+"""One stream: a ring of events, one producer, any number of reader cursors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import trio
+
+from .events import Batch, Event
+from .reader import Reader
+from .ring import Ring
+from .stats import Tally
+
+Encode = Callable[[int, str, str], bytes]
+
+
+class Stream:
+    """The events of one streamed model response, readable by cursors.
+
+    Created only by :meth:`ObservationManager.open_stream`. One producer
+    publishes; readers attach with :meth:`reader`. Waking is one
+    :class:`trio.lowlevel.ParkingLot` per stream: a publish unparks every
+    waiting reader at once, and each woken reader takes everything between
+    its cursor and the head in one :class:`Batch`.
+
+    The *primary* reader (the stream's own client) is never skipped: when
+    it is a whole ring behind, :meth:`publish_nowait` raises
+    :class:`trio.WouldBlock` and :meth:`publish` waits. Observers never slow
+    the producer; they are skipped forward instead.
+
+    Usable as a sync context manager: leaving the ``with`` block closes it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_cached",
+        "_encode",
+        "_ended_at",
+        "_observers",
+        "_on_close",
+        "_primary",
+        "_ring",
+        "_space",
+        "_tally",
+        "_wakeup",
+        "group",
+        "info",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        stream_id: str,
+        *,
+        group: str,
+        info: object,
+        ring_size: int,
+        encode: Encode,
+        tally: Tally,
+        on_close: Callable[[Stream], None],
+    ) -> None:
+        self.stream_id = stream_id
+        self.group = group
+        self.info = info
+        self._ring = Ring(ring_size)
+        self._encode = encode
+        self._tally = tally
+        self._on_close = on_close
+        self._ended_at: float | None = None
+        self._primary: Reader | None = None
+        self._observers = 0
+        # Readers waiting for the next event (or the end) park here
+        # (Reader.next_batch parks on it directly: it is the hot path).
+        self._wakeup = trio.lowlevel.ParkingLot()
+        # The producer waiting for the primary reader to make room parks here.
+        self._space = trio.lowlevel.ParkingLot()
+        # The last batch built: readers woken by the same publish ask for the
+        # same id range, so they share one tuple and one joined bytes object.
+        # Always valid: ids are never reused and events are immutable.
+        self._cached: Batch | None = None
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "live"
+        return f"<Stream {self.stream_id!r} group={self.group!r} last_id={self.last_id} {state}>"
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def last_id(self) -> int:
+        """Id of the newest event (0 before any)."""
+        return self._ring.last_id
+
+    @property
+    def first_id(self) -> int:
+        """Id of the oldest buffered event (``last_id + 1`` when none)."""
+        return self._ring.first_id
+
+    @property
+    def buffered(self) -> int:
+        """How many events the ring holds now."""
+        return len(self._ring)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended_at is not None
+
+    @property
+    def ended_at(self) -> float | None:
+        """``trio.current_time()`` when :meth:`close` was first called, else None."""
+        return self._ended_at
+
+    @property
+    def observers(self) -> int:
+        """Non-primary readers attached now."""
+        return self._observers
+
+    @property
+    def primary_attached(self) -> bool:
+        return self._primary is not None
+
+    # -- producing ---------------------------------------------------------
+
+    def publish_nowait(self, name: str, data: str) -> Event:
+        """Append the next event and wake every waiting reader. Never waits.
+
+        Raises :class:`trio.WouldBlock` (and appends nothing) if a primary
+        reader is attached and has not read the event that appending would
+        drop. Raises :class:`trio.ClosedResourceError` after :meth:`close`.
+        ``encode`` runs exactly once per event; if it raises, nothing is
+        appended and the id is not used.
+        """
+        if self._ended_at is not None:
+            raise trio.ClosedResourceError(f"stream {self.stream_id!r} is closed")
+        ring = self._ring
+        primary = self._primary
+        # Appending to a full ring drops first_id; the primary must have it.
+        if primary is not None and ring.is_full() and primary.position < ring.first_id:
+            raise trio.WouldBlock
+        event_id = ring.last_id + 1
+        event = Event(event_id, name, data, self._encode(event_id, name, data))
+        ring.append(event)
+        self._wakeup.unpark_all()
+        return event
+
+    async def publish(self, name: str, data: str) -> Event:
+        """Append the next event, waiting while the primary reader is a whole ring behind.
+
+        Always a checkpoint. Only the primary reader can make this wait;
+        observers never do. Cancellation is atomic: if cancelled, nothing
+        was appended. Raises :class:`trio.ClosedResourceError` if the stream
+        is (or becomes, while waiting) closed.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            event = self.publish_nowait(name, data)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return event
+        while True:
+            # Unparked when the primary reads, detaches, or the stream closes.
+            await self._space.park()
+            try:
+                return self.publish_nowait(name, data)
+            except trio.WouldBlock:
+                continue
+
+    def close(self) -> None:
+        """Mark the stream ended. Idempotent; never blocks.
+
+        Readers drain what is buffered, then their iteration ends. A producer
+        waiting in :meth:`publish` gets :class:`trio.ClosedResourceError`.
+        The manager's linger clock starts now.
+        """
+        if self._ended_at is not None:
+            return
+        self._ended_at = trio.current_time()
+        self._wakeup.unpark_all()
+        self._space.unpark_all()
+        self._on_close(self)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- reading -----------------------------------------------------------
+
+    def reader(self, after_id: int = 0, *, primary: bool = False) -> Reader:
+        """A cursor over this stream, attached while its ``with`` block runs.
+
+        ``after_id`` is the last id the caller already has: 0 replays from
+        the oldest buffered event, ``>= last_id`` replays nothing and
+        continues live. Attaching after :meth:`close` replays what is left
+        and then ends. At most one primary reader at a time: entering a
+        second raises :class:`trio.BusyResourceError`.
+        """
+        if after_id < 0:
+            raise ValueError(f"after_id must be >= 0, not {after_id}")
+        return Reader(self, after_id, primary=primary)
+
+    # The methods below are the Reader's private interface to its stream.
+
+    def _attach(self, reader: Reader) -> None:
+        if reader.primary:
+            if self._primary is not None:
+                raise trio.BusyResourceError(
+                    f"stream {self.stream_id!r} already has a primary reader"
+                )
+            self._primary = reader
+        else:
+            self._observers += 1
+        self._tally.attached(primary=reader.primary)
+
+    def _detach(self, reader: Reader) -> None:
+        if reader.primary:
+            self._primary = None
+            # A producer waiting on this reader is free to go.
+            self._space.unpark_all()
+        else:
+            self._observers -= 1
+        self._tally.detached(primary=reader.primary)
+
+    def _primary_advanced(self) -> None:
+        self._space.unpark_all()
+
+    def _lagged(self, skipped: int) -> None:
+        self._tally.lagged(skipped)
+
+    def _batch(self, first: int, last: int, skipped: int) -> Batch:
+        """Events ``first..last`` (inclusive, all buffered) as one Batch."""
+        cached = self._cached
+        if cached is None or cached.events[0].id != first or cached.events[-1].id != last:
+            events = self._ring.slice(first, last)
+            cached = Batch(events, 0, b"".join([event.wire for event in events]))
+            self._cached = cached
+        if skipped:
+            return Batch(cached.events, skipped, cached.wire)
+        return cached
+
+    def _release(self) -> None:
+        """Free the ring (called by the manager at expiry).
+
+        Readers still attached are told the rest as skipped, then end.
+        """
+        self._ring.release()
+        self._cached = None
+        self._wakeup.unpark_all()

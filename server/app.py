@@ -1,0 +1,185 @@
+"""``create_app(settings)``: the Quart-Trio app, its services and its lifespan.
+
+Lifespan: the store and ledger open when the app is created (so a bad DB
+fails fast); at start-up the ledger releases reservations a dead process
+left open and the store marks messages a crash cut as interrupted. The
+long-lived services (observation sweeper, stream hub, provider) are tasks
+owned by quart-trio's app nursery, started with ``nursery.start`` so the
+app serves only once they are ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import sqlite3
+import uuid
+from typing import Any
+
+import trio
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+import ledger
+from observation import ObservationManager
+
+from . import __version__
+from .auth import TokenService
+from .context import Services
+from .errors import ApiError, from_ledger
+from .limits import RateLimiter
+from .models import Catalog
+from .providers import open_provider
+from .settings import Settings
+from .sse import encode_event
+from .store import Store
+from .streams import StreamHub
+
+log = logging.getLogger("chinwag")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+_HTTP_CODES = {
+    404: ("NOT_FOUND", "No such endpoint."),
+    405: ("METHOD_NOT_ALLOWED", "That method is not allowed on this endpoint."),
+    413: ("PAYLOAD_TOO_LARGE", "The request body is too large."),
+}
+
+
+def create_app(settings: Settings) -> QuartTrio:
+    settings = settings.with_secret()
+    app = QuartTrio("chinwag")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        BODY_TIMEOUT=60,
+        JSON_SORT_KEYS=False,
+        PROVIDE_AUTOMATIC_OPTIONS=True,
+    )
+    store = Store(settings.db_path)
+    book = ledger.Ledger(settings.db_path)
+    observations = ObservationManager(
+        ring_size=settings.observe_ring,
+        linger=settings.stream_buffer_ms / 1000,
+        encode=encode_event,
+    )
+    svc = Services(
+        settings=settings,
+        store=store,
+        ledger=book,
+        tokens=TokenService(
+            settings.jwt_secret, ttl_s=settings.jwt_ttl_s, public_key=settings.jwt_public_key
+        ),
+        catalog=Catalog.load(settings.models_file),
+        limiter=RateLimiter(settings.rate_limit),
+        observations=observations,
+        hub=StreamHub(settings, store, book, observations),
+    )
+    app.extensions["chinwag"] = svc
+
+    @app.before_serving
+    async def start_services() -> None:
+        released = book.recover()
+        cut = store.recover_streaming()
+        if released or cut:
+            log.warning("recovered after an unclean stop: %d reservations released, "
+                        "%d messages marked interrupted", released, cut)
+        svc.provider = await app.nursery.start(_provider_service, settings)
+        svc.hub.provider = svc.provider
+        await app.nursery.start(observations.run)
+        await app.nursery.start(svc.hub.run)
+
+    @app.after_serving
+    async def stop_services() -> None:
+        # Runs still going end as "shutdown", persisted and settled, before the DB closes.
+        with trio.move_on_after(settings.shutdown_grace_ms / 1000):
+            await svc.hub.shutdown()
+        store.close()
+        book.close()
+
+    _install_request_hooks(app, settings)
+    _install_error_handlers(app)
+    from .routes import register
+
+    register(app)
+    return app
+
+
+async def _provider_service(
+    settings: Settings, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Owns the provider (for Bedrock: its one aiobotocore client) for the app's life."""
+    async with open_provider(settings) as provider:
+        task_status.started(provider)
+        await trio.sleep_forever()
+
+
+def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
+    origins = settings.cors_origins
+
+    @app.before_request
+    async def assign_request_id() -> None:
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = getattr(g, "request_id", f"req_{uuid.uuid4().hex[:16]}")
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            if "*" not in origins:
+                response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Expose-Headers"] = (
+                "X-Streaming-Session-Id, X-Request-Id"
+            )
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = (
+                    "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+                )
+                response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                    "Access-Control-Request-Headers",
+                    "Authorization, Content-Type, X-Request-Id, Last-Event-ID",
+                )
+                response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+
+def _install_error_handlers(app: QuartTrio) -> None:
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        response = jsonify(exc.body())
+        response.status_code = exc.status
+        response.headers.update(exc.headers)
+        return response
+
+    @app.errorhandler(ledger.LedgerError)
+    async def ledger_error(exc: ledger.LedgerError) -> Response:
+        return await api_error(from_ledger(exc))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code, message = _HTTP_CODES.get(status, ("BAD_REQUEST", "The request is not valid."))
+        if status == 400:
+            code = "VALIDATION_ERROR"
+        response = jsonify({"message": message, "errorCode": code})
+        response.status_code = status
+        return response
+
+    @app.errorhandler(sqlite3.Error)
+    async def db_error(exc: sqlite3.Error) -> Response:
+        log.exception("database error")
+        response = jsonify(
+            {"message": "The service is temporarily unavailable.", "errorCode": "SERVICE_UNAVAILABLE"}
+        )
+        response.status_code = 503
+        return response
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = jsonify({"message": "Internal server error.", "errorCode": "INTERNAL_ERROR"})
+        response.status_code = 500
+        return response

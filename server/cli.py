@@ -1,0 +1,197 @@
+"""``chinwag``: serve, user add, credits allocate, token, fake-bedrock (SPEC §1)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("chinwag")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    from .app import create_app
+
+    settings = Settings.from_env()
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    app = create_app(settings)
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.keep_alive_timeout = 75
+    config.graceful_timeout = settings.shutdown_grace_ms / 1000
+    config.include_server_header = False
+
+    async def shutdown_trigger() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                break
+        # Tell every stream and observer, persist and settle, before Hypercorn stops.
+        with trio.move_on_after(settings.shutdown_grace_ms / 1000):
+            await app.extensions["chinwag"].hub.shutdown()
+
+    async def main() -> None:
+        print(f"chinwag listening on http://{host}:{port} "
+              f"(provider={settings.provider}, db={settings.db_path})", flush=True)
+        if settings.provider == "bedrock":
+            import trio_asyncio
+
+            # aiobotocore is asyncio: one asyncio loop for the whole server, inherited
+            # by every task (DESIGN.md §3).
+            async with trio_asyncio.open_loop():
+                await serve(app, config, shutdown_trigger=shutdown_trigger)
+        else:
+            await serve(app, config, shutdown_trigger=shutdown_trigger)
+
+    trio.run(main)
+    return 0
+
+
+def _settings_for_cli() -> Settings:
+    return Settings.from_env().with_secret()
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    import ledger
+
+    from .auth import hash_password
+    from .store import Store, UsernameTaken
+
+    settings = _settings_for_cli()
+    password = args.password or getpass.getpass("Password: ")
+    if len(password) < 8:
+        print("error: the password must be at least 8 characters", file=sys.stderr)
+        return 2
+    store = Store(settings.db_path)
+    try:
+        user = store.add_user(args.username, hash_password(password), args.role, args.email)
+    except UsernameTaken:
+        print(f"error: user {args.username!r} already exists", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    with ledger.Ledger(settings.db_path) as book:
+        book.open_account(user["id"])
+    print(f"created {args.role} {args.username} (id {user['id']})")
+    return 0
+
+
+def _credits_allocate(args: argparse.Namespace) -> int:
+    import ledger
+
+    from .store import Store
+
+    settings = _settings_for_cli()
+    store = Store(settings.db_path)
+    user = store.user_by_name(args.username)
+    store.close()
+    if user is None:
+        print(f"error: no user {args.username!r}", file=sys.stderr)
+        return 1
+    with ledger.Ledger(settings.db_path) as book:
+        book.open_account(user["id"])
+        try:
+            b = book.allocate(user["id"], args.amount, reason=args.reason or "cli",
+                              idempotency_key=args.idempotency_key)
+        except ledger.LedgerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(f"{args.username}: balance {b.balance}, available {b.available}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import TokenService
+    from .store import Store
+
+    settings = _settings_for_cli()
+    store = Store(settings.db_path)
+    user = store.user_by_name(args.username)
+    store.close()
+    if user is None:
+        print(f"error: no user {args.username!r}", file=sys.stderr)
+        return 1
+    tokens = TokenService(settings.jwt_secret, ttl_s=settings.jwt_ttl_s)
+    print(tokens.mint(user["id"], user["username"], user["role"]))
+    return 0
+
+
+def _fake_bedrock(args: argparse.Namespace) -> int:
+    from .providers import fake_bedrock
+
+    return fake_bedrock.run_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chinwag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the server (Quart-Trio on Hypercorn)")
+    p.add_argument("--host", help="bind address (default CHINWAG_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default CHINWAG_PORT or 3002)")
+    p.set_defaults(func=_serve)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
+    p = user.add_parser("add", help="add a user")
+    p.add_argument("username")
+    p.add_argument("--password", help="password (prompted when omitted)")
+    p.add_argument("--role", choices=("enduser", "supervisor", "admin"), default="enduser")
+    p.add_argument("--email")
+    p.set_defaults(func=_user_add)
+
+    credits = sub.add_parser("credits", help="the credits ledger").add_subparsers(
+        dest="action", required=True
+    )
+    p = credits.add_parser("allocate", help="allocate credits to a user")
+    p.add_argument("username")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason")
+    p.add_argument("--idempotency-key")
+    p.set_defaults(func=_credits_allocate)
+
+    p = sub.add_parser("token", help="print a signed access token for a user (development aid)")
+    p.add_argument("username")
+    p.set_defaults(func=_token)
+
+    p = sub.add_parser("fake-bedrock", help="run the local Bedrock-compatible server")
+    try:
+        from .providers import fake_bedrock
+
+        fake_bedrock.add_arguments(p)
+    except ImportError:  # pragma: no cover - only while the module is being written
+        p.add_argument("--port", type=int, default=0)
+    p.set_defaults(func=_fake_bedrock)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        result: Any = args.func(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""What a request handler can reach: the app's services and the caller.
+
+``services()`` is the one way routes get at the store, the ledger, the
+catalog, the provider and the stream hub; ``authenticated(role)`` is the one
+place a route's JWT, role and rate limit are checked.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from quart import current_app, g, request
+
+import ledger
+from observation import ObservationManager
+
+from .auth import Principal, Role, TokenService, bearer_token, require_role
+from .errors import Forbidden, TooMany, Unauthorized
+from .limits import RateLimiter, retry_after
+from .models import Catalog
+from .providers.base import Provider
+from .settings import Settings
+from .store import Store
+
+if TYPE_CHECKING:
+    from .streams import StreamHub
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    store: Store
+    ledger: ledger.Ledger
+    tokens: TokenService
+    catalog: Catalog
+    limiter: RateLimiter
+    observations: ObservationManager
+    hub: StreamHub
+    provider: Provider | None = None  # set once the provider service has started
+
+
+def services() -> Services:
+    return current_app.extensions["chinwag"]  # type: ignore[no-any-return]
+
+
+def principal() -> Principal:
+    return g.principal  # type: ignore[no-any-return]
+
+
+def authenticate(role: Role) -> Principal:
+    """Verify the bearer token, the role and the user's rate limit."""
+    svc = services()
+    who = svc.tokens.verify(bearer_token(request.headers.get("Authorization")))
+    if svc.store.user_by_id(who.user_id) is None and not svc.settings.jwt_public_key:
+        # A token for a user that has been removed is no longer valid.
+        raise Unauthorized("Invalid token.")
+    require_role(who, role)
+    wait = svc.limiter.take(who.user_id)
+    if wait:
+        raise TooMany(
+            "Rate limit exceeded, please slow down.",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    g.principal = who
+    return who
+
+
+def authenticated(role: Role = "enduser") -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(handler)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            authenticate(role)
+            return await handler(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def user_scope(query_user: str | None) -> str:
+    """Whose data: the caller's own, or ``?userId=`` for supervisor/admin."""
+    who = principal()
+    if query_user and query_user != who.user_id:
+        if not who.is_staff:
+            raise Forbidden()
+        return query_user
+    return who.user_id
+
+
+def camel_session(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sessionId": row["id"],
+        "title": row["title"],
+        "modelId": row["model_id"],
+        "source": row["source"],
+        "createdAt": row["created_at"],
+        "updatedAt": row["updated_at"],
+    }
+
+
+def camel_message(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "role": row["role"],
+        "content": row["content"],
+        "modelId": row["model_id"],
+        "status": row["status"],
+        "tokensUsed": row["tokens_used"],
+        "inputTokens": row["input_tokens"],
+        "outputTokens": row["output_tokens"],
+        "creditsCharged": row["credits_charged"],
+        "streamingSessionId": row["streaming_session_id"],
+        "createdAt": row["created_at"],
+    }

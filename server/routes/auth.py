@@ -1,0 +1,52 @@
+"""``POST /api/auth/login`` and ``GET /api/auth/me``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Blueprint, request
+
+from ..auth import DUMMY_HASH, verify_password
+from ..context import authenticated, principal, services
+from ..errors import ApiError, TooMany
+from ..limits import retry_after
+from ..validate import json_body, string
+
+bp = Blueprint("auth", __name__)
+
+
+@bp.post("/api/auth/login")
+async def login() -> dict[str, Any]:
+    svc = services()
+    body = await json_body()
+    username = string(body, "username", required=True, max_len=100)
+    password = string(body, "password", required=True, max_len=1000)
+    assert username is not None and password is not None
+    # Brute-force bound: the same limiter, keyed by client address.
+    wait = svc.limiter.take(f"login:{request.remote_addr}")
+    if wait:
+        raise TooMany(headers={"Retry-After": retry_after(wait)})
+    user = svc.store.user_by_name(username)
+    # scrypt costs ~20 ms of CPU: run it in a thread so the event loop keeps streaming.
+    stored = user["password_hash"] if user else DUMMY_HASH
+    ok = await trio.to_thread.run_sync(verify_password, password, stored)
+    if user is None or not ok:
+        raise ApiError("Invalid username or password.", status=401, error_code="INVALID_CREDENTIALS")
+    token = svc.tokens.mint(user["id"], user["username"], user["role"])
+    return {
+        "accessToken": token,
+        "tokenType": "Bearer",
+        "expiresIn": svc.tokens.ttl_s,
+        "user": {"id": user["id"], "username": user["username"], "role": user["role"]},
+    }
+
+
+@bp.get("/api/auth/me")
+@authenticated()
+async def me() -> dict[str, Any]:
+    user = services().store.user_by_id(principal().user_id)
+    if user is None:  # external-IdP token for a user we do not store
+        who = principal()
+        return {"id": who.user_id, "username": who.username, "email": None, "role": who.role}
+    return {"id": user["id"], "username": user["username"], "email": user["email"], "role": user["role"]}

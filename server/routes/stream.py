@@ -1,0 +1,143 @@
+"""Streaming a model answer over SSE (SPEC §5): start, resume, finalize."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+import trio
+from quart import Blueprint, Response, request
+
+from observation import Batch, Reader, Stream
+
+from ..context import authenticated, camel_message, principal, services
+from ..errors import ApiError, Conflict, NotFound, ValidationError
+from ..models import resolve
+from ..providers.simulated import SCENARIOS
+from ..sse import CONNECTED, heartbeat, sse_response
+from ..streams import StreamRun
+from ..validate import integer, json_body, number, string
+from .chat import message_text, owned_session
+
+bp = Blueprint("stream", __name__)
+
+
+def _scenario() -> str | None:
+    if not services().settings.test_scenarios:
+        return None
+    value = request.headers.get("X-Test-Scenario", "").strip().lower()
+    if not value:
+        return None
+    if value not in SCENARIOS:
+        raise ValidationError(f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}.")
+    return value
+
+
+@bp.post("/api/chat/sessions/<session_id>/stream")
+@authenticated()
+async def start_stream(session_id: str) -> Response:
+    svc = services()
+    session = owned_session(session_id)
+    body = await json_body()
+    text = message_text(body)
+    assert text is not None
+    model = resolve(svc.catalog, body.get("modelId"), default=session["model_id"])
+    max_tokens = integer(body, "maxTokens", minimum=1, maximum=model.max_tokens)
+    temperature = number(body, "temperature", minimum=0.0, maximum=1.0)
+    run = svc.hub.start(
+        principal(), session, text, model, max_tokens=max_tokens, temperature=temperature,
+        scenario=_scenario(), streaming=True,
+    )
+    return sse_response(
+        client_feed(run, run.stream, after_id=0),
+        {"X-Streaming-Session-Id": run.stream_id},
+    )
+
+
+async def client_feed(run: StreamRun | None, stream: Stream, *, after_id: int) -> AsyncIterator[bytes]:
+    """The client's own response: the run's primary reader, plus heartbeats.
+
+    The comment ``: connected`` is flushed before the run may call upstream
+    (the run waits for this reader to attach). Everything pending is written
+    in one chunk per wake-up. When the client goes away Hypercorn cancels
+    this generator; its ``finally`` detaches, which aborts the run (after the
+    disconnect grace, if any).
+    """
+    interval = services().settings.sse_heartbeat_ms / 1000
+    yield CONNECTED
+    try:
+        with stream.reader(after_id, primary=True) as reader:
+            if run is not None:
+                run.attach()
+            async for batch in paced(reader, interval):
+                yield heartbeat() if batch is None else batch.wire
+    finally:
+        if run is not None:
+            run.detach()
+
+
+async def paced(reader: Reader, interval: float) -> AsyncIterator[Batch | None]:
+    """The reader's batches, and ``None`` whenever a heartbeat is due.
+
+    Heartbeats keep a fixed period (every ``interval`` seconds) whether or not
+    events flow. Waiting for a batch is cancel-safe: the cursor moves only
+    when a batch is returned, so a heartbeat deadline never loses an event.
+    Ends when the stream has ended and everything was delivered.
+    """
+    next_beat = trio.current_time() + interval
+    while True:
+        batch = None
+        with trio.move_on_at(next_beat):
+            try:
+                batch = await reader.next_batch()
+            except trio.EndOfChannel:
+                return
+        if batch is None:
+            next_beat += interval
+        yield batch
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID", request.args.get("lastEventId", "0")).strip() or "0"
+    if not raw.isdigit() or len(raw) > 12:
+        raise ValidationError("Last-Event-ID must be a non-negative integer.")
+    return int(raw)
+
+
+@bp.get("/api/chat/sessions/<session_id>/stream")
+@authenticated()
+async def resume_stream(session_id: str) -> Response:
+    """Resume (SPEC §5.4): replay after Last-Event-ID from the ring, then live."""
+    svc = services()
+    owned_session(session_id)
+    stream_id = request.args.get("streamingSessionId", "")
+    after = _last_event_id()
+    stream = svc.observations.get(stream_id) if stream_id else None
+    if stream is None or stream.group != session_id:
+        raise NotFound("Streaming session not found or no longer buffered.",
+                       error_code="STREAM_NOT_FOUND")
+    if stream.primary_attached:
+        raise Conflict("This stream already has a connected client.",
+                       error_code="STREAM_ALREADY_ACTIVE")
+    run = svc.hub.for_stream(stream_id)
+    return sse_response(client_feed(run, stream, after_id=after),
+                        {"X-Streaming-Session-Id": stream_id})
+
+
+@bp.post("/api/chat/sessions/<session_id>/update-stream")
+@authenticated()
+async def update_stream(session_id: str) -> dict[str, Any]:
+    """Finalize (SPEC §5.3): the server's own record is authoritative; idempotent."""
+    svc = services()
+    owned_session(session_id)
+    body = await json_body()
+    stream_id = body.get("streamingSessionId")
+    string(body, "completeResponse", max_len=1_000_000)
+    integer(body, "tokensUsed", minimum=0, maximum=2**31)
+    message = svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None
+    if message is None or message["session_id"] != session_id:
+        raise ApiError("Streaming session ID mismatch", status=400,
+                       error_code="STREAMING_SESSION_MISMATCH")
+    if message["status"] == "streaming":
+        raise Conflict("The stream is still in progress.", error_code="STREAM_IN_PROGRESS")
+    out = camel_message(message)
+    return {"message": out}
+

@@ -1,0 +1,54 @@
+"""Supervisor/admin views of other users (SPEC §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, request
+
+from ..context import authenticated, camel_session, services
+from ..errors import NotFound, session_not_found
+from ..validate import paginated, pagination
+from .chat import full_session
+
+bp = Blueprint("supervisor", __name__)
+
+
+@bp.get("/api/chat/users/search")
+@authenticated("supervisor")
+async def search_users() -> dict[str, Any]:
+    q = request.args.get("q", "")[:100]
+    page, limit, window = pagination()
+    rows, total = services().store.search_users(q, window)
+    users = [
+        {"id": r["id"], "username": r["username"], "email": r["email"], "role": r["role"],
+         "sessionCount": r["session_count"]}
+        for r in rows
+    ]
+    return paginated("users", users, total, page, limit)
+
+
+def _user(user_id: str) -> dict[str, Any]:
+    user = services().store.user_by_id(user_id)
+    if user is None:
+        raise NotFound("User not found.", error_code="USER_NOT_FOUND")
+    return user
+
+
+@bp.get("/api/chat/users/<user_id>/sessions")
+@authenticated("supervisor")
+async def user_sessions(user_id: str) -> dict[str, Any]:
+    _user(user_id)
+    page, limit, window = pagination()
+    rows, total = services().store.list_sessions(user_id, window)
+    return paginated("sessions", [camel_session(r) for r in rows], total, page, limit)
+
+
+@bp.get("/api/chat/users/<user_id>/sessions/<session_id>")
+@authenticated("supervisor")
+async def user_session(user_id: str, session_id: str) -> dict[str, Any]:
+    _user(user_id)
+    row = services().store.get_session(session_id, user_id)
+    if row is None:
+        raise session_not_found()
+    return {**full_session(row), "userId": user_id}

@@ -1,0 +1,366 @@
+"""Users, chat sessions and messages in SQLite (WAL), through sqlite-utils.
+
+Every method is synchronous: statements take well under a millisecond, so
+the server calls them on the Trio thread (DESIGN.md §3) rather than paying a
+thread hop. Each write is one transaction; a multi-row change (deleting a
+session with its messages) is atomic.
+
+Schema changes are numbered migrations applied at start-up, idempotently
+(``store_meta.schema_version``). The ledger keeps its own ``ledger_*``
+tables in the same file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+__all__ = ["Store", "UsernameTaken", "now_iso"]
+
+
+class UsernameTaken(Exception):
+    pass
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _m1(db: Database) -> None:
+    db["users"].create(
+        {
+            "id": str,
+            "username": str,
+            "email": str,
+            "role": str,
+            "password_hash": str,
+            "created_at": str,
+        },
+        pk="id",
+        not_null={"username", "role", "password_hash", "created_at"},
+    )
+    db["users"].create_index(["username"], unique=True)
+    db["chat_sessions"].create(
+        {
+            "id": str,
+            "user_id": str,
+            "title": str,
+            "model_id": str,
+            "source": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        foreign_keys=[("user_id", "users", "id")],
+        not_null={"user_id", "created_at", "updated_at"},
+    )
+    db["chat_sessions"].create_index(["user_id", "updated_at"])
+    db["messages"].create(
+        {
+            "id": str,
+            "session_id": str,
+            "user_id": str,
+            "role": str,
+            "content": str,
+            "model_id": str,
+            "status": str,
+            "input_tokens": int,
+            "output_tokens": int,
+            "tokens_used": int,
+            "credits_charged": int,
+            "finish_reason": str,
+            "streaming_session_id": str,
+            "seq": int,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("session_id", "chat_sessions", "id")],
+        not_null={"session_id", "role", "content", "status", "created_at"},
+    )
+    db["messages"].create_index(["session_id", "seq"])
+    db["messages"].create_index(["streaming_session_id"])
+
+
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1,)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    offset: int
+    limit: int
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.db = Database(self.conn)
+        if str(path) != ":memory:":
+            self.db.enable_wal()
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self._migrate()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value)")
+        with self._tx():
+            row = self.conn.execute(
+                "SELECT value FROM store_meta WHERE key = 'schema_version'"
+            ).fetchone()
+            version = int(row[0]) if row else 0
+            for i, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                migration(self.db)
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO store_meta (key, value) VALUES ('schema_version', ?)",
+                    (i,),
+                )
+
+    @property
+    def schema_version(self) -> int:
+        row = self.conn.execute(
+            "SELECT value FROM store_meta WHERE key = 'schema_version'"
+        ).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def ping(self) -> None:
+        """Raise ``sqlite3.Error`` if the database cannot be read."""
+        self.conn.execute("SELECT count(*) FROM users").fetchone()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
+        # Plain SQL, not sqlite-utils' insert: that one wraps itself in
+        # ``with conn:``, which would commit our enclosing transaction early.
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, params)
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def _one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    # -- users ---------------------------------------------------------------------
+
+    def add_user(
+        self, username: str, password_hash: str, role: str, email: str | None = None
+    ) -> dict[str, Any]:
+        user = {
+            "id": uuid.uuid4().hex,
+            "username": username,
+            "email": email,
+            "role": role,
+            "password_hash": password_hash,
+            "created_at": now_iso(),
+        }
+        try:
+            with self._tx():
+                self._insert("users", user)
+        except sqlite3.IntegrityError as exc:
+            raise UsernameTaken(username) from exc
+        return user
+
+    def user_by_name(self, username: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM users WHERE username = ?", (username,))
+
+    def user_by_id(self, user_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM users WHERE id = ?", (user_id,))
+
+    def search_users(self, q: str, page: Page) -> tuple[list[dict[str, Any]], int]:
+        like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where = "WHERE u.username LIKE ? ESCAPE '\\' OR coalesce(u.email, '') LIKE ? ESCAPE '\\'"
+        total = self.conn.execute(
+            f"SELECT count(*) FROM users u {where}", (like, like)
+        ).fetchone()[0]
+        rows = self._rows(
+            f"""SELECT u.id, u.username, u.email, u.role,
+                       (SELECT count(*) FROM chat_sessions s WHERE s.user_id = u.id)
+                         AS session_count
+                FROM users u {where} ORDER BY u.username LIMIT ? OFFSET ?""",
+            (like, like, page.limit, page.offset),
+        )
+        return rows, total
+
+    # -- chat sessions -------------------------------------------------------------
+
+    def create_session(
+        self,
+        user_id: str,
+        *,
+        session_id: str | None,
+        title: str,
+        model_id: str,
+        source: str,
+    ) -> dict[str, Any] | None:
+        """Insert a session; None if a client-chosen id is already taken."""
+        now = now_iso()
+        row = {
+            "id": session_id or str(uuid.uuid4()),
+            "user_id": user_id,
+            "title": title,
+            "model_id": model_id,
+            "source": source,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            with self._tx():
+                self._insert("chat_sessions", row)
+        except sqlite3.IntegrityError:
+            return None
+        return row
+
+    def get_session(self, session_id: str, user_id: str | None = None) -> dict[str, Any] | None:
+        """The session, or None when it does not exist *or* is not ``user_id``'s."""
+        row = self._one("SELECT * FROM chat_sessions WHERE id = ?", (session_id,))
+        if row is None or (user_id is not None and row["user_id"] != user_id):
+            return None
+        return row
+
+    def list_sessions(self, user_id: str, page: Page) -> tuple[list[dict[str, Any]], int]:
+        total = self.conn.execute(
+            "SELECT count(*) FROM chat_sessions WHERE user_id = ?", (user_id,)
+        ).fetchone()[0]
+        rows = self._rows(
+            "SELECT * FROM chat_sessions WHERE user_id = ? "
+            "ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
+            (user_id, page.limit, page.offset),
+        )
+        return rows, total
+
+    def delete_session(self, session_id: str) -> None:
+        with self._tx():
+            self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+            self.conn.execute("DELETE FROM chat_sessions WHERE id = ?", (session_id,))
+
+    def touch_session(self, session_id: str) -> None:
+        self.conn.execute(
+            "UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now_iso(), session_id)
+        )
+
+    # -- messages ------------------------------------------------------------------
+
+    def add_message(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        role: str,
+        content: str,
+        model_id: str | None,
+        status: str = "complete",
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        credits_charged: int = 0,
+        finish_reason: str | None = None,
+    ) -> dict[str, Any]:
+        with self._tx():
+            seq = self.conn.execute(
+                "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()[0]
+            row = {
+                "id": str(uuid.uuid4()),
+                "session_id": session_id,
+                "user_id": user_id,
+                "role": role,
+                "content": content,
+                "model_id": model_id,
+                "status": status,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "tokens_used": input_tokens + output_tokens,
+                "credits_charged": credits_charged,
+                "finish_reason": finish_reason,
+                "streaming_session_id": streaming_session_id,
+                "seq": seq,
+                "created_at": now_iso(),
+            }
+            self._insert("messages", row)
+            self.touch_session(session_id)
+        return row
+
+    def finish_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        credits_charged: int,
+        finish_reason: str,
+    ) -> None:
+        self.conn.execute(
+            """UPDATE messages SET content = ?, status = ?, input_tokens = ?, output_tokens = ?,
+                   tokens_used = ?, credits_charged = ?, finish_reason = ? WHERE id = ?""",
+            (
+                content,
+                status,
+                input_tokens,
+                output_tokens,
+                input_tokens + output_tokens,
+                credits_charged,
+                finish_reason,
+                message_id,
+            ),
+        )
+
+    def list_messages(
+        self, session_id: str, page: Page | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        total = self.conn.execute(
+            "SELECT count(*) FROM messages WHERE session_id = ?", (session_id,)
+        ).fetchone()[0]
+        if page is None:
+            page = Page(0, -1)
+        rows = self._rows(
+            "SELECT * FROM messages WHERE session_id = ? ORDER BY seq LIMIT ? OFFSET ?",
+            (session_id, page.limit, page.offset),
+        )
+        return rows, total
+
+    def message_by_stream(self, streaming_session_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM messages WHERE streaming_session_id = ? AND role = 'assistant'",
+            (streaming_session_id,),
+        )
+
+    def recover_streaming(self) -> int:
+        """Mark assistant messages cut by a crash (still ``streaming``) as interrupted."""
+        cur = self.conn.execute(
+            "UPDATE messages SET status = 'interrupted', finish_reason = 'server_restart' "
+            "WHERE status = 'streaming'"
+        )
+        return cur.rowcount
+

@@ -1,0 +1,448 @@
+"""The life of one model call: reserve → flush → upstream → publish → persist → settle.
+
+A :class:`StreamHub` is a long-lived service that owns one nursery (started
+in the app nursery). Every model call — streaming or not — is a
+:class:`StreamRun` task in that nursery, under its own cancel scope, so:
+
+- no task outlives its stream, and the hub (so the app) owns every task;
+- the client's HTTP response is only a *reader* of the run's observation
+  ring; when the client goes away its reader detaches and the run's cancel
+  scope gets a deadline of now + ``CHINWAG_DISCONNECT_GRACE_MS`` (0: cancel
+  at once). A resume re-attaches and lifts the deadline. The grace is a
+  deadline on the scope, not a sleeping task;
+- cancellation reaches the provider's ``async with``, which closes the
+  upstream connection;
+- the ending (store the message, settle the ledger, publish ``done``, close
+  the ring) runs in a ``finally`` under a shielded scope with a deadline, so
+  a disconnect, an upstream error or a shutdown never leaves credits
+  reserved or a message half written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import ledger
+from observation import ObservationManager, Stream
+
+from .auth import Principal
+from .errors import ApiError, Conflict, TooMany
+from .models import ModelInfo
+from .providers.base import (
+    ChatTurn,
+    ModelRequest,
+    Provider,
+    ProviderError,
+    Started,
+    Stop,
+    TextDelta,
+    Usage,
+    estimate_tokens,
+)
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("chinwag.streams")
+
+#: Bound on the shielded ending of a run (persist, settle, tell readers).
+CLEANUP_TIMEOUT_S = 5.0
+#: How long a streaming run waits for its client's response to start reading.
+ATTACH_TIMEOUT_S = 10.0
+DEFAULT_MAX_TOKENS = 1024
+HISTORY_TURNS = 20
+
+
+def new_stream_id() -> str:
+    return f"stream-{int(time.time() * 1000)}-{uuid.uuid4()}"
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class ServerShutdown(ProviderError):
+    """Told to readers of a stream the server ended because it is stopping."""
+
+    error_code = "SERVER_SHUTTING_DOWN"
+    user_message = "The server is shutting down, please reconnect shortly."
+
+
+class InternalFailure(ProviderError):
+    """A bug ended this stream; it is logged, the client sees only this."""
+
+    error_code = "INTERNAL_ERROR"
+    user_message = "Internal server error."
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a run ended, once its message and its charge are committed."""
+
+    user_message: dict[str, Any]
+    assistant_message: dict[str, Any]
+    input_tokens: int
+    output_tokens: int
+    credits_charged: int
+    finish_reason: str
+    retries: int
+    error: ProviderError | None
+
+
+class StreamRun:
+    """One model call. Created by :meth:`StreamHub.start`; runs in the hub's nursery."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        *,
+        principal: Principal,
+        session_id: str,
+        model: ModelInfo,
+        request: ModelRequest,
+        reservation: ledger.Reservation,
+        user_message: dict[str, Any],
+        assistant_message: dict[str, Any],
+        stream: Stream,
+        streaming: bool,
+    ) -> None:
+        self.hub = hub
+        self.stream_id = stream.stream_id
+        self.user_id = principal.user_id
+        self.session_id = session_id
+        self.model = model
+        self.request = request
+        self.reservation = reservation
+        self.user_message = user_message
+        self.assistant_message = assistant_message
+        self.stream = stream
+        self.started_at = time.time()
+        self.cancel_scope = trio.CancelScope()
+        self.cancel_reason = "client_disconnected"
+        self.outcome: Outcome | None = None
+        self._done = trio.Event()
+        self._attached = trio.Event()
+        if not streaming:
+            self._attached.set()
+
+    # -- the client side ---------------------------------------------------------
+
+    def attach(self) -> None:
+        """The client (or a resumed client) is reading: lift any disconnect deadline."""
+        self._attached.set()
+        if not self._done.is_set():
+            self.cancel_scope.deadline = math.inf
+
+    def detach(self) -> None:
+        """The client went away: abort after the grace (0 = at once)."""
+        if self._done.is_set():
+            return
+        grace = self.hub.settings.disconnect_grace_ms / 1000
+        if grace <= 0:
+            self.cancel("client_disconnected")
+        else:
+            self.cancel_reason = "client_disconnected"
+            self.cancel_scope.deadline = trio.current_time() + grace
+
+    def cancel(self, reason: str) -> None:
+        if not self._done.is_set():
+            self.cancel_reason = reason
+            self.cancel_scope.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
+
+    async def result(self) -> Outcome:
+        """Wait for the end (non-streaming callers). If the caller is cancelled, so is the run."""
+        try:
+            await self._done.wait()
+        finally:
+            if not self._done.is_set():
+                self.detach()
+        assert self.outcome is not None
+        return self.outcome
+
+    # -- the work ------------------------------------------------------------------
+
+    async def run(self, provider: Provider) -> None:
+        parts: list[str] = []
+        usage: Usage | None = None
+        finish: str | None = None
+        error: ProviderError | None = None
+        retries = 0
+        try:
+            with self.cancel_scope:
+                with trio.move_on_after(ATTACH_TIMEOUT_S) as attach_wait:
+                    await self._attached.wait()
+                if attach_wait.cancelled_caught:
+                    return
+                async with provider.stream(self.request) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            parts.append(event.text)
+                            await self.stream.publish("chunk", _dumps({"text": event.text}))
+                        elif isinstance(event, Usage):
+                            usage = event
+                        elif isinstance(event, Stop):
+                            finish = event.reason
+                        elif isinstance(event, Started):
+                            retries = event.retries
+        except ProviderError as exc:
+            error, finish, retries = exc, "error", max(retries, exc.retries)
+        except Exception as exc:  # a bug must end this stream, not the hub
+            log.exception("stream %s failed", self.stream_id)
+            error, finish = InternalFailure(repr(exc)), "error"
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
+                await self._finish(
+                    "".join(parts), len(parts), usage, finish or self.cancel_reason, error, retries
+                )
+
+    async def _finish(
+        self,
+        content: str,
+        produced: int,
+        usage: Usage | None,
+        finish_reason: str,
+        error: ProviderError | None,
+        retries: int,
+    ) -> None:
+        """Persist, settle, then tell readers. Runs shielded, bounded, exactly once."""
+        hub = self.hub
+        try:
+            output_tokens = usage.output_tokens if usage else produced
+            input_tokens = usage.input_tokens if usage else self.reservation_input
+            # Only produced tokens are charged: a call that produced nothing costs nothing.
+            charge = self.model.price.cost(input_tokens, output_tokens) if output_tokens else 0
+            if not output_tokens:
+                input_tokens = 0
+            status = {"stop": "complete", "length": "complete", "error": "error"}.get(
+                finish_reason, "interrupted"
+            )
+            hub.store.finish_message(
+                self.assistant_message["id"],
+                content=content,
+                status=status,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                credits_charged=charge,
+                finish_reason=finish_reason,
+            )
+            settlement = hub.ledger.settle(
+                self.reservation.id,
+                charge,
+                model_id=self.model.id,
+                streaming_session_id=self.stream_id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            )
+            charged = settlement.charged
+            self.assistant_message = {
+                **self.assistant_message,
+                "content": content,
+                "status": status,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "tokens_used": input_tokens + output_tokens,
+                "credits_charged": charged,
+                "finish_reason": finish_reason,
+            }
+            self.outcome = Outcome(
+                self.user_message, self.assistant_message, input_tokens, output_tokens,
+                charged, finish_reason, retries, error,
+            )
+            if error is None and finish_reason == "shutdown":
+                error = ServerShutdown()
+            if error is not None:
+                await self.stream.publish(
+                    "error", _dumps({"message": error.user_message, "errorCode": error.error_code})
+                )
+            await self.stream.publish(
+                "done",
+                _dumps(
+                    {
+                        "streamingSessionId": self.stream_id,
+                        "messageId": self.assistant_message["id"],
+                        "tokensUsed": input_tokens + output_tokens,
+                        "inputTokens": input_tokens,
+                        "outputTokens": output_tokens,
+                        "creditsCharged": charged,
+                        "finishReason": finish_reason,
+                    }
+                ),
+            )
+        finally:
+            self.stream.close()
+            hub._forget(self)
+            self._done.set()
+
+    @property
+    def reservation_input(self) -> int:
+        return sum(estimate_tokens(t.text) for t in self.request.messages)
+
+
+class StreamHub:
+    """Owns every :class:`StreamRun`; enforces one stream per chat session and the caps."""
+
+    def __init__(
+        self, settings: Settings, store: Store, book: ledger.Ledger, observations: ObservationManager
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.ledger = book
+        self.observations = observations
+        self.provider: Provider | None = None
+        self._nursery: trio.Nursery | None = None
+        self._by_session: dict[str, StreamRun] = {}
+        self._by_stream: dict[str, StreamRun] = {}
+        self._per_user: dict[str, int] = {}
+        self.accepting = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- queries -------------------------------------------------------------------
+
+    def live(self) -> list[StreamRun]:
+        return list(self._by_session.values())
+
+    def for_session(self, session_id: str) -> StreamRun | None:
+        return self._by_session.get(session_id)
+
+    def for_stream(self, stream_id: str) -> StreamRun | None:
+        return self._by_stream.get(stream_id)
+
+    # -- starting ------------------------------------------------------------------
+
+    def start(
+        self,
+        who: Principal,
+        session: dict[str, Any],
+        text: str,
+        model: ModelInfo,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        scenario: str | None,
+        streaming: bool = False,
+    ) -> StreamRun:
+        """Check, reserve, store the user turn and start the run.
+
+        Everything that can refuse the call happens here, before anything is
+        stored, and fails as a plain :class:`ApiError`; nothing is charged or
+        written for a refused call.
+        """
+        if self._nursery is None or self.provider is None or not self.accepting:
+            raise ApiError("The server is starting or stopping.", status=503,
+                           error_code="SERVER_BUSY", headers={"Retry-After": "1"})
+        session_id = session["id"]
+        if session_id in self._by_session:
+            raise Conflict("A stream is already active on this chat session.",
+                           error_code="STREAM_ALREADY_ACTIVE")
+        if self._per_user.get(who.user_id, 0) >= self.settings.max_streams_per_user:
+            raise TooMany("Too many concurrent streams for this user.",
+                          error_code="TOO_MANY_STREAMS")
+        if len(self._by_session) >= self.settings.max_streams:
+            raise ApiError("The server is at capacity, please retry shortly.", status=503,
+                           error_code="SERVER_BUSY", headers={"Retry-After": "1"})
+
+        max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens)
+        request = ModelRequest(
+            model_id=model.id,
+            messages=self._history(session_id, text),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            scenario=scenario,
+        )
+        input_estimate = sum(estimate_tokens(t.text) for t in request.messages)
+        self.ledger.open_account(who.user_id)
+        stream_id = new_stream_id()
+        reservation = self.ledger.reserve(
+            who.user_id,
+            model.price.worst_case(input_estimate, max_tokens),
+            model_id=model.id,
+            streaming_session_id=stream_id,
+        )
+        try:
+            user_msg = self.store.add_message(
+                session_id, who.user_id, role="user", content=text, model_id=model.id
+            )
+            assistant_msg = self.store.add_message(
+                session_id, who.user_id, role="assistant", content="", model_id=model.id,
+                status="streaming", streaming_session_id=stream_id,
+            )
+            stream = self.observations.open_stream(stream_id, group=session_id)
+        except BaseException:
+            self.ledger.release(reservation.id)
+            raise
+        run = StreamRun(
+            self, principal=who, session_id=session_id, model=model, request=request,
+            reservation=reservation, user_message=user_msg, assistant_message=assistant_msg,
+            stream=stream, streaming=streaming,
+        )
+        self._by_session[session_id] = run
+        self._by_stream[stream_id] = run
+        self._per_user[who.user_id] = self._per_user.get(who.user_id, 0) + 1
+        self._nursery.start_soon(run.run, self.provider, name=f"stream {stream_id}")
+        return run
+
+    def _history(self, session_id: str, text: str) -> tuple[ChatTurn, ...]:
+        """Earlier turns (newest HISTORY_TURNS) plus this one, alternating, user first."""
+        rows, total = self.store.list_messages(session_id)
+        turns: list[ChatTurn] = []
+        for row in rows[-HISTORY_TURNS:]:
+            if not row["content"] or row["role"] not in ("user", "assistant"):
+                continue
+            if turns and turns[-1].role == row["role"]:
+                turns[-1] = ChatTurn(row["role"], turns[-1].text + "\n\n" + row["content"])
+            else:
+                turns.append(ChatTurn(row["role"], row["content"]))
+        while turns and turns[0].role != "user":
+            turns.pop(0)
+        if turns and turns[-1].role == "user":
+            turns[-1] = ChatTurn("user", turns[-1].text + "\n\n" + text)
+        else:
+            turns.append(ChatTurn("user", text))
+        return tuple(turns)
+
+    def _forget(self, run: StreamRun) -> None:
+        self._by_stream.pop(run.stream_id, None)
+        if self._by_session.get(run.session_id) is run:
+            del self._by_session[run.session_id]
+            left = self._per_user.get(run.user_id, 1) - 1
+            if left > 0:
+                self._per_user[run.user_id] = left
+            else:
+                self._per_user.pop(run.user_id, None)
+
+    # -- ending --------------------------------------------------------------------
+
+    async def end_session_streams(self, session_id: str) -> None:
+        """End the live run on a chat session (if any) and wait until it is settled."""
+        run = self._by_session.get(session_id)
+        if run is not None:
+            run.cancel("client_disconnected")
+            await run.wait_done()
+
+    async def shutdown(self) -> None:
+        """Stop every run (``finishReason: shutdown``) and wait until all are settled."""
+        self.accepting = False
+        runs = list(self._by_stream.values())
+        for run in runs:
+            run.cancel("shutdown")
+        for run in runs:
+            await run.wait_done()

@@ -1,0 +1,260 @@
+"""Streaming over a real Hypercorn server and a real HTTP client (SPEC §5)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from tests.conftest import with_settings
+from tests.sse import collect, events, messages, text_of
+
+FAULT_WORDS = {
+    "rate_limit": ("Overloaded, please try again soon.", "RATE_LIMIT"),
+    "server_error": ("Server error, please try again later.", "UPSTREAM_ERROR"),
+    "timeout": ("Request timed out. Please try again with a shorter message.", "UPSTREAM_TIMEOUT"),
+    "drop_midway": ("Server error, please try again later.", "UPSTREAM_ERROR"),
+}
+
+
+async def new_session(live, user) -> str:
+    r = await live.http.post("/api/chat/sessions", json={"title": "t"}, headers=user["headers"])
+    assert r.status_code == 201
+    return r.json()["sessionId"]
+
+
+async def test_stream_end_to_end_then_update_stream(live):
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    url = f"/api/chat/sessions/{sid}/stream"
+    async with live.http.stream("POST", url, json={"message": "Tell me about trio"},
+                                headers={**alice["headers"], "X-Request-Id": "rid-1"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache, no-store, must-revalidate"
+        assert r.headers["x-accel-buffering"] == "no"
+        assert r.headers["x-request-id"] == "rid-1"
+        stream_id = r.headers["x-streaming-session-id"]
+        assert stream_id.startswith("stream-")
+        msgs = await collect(r)
+    assert msgs[0].comment == "connected"
+    evs = events(msgs)
+    assert [e.id for e in evs] == list(range(1, len(evs) + 1))
+    assert [e.event for e in evs] == ["chunk"] * 20 + ["done"]
+    done = evs[-1].data
+    assert done["streamingSessionId"] == stream_id
+    assert done["finishReason"] == "stop"
+    assert done["outputTokens"] == 20
+    assert done["tokensUsed"] == done["inputTokens"] + done["outputTokens"]
+    text = text_of(msgs)
+
+    # update-stream at once after done never races the server.
+    r = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
+                             json={"streamingSessionId": stream_id, "completeResponse": "forged"},
+                             headers=alice["headers"])
+    assert r.status_code == 200
+    message = r.json()["message"]
+    assert message["content"] == text  # the server's record wins over completeResponse
+    assert message["id"] == done["messageId"] and message["status"] == "complete"
+    assert message["tokensUsed"] == done["tokensUsed"]
+    again = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
+                                 json={"streamingSessionId": stream_id}, headers=alice["headers"])
+    assert again.json() == r.json()  # idempotent
+
+    bal = live.harness.svc.ledger.balance(alice["id"])
+    assert bal.balance == 10_000 - done["creditsCharged"] and bal.reserved == 0
+
+    # A second stream, then the seed's wrong-id check.
+    async with live.http.stream("POST", url, json={"message": "again"},
+                                headers=alice["headers"]) as r:
+        second = r.headers["x-streaming-session-id"]
+        await collect(r)
+    assert second != stream_id
+    for wrong in ["stream-0-nope", "", None, 5]:
+        r = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
+                                 json={"streamingSessionId": wrong}, headers=alice["headers"])
+        assert r.status_code == 400
+        assert r.json() == {"message": "Streaming session ID mismatch",
+                            "errorCode": "STREAMING_SESSION_MISMATCH"}
+
+
+async def test_update_stream_for_another_session_is_a_mismatch(live):
+    alice = live.harness.user(credits=10_000)
+    s1, s2 = await new_session(live, alice), await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{s1}/stream",
+                                json={"message": "hi"}, headers=alice["headers"]) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        await collect(r)
+    r = await live.http.post(f"/api/chat/sessions/{s2}/update-stream",
+                             json={"streamingSessionId": stream_id}, headers=alice["headers"])
+    assert r.status_code == 400 and r.json()["errorCode"] == "STREAMING_SESSION_MISMATCH"
+
+
+async def test_headers_and_first_comment_flush_before_the_first_token(live_factory, settings):
+    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "slow start"}, headers=alice["headers"]) as r:
+        assert r.status_code == 200
+        stream_id = r.headers["x-streaming-session-id"]
+        first = await messages(r).__anext__()
+        assert first.comment == "connected"
+        # While we hold the first comment, the model has not produced anything.
+        run = live.harness.svc.hub.for_stream(stream_id)
+        assert run is not None and not run.done
+        # update-stream while running → 409
+        r2 = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
+                                  json={"streamingSessionId": stream_id}, headers=alice["headers"])
+        assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_IN_PROGRESS"
+
+
+async def test_heartbeats_at_the_configured_interval_while_waiting(live_factory, settings):
+    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000, sse_heartbeat_ms=100))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    beats: list[tuple[float, int]] = []
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "wait for it"}, headers=alice["headers"]) as r:
+        async for msg in messages(r):
+            if msg.comment and msg.comment.startswith("heartbeat "):
+                beats.append((msg.at, int(msg.comment.split()[1])))
+                if len(beats) == 4:
+                    break
+    gaps = [b[0] - a[0] for a, b in zip(beats, beats[1:], strict=False)]
+    assert all(0.05 < g < 0.5 for g in gaps), gaps
+    assert all(abs(ms / 1000 - time.time()) < 60 for _, ms in beats)  # epoch milliseconds
+
+
+async def test_client_disconnect_aborts_and_charges_only_produced_tokens(live_factory, settings):
+    live = await live_factory(with_settings(settings, sim_tokens_per_s=100, sim_answer_tokens=500))
+    alice = live.harness.user(credits=100_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "a long answer please", "maxTokens": 1000},
+                                headers=alice["headers"]) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        run = live.harness.svc.hub.for_stream(stream_id)
+        got = 0
+        async for msg in messages(r):
+            got += msg.event == "chunk"
+            if got == 3:
+                break
+        # Leaving the block closes the connection for real.
+    with trio.fail_after(2):
+        await run.wait_done()
+    msg = live.harness.svc.store.message_by_stream(stream_id)
+    assert msg["status"] == "interrupted"
+    assert msg["finish_reason"] == "client_disconnected"
+    assert 3 <= msg["output_tokens"] < 500
+    assert len(msg["content"].split()) == msg["output_tokens"]
+    bal = live.harness.svc.ledger.balance(alice["id"])
+    assert bal.reserved == 0
+    assert bal.balance == 100_000 - msg["credits_charged"]
+    assert 0 < msg["credits_charged"] < run.reservation.amount
+    assert live.harness.svc.ledger.verify() == []
+
+
+async def test_second_concurrent_stream_on_a_session_is_409(live_factory, settings):
+    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "one"}, headers=alice["headers"]) as r:
+        await messages(r).__anext__()
+        r2 = await live.http.post(f"/api/chat/sessions/{sid}/stream", json={"message": "two"},
+                                  headers=alice["headers"])
+        assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_ALREADY_ACTIVE"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"message": ""}, "VALIDATION_ERROR"),
+        ({"message": "   "}, "VALIDATION_ERROR"),
+        ({"message": "x" * 4001}, "VALIDATION_ERROR"),
+        ({"message": "hi", "modelId": "nope"}, "MODEL_NOT_FOUND"),
+        ({"message": "hi", "maxTokens": 0}, "VALIDATION_ERROR"),
+        ({"message": "hi", "maxTokens": 10**6}, "VALIDATION_ERROR"),
+        ({"message": "hi", "temperature": 7}, "VALIDATION_ERROR"),
+        ({"message": "hi", "temperature": "hot"}, "VALIDATION_ERROR"),
+    ],
+)
+async def test_bad_stream_requests_are_plain_400s(live, body, code):
+    alice = live.harness.user(credits=1000)
+    sid = await new_session(live, alice)
+    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", json=body, headers=alice["headers"])
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["errorCode"] == code
+    assert live.harness.svc.ledger.balance(alice["id"]).available == 1000
+    assert live.harness.svc.store.list_messages(sid)[1] == 0
+
+
+async def test_stream_without_credits_is_402_json(live):
+    alice = live.harness.user(credits=0)
+    sid = await new_session(live, alice)
+    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", json={"message": "hi"},
+                             headers=alice["headers"])
+    assert r.status_code == 402 and r.json()["errorCode"] == "INSUFFICIENT_CREDITS"
+    assert live.harness.svc.store.list_messages(sid)[1] == 0
+
+
+async def test_malformed_json_stream_body(live):
+    alice = live.harness.user(credits=1000)
+    sid = await new_session(live, alice)
+    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", content=b"{nope",
+                             headers={**alice["headers"], "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize("scenario", sorted(FAULT_WORDS))
+async def test_fault_scenarios_end_in_error_then_done(live_factory, settings, scenario):
+    live = await live_factory(with_settings(settings, test_scenarios=True, sim_answer_tokens=10))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "break please"},
+                                headers={**alice["headers"], "X-Test-Scenario": scenario}) as r:
+        assert r.status_code == 200
+        evs = events(await collect(r))
+    message, code = FAULT_WORDS[scenario]
+    assert evs[-2].event == "error" and evs[-2].data == {"message": message, "errorCode": code}
+    assert evs[-1].event == "done" and evs[-1].data["finishReason"] == "error"
+    chunks = [e for e in evs if e.event == "chunk"]
+    assert (len(chunks) > 0) == (scenario == "drop_midway")
+    assert evs[-1].data["outputTokens"] == len(chunks)
+    assert live.harness.svc.ledger.balance(alice["id"]).reserved == 0
+
+
+async def test_scenarios_are_ignored_when_off(live):
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "x"},
+                                headers={**alice["headers"], "X-Test-Scenario": "server_error"}) as r:
+        evs = events(await collect(r))
+    assert evs[-1].data["finishReason"] == "stop"
+
+
+async def test_hang_scenario_keeps_heartbeating_until_the_client_leaves(live_factory, settings):
+    live = await live_factory(with_settings(settings, test_scenarios=True, sse_heartbeat_ms=50))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                                json={"message": "hang"},
+                                headers={**alice["headers"], "X-Test-Scenario": "hang"}) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        run = live.harness.svc.hub.for_stream(stream_id)
+        beats = 0
+        async for msg in messages(r):
+            assert msg.event is None
+            beats += bool(msg.comment and msg.comment.startswith("heartbeat"))
+            if beats == 3:
+                break
+    with trio.fail_after(2):
+        await run.wait_done()
+    msg = live.harness.svc.store.message_by_stream(stream_id)
+    assert msg["status"] == "interrupted" and msg["credits_charged"] == 0
+    assert live.harness.svc.ledger.balance(alice["id"]).balance == 10_000

@@ -1,0 +1,66 @@
+"""The ring on its own: addressing by id, wrapping, slicing, release."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from observation import Event
+from observation.ring import Ring
+
+
+def event(i: int) -> Event:
+    return Event(i, "chunk", str(i), str(i).encode())
+
+
+def test_empty_ring() -> None:
+    ring = Ring(4)
+    assert (ring.first_id, ring.last_id, len(ring)) == (1, 0, 0)
+
+
+def test_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="ring size"):
+        Ring(0)
+
+
+def test_append_requires_the_next_id() -> None:
+    ring = Ring(4)
+    ring.append(event(1))
+    with pytest.raises(ValueError, match="expected id 2"):
+        ring.append(event(3))
+
+
+def test_slice_outside_the_ring_is_refused() -> None:
+    ring = Ring(2)
+    for i in range(1, 6):
+        ring.append(event(i))
+    assert ring.slice(4, 5) == (event(4), event(5))
+    with pytest.raises(IndexError):
+        ring.slice(3, 5)
+    with pytest.raises(IndexError):
+        ring.slice(5, 6)
+
+
+@given(size=st.integers(1, 9), count=st.integers(0, 40), data=st.data())
+def test_ring_matches_the_newest_events(size: int, count: int, data: st.DataObject) -> None:
+    ring = Ring(size)
+    for i in range(1, count + 1):
+        ring.append(event(i))
+    held = list(range(max(1, count - size + 1), count + 1))
+    assert (ring.first_id, ring.last_id, len(ring)) == (count - len(held) + 1, count, len(held))
+    if held:
+        first = data.draw(st.sampled_from(held))
+        last = data.draw(st.sampled_from([i for i in held if i >= first]))
+        assert [e.id for e in ring.slice(first, last)] == list(range(first, last + 1))
+
+
+def test_release_drops_events_and_keeps_counting() -> None:
+    ring = Ring(3)
+    for i in range(1, 6):
+        ring.append(event(i))
+    ring.release()
+    assert (ring.first_id, ring.last_id, len(ring)) == (6, 5, 0)
+    for i in range(6, 11):
+        ring.append(event(i))
+    assert [e.id for e in ring.slice(8, 10)] == [8, 9, 10]

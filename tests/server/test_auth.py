@@ -1,0 +1,134 @@
+"""Login, /me, and every way a token can be bad (SPEC §2–§3)."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from tests.conftest import PASSWORD, SECRET
+
+
+async def test_login_returns_a_token_that_works(client, harness):
+    user = harness.user("supervisor", name="sue")
+    r = await client.post("/api/auth/login", json={"username": "sue", "password": PASSWORD})
+    assert r.status_code == 200
+    body = await r.get_json()
+    assert body["tokenType"] == "Bearer"
+    assert body["expiresIn"] > 0
+    assert body["user"] == {"id": user["id"], "username": "sue", "role": "supervisor"}
+    claims = jwt.decode(body["accessToken"], SECRET, algorithms=["HS256"])
+    assert claims["sub"] == user["id"] and claims["role"] == "supervisor"
+    me = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {body['accessToken']}"})
+    assert (await me.get_json()) == {
+        "id": user["id"], "username": "sue", "email": "sue@example.com", "role": "supervisor"
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "sue", "password": "wrong password"},
+        {"username": "nobody", "password": PASSWORD},
+    ],
+)
+async def test_bad_credentials_are_401_without_saying_which(client, harness, body):
+    harness.user(name="sue")
+    r = await client.post("/api/auth/login", json=body)
+    assert r.status_code == 401
+    assert await r.get_json() == {
+        "message": "Invalid username or password.", "errorCode": "INVALID_CREDENTIALS"
+    }
+
+
+@pytest.mark.parametrize(
+    "body", ["{not json", "[]", '{"username": 5, "password": "x"}', '{"username": "a"}']
+)
+async def test_malformed_login_is_400_json(client, body):
+    r = await client.post("/api/auth/login", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert (await r.get_json())["errorCode"] == "VALIDATION_ERROR"
+
+
+def _token(claims: dict, key: str = SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=alg)
+
+
+def _claims(user: dict, **over) -> dict:
+    base = {"sub": user["id"], "username": "u", "role": "enduser", "exp": int(time.time()) + 60}
+    base.update(over)
+    return base
+
+
+def _none_token(claims: dict) -> str:
+    import base64
+    import json
+
+    def b64(d: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda u: None,
+        lambda u: "Basic abc",
+        lambda u: "Bearer ",
+        lambda u: "Bearer not.a.jwt",
+        lambda u: "Bearer " + _token(_claims(u, exp=int(time.time()) - 10)),
+        lambda u: "Bearer " + _token(_claims(u), key="another-secret-that-is-32-bytes-long!!"),
+        lambda u: "Bearer " + _none_token(_claims(u)),
+        lambda u: "Bearer " + _token(_claims(u, role="god")),
+        lambda u: "Bearer " + _token({k: v for k, v in _claims(u).items() if k != "exp"}),
+        lambda u: "Bearer " + _token(_claims(u, sub="no-such-user")),
+    ],
+    ids=["missing", "basic", "empty", "garbage", "expired", "wrong-key", "alg-none",
+         "bad-role", "no-exp", "unknown-user"],
+)
+async def test_bad_tokens_are_401(client, harness, make):
+    user = harness.user()
+    header = make(user)
+    headers = {"Authorization": header} if header else {}
+    r = await client.get("/api/auth/me", headers=headers)
+    assert r.status_code == 401
+    body = await r.get_json()
+    assert body["errorCode"] == "UNAUTHORIZED"
+    assert set(body) == {"message", "errorCode"}
+
+
+async def test_rs256_from_an_external_identity_provider(tmp_path, settings):
+    from dataclasses import replace
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from server.app import create_app
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    app = create_app(replace(settings, jwt_public_key=pem))
+    async with app.test_app():
+        client = app.test_client()
+        claims = {"sub": "idp-user-1", "username": "ext", "role": "enduser",
+                  "exp": int(time.time()) + 60}
+        good = jwt.encode(claims, key, algorithm="RS256")
+        r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {good}"})
+        assert r.status_code == 200
+        assert (await r.get_json())["id"] == "idp-user-1"
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        bad = jwt.encode(claims, other, algorithm="RS256")
+        r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401
+
+
+async def test_password_is_never_stored_in_clear(harness):
+    user = harness.user(name="pw")
+    row = harness.svc.store.user_by_name("pw")
+    assert PASSWORD not in row["password_hash"]
+    assert row["password_hash"].startswith("scrypt$")
+    assert user["id"] == row["id"]
