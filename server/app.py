@@ -78,6 +78,22 @@ def create_app(settings: Settings) -> QuartTrio:
     )
     app.extensions["chinwag"] = svc
 
+    services_scope = trio.CancelScope()
+    services_done = trio.Event()
+
+    async def run_services(*, task_status: trio.TaskStatus[None]) -> None:
+        """Owns the long-lived services; ends when ``after_serving`` cancels it."""
+        try:
+            with services_scope:
+                async with trio.open_nursery() as nursery:
+                    svc.provider = await nursery.start(_provider_service, settings)
+                    svc.hub.provider = svc.provider
+                    await nursery.start(observations.run)
+                    await nursery.start(svc.hub.run)
+                    task_status.started()
+        finally:
+            services_done.set()
+
     @app.before_serving
     async def start_services() -> None:
         released = book.recover()
@@ -85,16 +101,16 @@ def create_app(settings: Settings) -> QuartTrio:
         if released or cut:
             log.warning("recovered after an unclean stop: %d reservations released, "
                         "%d messages marked interrupted", released, cut)
-        svc.provider = await app.nursery.start(_provider_service, settings)
-        svc.hub.provider = svc.provider
-        await app.nursery.start(observations.run)
-        await app.nursery.start(svc.hub.run)
+        await app.nursery.start(run_services)
 
     @app.after_serving
     async def stop_services() -> None:
         # Runs still going end as "shutdown", persisted and settled, before the DB closes.
         with trio.move_on_after(settings.shutdown_grace_ms / 1000):
             await svc.hub.shutdown()
+        services_scope.cancel()
+        with trio.move_on_after(5):
+            await services_done.wait()
         store.close()
         book.close()
 

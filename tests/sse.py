@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,26 +24,45 @@ class Msg:
         return json.dumps(self.data)
 
 
-async def messages(response: Any) -> AsyncIterator[Msg]:
-    """Parse ``response.aiter_text()`` into :class:`Msg` blocks, as they arrive."""
-    buf = ""
-    async for text in response.aiter_text():
-        buf += text
-        while "\n\n" in buf:
-            block, buf = buf.split("\n\n", 1)
-            msg = Msg(at=trio.current_time())
-            for line in block.split("\n"):
-                if line.startswith(":"):
-                    msg.comment = line[1:].strip()
-                elif line.startswith("id: "):
-                    msg.id = int(line[4:])
-                elif line.startswith("event: "):
-                    msg.event = line[7:]
-                elif line.startswith("data: "):
-                    msg.data = json.loads(line[6:])
-                elif line:
-                    raise AssertionError(f"unexpected SSE line {line!r}")
-            yield msg
+class messages:  # noqa: N801 - used like a function: ``async for m in messages(r)``
+    """Parse an httpx streaming response into :class:`Msg` blocks, as they arrive.
+
+    A class, not an async generator, so a test may stop reading at any point
+    (that is how disconnects are tested) without leaving a generator behind.
+    """
+
+    def __init__(self, response: Any) -> None:
+        self._chunks = response.aiter_text()
+        self._buf = ""
+        self._ready: list[Msg] = []
+
+    def __aiter__(self) -> messages:
+        return self
+
+    async def __anext__(self) -> Msg:
+        while not self._ready:
+            text = await self._chunks.__anext__()  # StopAsyncIteration ends us too
+            self._buf += text
+            while "\n\n" in self._buf:
+                block, self._buf = self._buf.split("\n\n", 1)
+                self._ready.append(_parse(block))
+        return self._ready.pop(0)
+
+
+def _parse(block: str) -> Msg:
+    msg = Msg(at=trio.current_time())
+    for line in block.split("\n"):
+        if line.startswith(":"):
+            msg.comment = line[1:].strip()
+        elif line.startswith("id: "):
+            msg.id = int(line[4:])
+        elif line.startswith("event: "):
+            msg.event = line[7:]
+        elif line.startswith("data: "):
+            msg.data = json.loads(line[6:])
+        elif line:
+            raise AssertionError(f"unexpected SSE line {line!r}")
+    return msg
 
 
 async def collect(response: Any, *, until: str = "done") -> list[Msg]:

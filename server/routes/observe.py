@@ -9,7 +9,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
-from observation import Stream
+from observation import ObservationManager, Stream
 
 from ..context import authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
@@ -53,26 +53,31 @@ async def observe(session_id: str) -> Response:
     if stream is None and wait is None:
         raise ApiError("No active streaming session found for observation", status=404,
                        error_code="SESSION_NOT_ACTIVE")
-    return sse_response(observer_feed(session_id, stream, wait))
+    interval = svc.settings.sse_heartbeat_ms / 1000
+    return sse_response(observer_feed(svc.observations, session_id, stream, wait, interval))
 
 
 async def observer_feed(
-    session_id: str, stream: Stream | None, wait: float | None
+    observations: ObservationManager,
+    session_id: str,
+    stream: Stream | None,
+    wait: float | None,
+    interval: float,
 ) -> AsyncIterator[bytes]:
-    svc = services()
+    """The observer's SSE body (runs outside the app context: everything is passed in)."""
     yield b": connected\n\n"
     if stream is None:
         yield encode_event(None, "observer", _dumps({"status": "waiting", "sessionId": session_id}))
         with trio.move_on_after(wait or 0):
-            stream = await svc.observations.wait_for_stream(session_id)
+            stream = await observations.wait_for_stream(session_id)
         if stream is None:
             yield encode_event(None, "observer", _dumps({"status": "timeout", "sessionId": session_id}))
             return
-    async for chunk in observe_stream(stream):
+    async for chunk in observe_stream(stream, interval):
         yield chunk
 
 
-async def observe_stream(stream: Stream) -> AsyncIterator[bytes]:
+async def observe_stream(stream: Stream, interval: float) -> AsyncIterator[bytes]:
     """``observer``, ``history-start``, the replay, ``history-end``, then live to ``done``.
 
     The replayed and live events are the very bytes the client got (encoded
@@ -80,7 +85,6 @@ async def observe_stream(stream: Stream) -> AsyncIterator[bytes]:
     ``lagged {"skipped": N}`` and continues from the oldest buffered event;
     it never slows the producer or anyone else.
     """
-    interval = services().settings.sse_heartbeat_ms / 1000
     with stream.reader(0) as reader:
         count, from_id = reader.backlog()
         history_end = reader.history_end

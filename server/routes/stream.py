@@ -47,12 +47,14 @@ async def start_stream(session_id: str) -> Response:
         scenario=_scenario(), streaming=True,
     )
     return sse_response(
-        client_feed(run, run.stream, after_id=0),
+        client_feed(run, run.stream, after_id=0, interval=svc.settings.sse_heartbeat_ms / 1000),
         {"X-Streaming-Session-Id": run.stream_id},
     )
 
 
-async def client_feed(run: StreamRun | None, stream: Stream, *, after_id: int) -> AsyncIterator[bytes]:
+async def client_feed(
+    run: StreamRun | None, stream: Stream, *, after_id: int, interval: float
+) -> AsyncIterator[bytes]:
     """The client's own response: the run's primary reader, plus heartbeats.
 
     The comment ``: connected`` is flushed before the run may call upstream
@@ -61,7 +63,6 @@ async def client_feed(run: StreamRun | None, stream: Stream, *, after_id: int) -
     this generator; its ``finally`` detaches, which aborts the run (after the
     disconnect grace, if any).
     """
-    interval = services().settings.sse_heartbeat_ms / 1000
     yield CONNECTED
     try:
         with stream.reader(after_id, primary=True) as reader:
@@ -118,7 +119,8 @@ async def resume_stream(session_id: str) -> Response:
         raise Conflict("This stream already has a connected client.",
                        error_code="STREAM_ALREADY_ACTIVE")
     run = svc.hub.for_stream(stream_id)
-    return sse_response(client_feed(run, stream, after_id=after),
+    interval = svc.settings.sse_heartbeat_ms / 1000
+    return sse_response(client_feed(run, stream, after_id=after, interval=interval),
                         {"X-Streaming-Session-Id": stream_id})
 
 
