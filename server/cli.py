@@ -7,6 +7,7 @@ import getpass
 import logging
 import signal
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -44,18 +45,24 @@ def _serve(args: argparse.Namespace) -> int:
         with trio.move_on_after(settings.shutdown_grace_ms / 1000):
             await app.extensions["chinwag"].hub.shutdown()
 
+    async def run_server() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(serve, app, config, shutdown_trigger=shutdown_trigger)
+            )
+            print(f"chinwag listening on {' '.join(binds)} "
+                  f"(provider={settings.provider}, db={settings.db_path})", flush=True)
+
     async def main() -> None:
-        print(f"chinwag listening on http://{host}:{port} "
-              f"(provider={settings.provider}, db={settings.db_path})", flush=True)
         if settings.provider == "bedrock":
             import trio_asyncio
 
             # aiobotocore is asyncio: one asyncio loop for the whole server, inherited
             # by every task (DESIGN.md §3).
             async with trio_asyncio.open_loop():
-                await serve(app, config, shutdown_trigger=shutdown_trigger)
+                await run_server()
         else:
-            await serve(app, config, shutdown_trigger=shutdown_trigger)
+            await run_server()
 
     trio.run(main)
     return 0
