@@ -99,7 +99,8 @@ async def test_headers_and_first_comment_flush_before_the_first_token(live_facto
                                 json={"message": "slow start"}, headers=alice["headers"]) as r:
         assert r.status_code == 200
         stream_id = r.headers["x-streaming-session-id"]
-        first = await messages(r).__anext__()
+        feed = messages(r)  # keep a reference: dropping it closes the response
+        first = await feed.__anext__()
         assert first.comment == "connected"
         # While we hold the first comment, the model has not produced anything.
         run = live.harness.svc.hub.for_stream(stream_id)
@@ -162,7 +163,8 @@ async def test_second_concurrent_stream_on_a_session_is_409(live_factory, settin
     sid = await new_session(live, alice)
     async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
                                 json={"message": "one"}, headers=alice["headers"]) as r:
-        await messages(r).__anext__()
+        feed = messages(r)  # keep a reference: dropping it closes the response
+        await feed.__anext__()
         r2 = await live.http.post(f"/api/chat/sessions/{sid}/stream", json={"message": "two"},
                                   headers=alice["headers"])
         assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_ALREADY_ACTIVE"
