@@ -47,6 +47,8 @@ class Settings:
     sse_heartbeat_ms: int = 10_000
     provider: str = "simulated"
     bedrock_endpoint_url: str | None = None
+    bedrock_read_timeout_ms: int = 120_000
+    upstream_max_attempts: int = 3
     sim_ttft_ms: int = 50
     sim_tokens_per_s: int = 50
     sim_answer_tokens: int = 200
@@ -87,6 +89,12 @@ class Settings:
             sse_heartbeat_ms=_int(env, "CHINWAG_SSE_HEARTBEAT_MS", d.sse_heartbeat_ms, minimum=1),
             provider=provider,
             bedrock_endpoint_url=env.get("CHINWAG_BEDROCK_ENDPOINT_URL") or None,
+            bedrock_read_timeout_ms=_int(
+                env, "CHINWAG_BEDROCK_READ_TIMEOUT_MS", d.bedrock_read_timeout_ms, minimum=1
+            ),
+            upstream_max_attempts=_int(
+                env, "CHINWAG_UPSTREAM_MAX_ATTEMPTS", d.upstream_max_attempts, minimum=1
+            ),
             sim_ttft_ms=_int(env, "CHINWAG_SIM_TTFT_MS", d.sim_ttft_ms),
             sim_tokens_per_s=_int(env, "CHINWAG_SIM_TOKENS_PER_S", d.sim_tokens_per_s),
             sim_answer_tokens=_int(env, "CHINWAG_SIM_ANSWER_TOKENS", d.sim_answer_tokens, minimum=1),

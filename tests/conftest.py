@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio_asyncio
+from botocore.retries.standard import ExponentialBackoff
 import pytest
 import trio
 from hypercorn.config import Config
@@ -83,6 +85,36 @@ def harness(app: Any) -> Harness:
     return Harness(app)
 
 
+SECRET_KEY = "dummy-secret-k3y-never-logged"
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials from the environment; never read ~/.aws, never ask IMDS."""
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore sleeps rand(0..2^attempt) s between retries; the count of
+    retries is what the tests check, not the sleep, so make it 1 ms."""
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.001)
+
+
 @dataclass
 class Live:
     url: str
@@ -101,7 +133,12 @@ async def start_live(settings: Settings, nursery: trio.Nursery) -> tuple[Any, st
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         try:
-            await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+            if settings.provider == "bedrock":
+                # aiobotocore needs an asyncio loop around the whole server (as `chinwag serve`).
+                async with trio_asyncio.open_loop():
+                    await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+            else:
+                await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
         finally:
             stopped.set()
 

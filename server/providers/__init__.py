@@ -17,7 +17,12 @@ async def open_provider(settings: Settings) -> AsyncIterator[Provider]:
         from .bedrock import BedrockProvider
 
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        async with BedrockProvider.open(settings.bedrock_endpoint_url, region) as provider:
+        async with BedrockProvider.open(
+            settings.bedrock_endpoint_url,
+            region,
+            max_attempts=settings.upstream_max_attempts,
+            read_timeout=settings.bedrock_read_timeout_ms / 1000,
+        ) as provider:
             yield provider
     else:
         from .simulated import SimulatedProvider

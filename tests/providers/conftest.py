@@ -12,40 +12,17 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
-from botocore.retries.standard import ExponentialBackoff
 
 from server.providers.bedrock import BedrockProvider
 from server.providers.fake_bedrock import FakeBedrock, FakeSettings
 
 #: Looked for in captured logs: it must never appear there.
-SECRET_KEY = "dummy-secret-k3y-never-logged"
+from tests.conftest import SECRET_KEY as SECRET_KEY
 
 
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials from the environment; never read ~/.aws, never ask IMDS."""
-    for var in (
-        "AWS_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_RETRY_MODE",
-        "AWS_MAX_ATTEMPTS",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """botocore sleeps rand(0..2^attempt) s between retries; the count of
-    retries is what the tests check, not the sleep, so make it 1 ms."""
-    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.001)
+def _aws(aws_env: None, fast_backoff: None) -> None:
+    """Every provider test: dummy AWS credentials and 1 ms retry backoff (tests/conftest.py)."""
 
 
 @pytest.fixture
