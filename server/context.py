@@ -53,10 +53,15 @@ def principal() -> Principal:
     return g.principal  # type: ignore[no-any-return]
 
 
-def authenticate(role: Role) -> Principal:
-    """Verify the bearer token, the role and the user's rate limit."""
+def authenticate(role: Role, authorization: str | None = None) -> Principal:
+    """Verify the bearer token, the role and the user's rate limit.
+
+    ``authorization`` is the header value; by default the current request's.
+    """
     svc = services()
-    who = svc.tokens.verify(bearer_token(request.headers.get("Authorization")))
+    if authorization is None:
+        authorization = request.headers.get("Authorization")
+    who = svc.tokens.verify(bearer_token(authorization))
     if svc.store.user_by_id(who.user_id) is None and not svc.settings.jwt_public_key:
         # A token for a user that has been removed is no longer valid.
         raise Unauthorized("Invalid token.")

@@ -1,17 +1,24 @@
-"""Supervisors watching live streams (SPEC §6) and the list of live streams."""
+"""Supervisors watching live streams (SPEC §6), over SSE and WebSocket, and the
+list of live streams.
+
+One source, :func:`observer_items`, says what an observer is told; the SSE
+and WebSocket routes only render it. Replayed and live events are the very
+bytes the client got (encoded once, at publish).
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, request, websocket
 
-from observation import ObservationManager, Stream
+from observation import Batch, ObservationManager, Stream
 
-from ..context import authenticated, services
+from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
 from .stream import paced
@@ -20,112 +27,154 @@ bp = Blueprint("observe", __name__)
 
 MAX_WAIT_S = 300
 
+#: One thing an observer is told: a control event without an id
+#: ``("observer" | "history-start" | "history-end" | "lagged", data)``, a batch
+#: of stream events, or a heartbeat (``None``). :func:`observer_items` yields
+#: them in groups: everything one wake-up has to say, written at once.
+Item = tuple[str, dict[str, Any]] | Batch | None
+
 
 def _dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _wait_seconds() -> float | None:
-    raw = request.args.get("wait")
+def _wait_seconds(args: Any) -> float | None:
+    raw = args.get("wait")
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
         raise ValidationError("'wait' must be a number of seconds.") from None
-    if not 0 < value <= MAX_WAIT_S or value != value:
+    if not 0 < value <= MAX_WAIT_S:  # also refuses NaN
         raise ValidationError(f"'wait' must be greater than 0 and at most {MAX_WAIT_S}.")
     return value
 
 
-def _session_or_404(session_id: str) -> None:
-    if services().store.get_session(session_id) is None:
+def _find(session_id: str, wait: float | None) -> Stream | None:
+    """The stream to observe; 404 when there is none and the caller will not wait."""
+    svc = services()
+    if svc.store.get_session(session_id) is None:
         raise session_not_found()
+    stream = svc.observations.latest(session_id)
+    if stream is None and wait is None:
+        raise ApiError("No active streaming session found for observation", status=404,
+                       error_code="SESSION_NOT_ACTIVE")
+    return stream
+
+
+async def observer_items(
+    observations: ObservationManager,
+    session_id: str,
+    stream: Stream | None,
+    wait: float | None,
+    interval: float,
+) -> AsyncIterator[list[Item]]:
+    """Everything an observer is told, in order, until ``done`` (or the wait runs out).
+
+    ``observer`` (waiting → connected), ``history-start``, the replay,
+    ``history-end``, the live tail. A reader that falls a whole ring behind
+    is told ``lagged {"skipped": N}`` and continues from the oldest buffered
+    event: it never slows the producer or any other reader. Each yielded
+    list is one wake-up's worth, to be written in one go.
+    """
+    if stream is None:
+        yield [("observer", {"status": "waiting", "sessionId": session_id})]
+        with trio.move_on_after(wait or 0):
+            stream = await observations.wait_for_stream(session_id)
+        if stream is None:
+            yield [("observer", {"status": "timeout", "sessionId": session_id})]
+            return
+    with stream.reader(0) as reader:
+        count, from_id = reader.backlog()
+        history_end = reader.history_end
+        in_history = history_end > 0
+        head: list[Item] = [
+            ("observer", {"status": "connected", "sessionId": stream.group,
+                          "streamingSessionId": stream.stream_id,
+                          "observers": stream.observers}),
+            ("history-start", {"count": count, "fromId": from_id}),
+        ]
+        if not in_history:
+            head.append(("history-end", {"lastId": 0}))
+        yield head
+        async for batch in paced(reader, interval):
+            group: list[Item] = []
+            if batch is not None and batch.skipped:
+                group.append(("lagged", {"skipped": batch.skipped}))
+            group.append(batch)
+            # The reader's first batch is exactly the history.
+            if in_history and reader.position >= history_end:
+                in_history = False
+                group.append(("history-end", {"lastId": history_end}))
+            yield group
 
 
 @bp.get("/api/chat/sessions/<session_id>/observe")
 @authenticated("supervisor")
 async def observe(session_id: str) -> Response:
     svc = services()
-    wait = _wait_seconds()
-    _session_or_404(session_id)
-    stream = svc.observations.latest(session_id)
-    if stream is None and wait is None:
-        raise ApiError("No active streaming session found for observation", status=404,
-                       error_code="SESSION_NOT_ACTIVE")
-    interval = svc.settings.sse_heartbeat_ms / 1000
-    return sse_response(observer_feed(svc.observations, session_id, stream, wait, interval))
+    wait = _wait_seconds(request.args)
+    stream = _find(session_id, wait)
+    items = observer_items(svc.observations, session_id, stream, wait,
+                           svc.settings.sse_heartbeat_ms / 1000)
+    return sse_response(_as_sse(items))
 
 
-async def observer_feed(
-    observations: ObservationManager,
-    session_id: str,
-    stream: Stream | None,
-    wait: float | None,
-    interval: float,
-) -> AsyncIterator[bytes]:
-    """The observer's SSE body (runs outside the app context: everything is passed in)."""
+async def _as_sse(groups: AsyncIterator[list[Item]]) -> AsyncIterator[bytes]:
     yield b": connected\n\n"
-    if stream is None:
-        yield encode_event(None, "observer", _dumps({"status": "waiting", "sessionId": session_id}))
-        with trio.move_on_after(wait or 0):
-            stream = await observations.wait_for_stream(session_id)
-        if stream is None:
-            yield encode_event(None, "observer", _dumps({"status": "timeout", "sessionId": session_id}))
-            return
-    async for chunk in observe_stream(stream, interval):
-        yield chunk
+    async for group in groups:
+        yield b"".join(
+            heartbeat() if item is None
+            else encode_event(None, item[0], _dumps(item[1])) if isinstance(item, tuple)
+            else item.wire
+            for item in group
+        )
 
 
-async def observe_stream(stream: Stream, interval: float) -> AsyncIterator[bytes]:
-    """``observer``, ``history-start``, the replay, ``history-end``, then live to ``done``.
+@bp.websocket("/api/chat/sessions/<session_id>/observe/ws")
+async def observe_ws(session_id: str) -> None:
+    """The same feed, one JSON text frame per event: ``{"event", "id", "data"}``.
 
-    The replayed and live events are the very bytes the client got (encoded
-    once, at publish). An observer that falls a whole ring behind is told
-    ``lagged {"skipped": N}`` and continues from the oldest buffered event;
-    it never slows the producer or anyone else.
+    Auth: the ``Authorization`` header, or ``?token=`` for browsers (which
+    cannot set headers on a WebSocket). Refusals are plain JSON HTTP errors,
+    sent before the upgrade is accepted.
     """
-    with stream.reader(0) as reader:
-        count, from_id = reader.backlog()
-        history_end = reader.history_end
-        head = encode_event(None, "observer", _dumps({
-            "status": "connected", "sessionId": stream.group,
-            "streamingSessionId": stream.stream_id, "observers": stream.observers,
-        })) + encode_event(None, "history-start", _dumps({"count": count, "fromId": from_id}))
-        in_history = history_end > 0
-        if not in_history:
-            head += _history_end(0)
-        yield head
-        async for batch in paced(reader, interval):
-            if batch is None:
-                yield heartbeat()
-                continue
-            out = batch.wire
-            if batch.skipped:
-                out = encode_event(None, "lagged", _dumps({"skipped": batch.skipped})) + out
-            if in_history and reader.position >= history_end:
-                # The first batch is exactly the history (the reader guarantees it).
-                in_history = False
-                out += _history_end(history_end)
-            yield out
-
-
-def _history_end(last_id: int) -> bytes:
-    return encode_event(None, "history-end", _dumps({"lastId": last_id}))
+    svc = services()
+    token = websocket.args.get("token")
+    authenticate("supervisor", websocket.headers.get("Authorization")
+                 or (f"Bearer {token}" if token else ""))
+    wait = _wait_seconds(websocket.args)
+    stream = _find(session_id, wait)
+    await websocket.accept()
+    items = observer_items(svc.observations, session_id, stream, wait,
+                           svc.settings.sse_heartbeat_ms / 1000)
+    async for group in items:
+        for item in group:
+            if item is None:
+                ms = int(datetime.now(UTC).timestamp() * 1000)
+                await websocket.send(f'{{"event":"heartbeat","id":null,"data":{{"ts":{ms}}}}}')
+            elif isinstance(item, tuple):
+                await websocket.send(_dumps({"event": item[0], "id": None, "data": item[1]}))
+            else:
+                for e in item.events:  # e.data is JSON text already: embed, do not re-encode
+                    await websocket.send(f'{{"event":"{e.name}","id":{e.id},"data":{e.data}}}')
+    await websocket.close(1000)
 
 
 @bp.get("/api/chat/streams/active")
 @authenticated("supervisor")
 async def active_streams() -> dict[str, Any]:
     svc = services()
-    streams = []
-    for run in svc.hub.live():
-        streams.append({
+    return {"streams": [
+        {
             "sessionId": run.session_id,
             "streamingSessionId": run.stream_id,
             "userId": run.user_id,
             "modelId": run.model.id,
-            "startedAt": run.started_at,
+            "startedAt": datetime.fromtimestamp(run.started_at, UTC)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "observers": run.stream.observers,
-        })
-    return {"streams": streams}
+        }
+        for run in svc.hub.live()
+    ]}
