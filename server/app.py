@@ -54,9 +54,9 @@ def create_app(settings: Settings) -> QuartTrio:
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         BODY_TIMEOUT=60,
-        JSON_SORT_KEYS=False,
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keys in the documented order
     store = Store(settings.db_path)
     book = ledger.Ledger(settings.db_path)
     observations = ObservationManager(
