@@ -42,8 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 break
         # Tell every stream and observer, persist and settle, before Hypercorn stops.
-        with trio.move_on_after(settings.shutdown_grace_ms / 1000):
+        deadline = trio.current_time() + settings.shutdown_grace_ms / 1000
+        with trio.move_on_at(deadline):
             await app.extensions["chinwag"].hub.shutdown()
+        # What is left is short requests and idle keep-alive connections, which
+        # Hypercorn would otherwise wait on for the whole graceful timeout.
+        config.graceful_timeout = max(0.0, min(1.0, deadline - trio.current_time()))
 
     async def run_server() -> None:
         async with trio.open_nursery() as nursery:
