@@ -693,6 +693,12 @@ async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float,
         "rssPeakKb": peak_rss,
         "rssPerStreamKb": round((rss_open - idle.rss_kb) / n, 1),
         "cpu": cpu,
+        # one row per second: [t since start s, chunks so far, live streams, server RSS KB,
+        # server CPU s since start]
+        "timeline": [
+            [round(t - t_start, 2), c, live, rss, round(cpu_s - samples[0][4], 2)]
+            for t, c, live, rss, cpu_s in samples[::4]
+        ],
     }
 
 

@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import sqlite3
+import time
 import uuid
 from typing import Any
 
@@ -35,9 +36,11 @@ from .providers import open_provider
 from .settings import Settings
 from .sse import encode_event
 from .store import Store
+from .telemetry import Telemetry
 from .streams import StreamHub
 
 log = logging.getLogger("chinwag")
+access_log = logging.getLogger("chinwag.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -64,6 +67,7 @@ def create_app(settings: Settings) -> QuartTrio:
         linger=settings.stream_buffer_ms / 1000,
         encode=encode_event,
     )
+    telemetry = Telemetry(store)
     svc = Services(
         settings=settings,
         store=store,
@@ -74,7 +78,8 @@ def create_app(settings: Settings) -> QuartTrio:
         catalog=Catalog.load(settings.models_file),
         limiter=RateLimiter(settings.rate_limit),
         observations=observations,
-        hub=StreamHub(settings, store, book, observations),
+        hub=StreamHub(settings, store, book, observations, telemetry),
+        telemetry=telemetry,
     )
     app.extensions["chinwag"] = svc
 
@@ -138,10 +143,21 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
     async def assign_request_id() -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+        g.t0 = time.perf_counter()
 
     @app.after_request
     async def finish(response: Response) -> Response:
-        response.headers["X-Request-Id"] = getattr(g, "request_id", f"req_{uuid.uuid4().hex[:16]}")
+        request_id = getattr(g, "request_id", f"req_{uuid.uuid4().hex[:16]}")
+        response.headers["X-Request-Id"] = request_id
+        who = getattr(g, "principal", None)
+        access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
+            "fields": {
+                "requestId": request_id, "method": request.method, "path": request.path,
+                "status": response.status_code, "userId": who.user_id if who else None,
+                # For SSE this is the time to the headers; the stream goes on.
+                "ms": round((time.perf_counter() - getattr(g, "t0", time.perf_counter())) * 1000, 3),
+            }
+        })
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
@@ -195,7 +211,8 @@ def _install_error_handlers(app: QuartTrio) -> None:
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, request.path,
+                      extra={"fields": {"requestId": getattr(g, "request_id", None)}})
         response = jsonify({"message": "Internal server error.", "errorCode": "INTERNAL_ERROR"})
         response.status_code = 500
         return response

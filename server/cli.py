@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
-    config.errorlog = "-"
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.graceful_timeout = settings.shutdown_grace_ms / 1000
     config.include_server_header = False
@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from .logs import configure
+
+    configure()
     args = build_parser().parse_args(argv)
     try:
         result: Any = args.func(args)

@@ -24,6 +24,7 @@ from .models import Catalog
 from .providers.base import Provider
 from .settings import Settings
 from .store import Store
+from .telemetry import Telemetry
 
 if TYPE_CHECKING:
     from .streams import StreamHub
@@ -42,6 +43,7 @@ class Services:
     limiter: RateLimiter
     observations: ObservationManager
     hub: StreamHub
+    telemetry: Telemetry
     provider: Provider | None = None  # set once the provider service has started
 
 

@@ -89,7 +89,16 @@ def _m1(db: Database) -> None:
     db["messages"].create_index(["streaming_session_id"])
 
 
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1,)
+def _m2(db: Database) -> None:
+    db["telemetry_events"].create(
+        {"id": int, "type": str, "payload": str, "created_at": str},
+        pk="id",
+        not_null={"type", "payload", "created_at"},
+    )
+    db["telemetry_events"].create_index(["type", "created_at"])
+
+
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +363,12 @@ class Store:
         return self._one(
             "SELECT * FROM messages WHERE streaming_session_id = ? AND role = 'assistant'",
             (streaming_session_id,),
+        )
+
+    def add_telemetry(self, type_: str, payload_json: str) -> None:
+        self.conn.execute(
+            "INSERT INTO telemetry_events (type, payload, created_at) VALUES (?, ?, ?)",
+            (type_, payload_json, now_iso()),
         )
 
     def recover_streaming(self) -> int:

@@ -49,6 +49,7 @@ from .providers.base import (
 )
 from .settings import Settings
 from .store import Store
+from .telemetry import CallRecord, Telemetry
 
 log = logging.getLogger("chinwag.streams")
 
@@ -124,6 +125,8 @@ class StreamRun:
         self.assistant_message = assistant_message
         self.stream = stream
         self.started_at = time.time()
+        self._t0 = trio.current_time()
+        self.first_token_at: float | None = None
         self.cancel_scope = trio.CancelScope()
         self.cancel_reason = "client_disconnected"
         self.outcome: Outcome | None = None
@@ -190,6 +193,8 @@ class StreamRun:
                 async with provider.stream(self.request) as events:
                     async for event in events:
                         if isinstance(event, TextDelta):
+                            if not parts:
+                                self.first_token_at = trio.current_time()
                             parts.append(event.text)
                             await self.stream.publish("chunk", _dumps({"text": event.text}))
                         elif isinstance(event, Usage):
@@ -258,6 +263,21 @@ class StreamRun:
                 "credits_charged": charged,
                 "finish_reason": finish_reason,
             }
+            hub.telemetry.record_call(CallRecord(
+                streaming_session_id=self.stream_id,
+                user_id=self.user_id,
+                model_id=self.model.id,
+                provider=hub.provider.name if hub.provider else "",
+                retries=retries,
+                ttft_ms=None if self.first_token_at is None
+                else (self.first_token_at - self._t0) * 1000,
+                total_ms=(trio.current_time() - self._t0) * 1000,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                credits_charged=charged,
+                finish_reason=finish_reason,
+                error_code=error.error_code if error else None,
+            ))
             self.outcome = Outcome(
                 self.user_message, self.assistant_message, input_tokens, output_tokens,
                 charged, finish_reason, retries, error,
@@ -296,9 +316,15 @@ class StreamHub:
     """Owns every :class:`StreamRun`; enforces one stream per chat session and the caps."""
 
     def __init__(
-        self, settings: Settings, store: Store, book: ledger.Ledger, observations: ObservationManager
+        self,
+        settings: Settings,
+        store: Store,
+        book: ledger.Ledger,
+        observations: ObservationManager,
+        telemetry: Telemetry,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self.store = store
         self.ledger = book
         self.observations = observations

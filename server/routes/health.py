@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from quart import Blueprint
+from quart import Blueprint, Response
 
 from .. import __version__
 from ..context import authenticated, services
@@ -22,6 +22,27 @@ async def health() -> tuple[dict[str, Any], int]:
     except sqlite3.Error:
         status, code = "unavailable", 503
     return {"status": status, "version": __version__, "timestamp": now_iso()}, code
+
+
+@bp.get("/metrics")
+@authenticated("supervisor")
+async def metrics() -> Response:
+    """Prometheus text format; supervisor/admin only (it shows load, not content)."""
+    svc = services()
+    obs = svc.observations.statistics()
+    book = svc.ledger.statistics()
+    gauges = {
+        "chinwag_streams_open": ("Streams (model calls) in progress.", len(svc.hub.live())),
+        "chinwag_observers": ("Observers attached to streams.", obs.observers),
+        "chinwag_readers": ("Ring readers attached (clients + observers).", obs.readers),
+        "chinwag_streams_lingering": ("Ended streams still replayable.", obs.streams_lingering),
+        "chinwag_observer_lagged_events_total": ("Events observers were skipped past.",
+                                                 obs.lagged_total),
+        "chinwag_ledger_reservations_open": ("Open credit reservations.", book.open_reservations),
+        "chinwag_ledger_reserved_credits": ("Credits held by open reservations.",
+                                            book.reserved_credits),
+    }
+    return Response(svc.telemetry.render(gauges), content_type="text/plain; version=0.0.4")
 
 
 @bp.get("/api/version")

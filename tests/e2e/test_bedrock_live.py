@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from server.providers.fake_bedrock import FakeBedrock, FakeSettings
+from server.telemetry import telemetry_rows
 from tests.conftest import with_settings
 from tests.e2e.test_streaming import FAULT_WORDS, new_session
 from tests.sse import collect, events, messages, text_of
@@ -94,6 +95,9 @@ async def test_throttled_twice_then_served_counts_retries(blive, fake):
     stream_id, msgs = await _stream(blive, alice, sid)
     assert events(msgs)[-1].data["finishReason"] == "stop"
     assert [q.status for q in fake.requests] == [429, 429, 200]
+    [row] = telemetry_rows(blive.harness.svc.store, limit=1)
+    assert row["payload"]["provider_retry_count"] == 2
+    assert row["payload"]["streamingSessionId"] == stream_id
 
 
 @pytest.mark.parametrize(("fault", "scenario"), [
