@@ -18,23 +18,17 @@ log = logging.getLogger("chinwag")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hypercorn.config import Config
     from hypercorn.trio import serve
 
     from .app import create_app
+    from .serving import hypercorn_config
 
     settings = Settings.from_env()
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     app = create_app(settings)
 
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
-    config.graceful_timeout = settings.shutdown_grace_ms / 1000
-    config.include_server_header = False
+    config = hypercorn_config(settings, host, port)
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -196,7 +196,7 @@ class StreamRun:
                             if not parts:
                                 self.first_token_at = trio.current_time()
                             parts.append(event.text)
-                            await self.stream.publish("chunk", _dumps({"text": event.text}))
+                            await self._publish("chunk", _dumps({"text": event.text}))
                         elif isinstance(event, Usage):
                             usage = event
                         elif isinstance(event, Stop):
@@ -213,6 +213,26 @@ class StreamRun:
                 await self._finish(
                     "".join(parts), len(parts), usage, finish or self.cancel_reason, error, retries
                 )
+
+    async def _publish(self, name: str, data: str) -> None:
+        """Publish, waiting for a client that is a whole ring behind — but not forever.
+
+        The fast path never waits. A client whose reader has not moved for
+        ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS`` is treated as gone: the run ends
+        as ``client_disconnected`` (the kernel's TCP_USER_TIMEOUT frees its
+        connection on the same bound; see :mod:`server.serving`).
+        """
+        try:
+            self.stream.publish_nowait(name, data)
+            return
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
+            await self.stream.publish(name, data)
+            return
+        log.warning("stream %s: client stopped reading, ending it", self.stream_id)
+        self.cancel("client_disconnected")
+        await trio.lowlevel.checkpoint()  # deliver the cancellation now
 
     async def _finish(
         self,
@@ -285,10 +305,10 @@ class StreamRun:
             if error is None and finish_reason == "shutdown":
                 error = ServerShutdown()
             if error is not None:
-                await self.stream.publish(
+                await self._publish_final(
                     "error", _dumps({"message": error.user_message, "errorCode": error.error_code})
                 )
-            await self.stream.publish(
+            await self._publish_final(
                 "done",
                 _dumps(
                     {
@@ -306,6 +326,14 @@ class StreamRun:
             self.stream.close()
             hub._forget(self)
             self._done.set()
+
+    async def _publish_final(self, name: str, data: str) -> None:
+        """The closing events: a client that stalled gets them if it catches up in time."""
+        try:
+            self.stream.publish_nowait(name, data)
+        except trio.WouldBlock:
+            with trio.move_on_after(1.0):
+                await self.stream.publish(name, data)
 
     @property
     def reservation_input(self) -> int:

@@ -18,11 +18,11 @@ import trio_asyncio
 from botocore.retries.standard import ExponentialBackoff
 import pytest
 import trio
-from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from server.app import create_app
 from server.auth import hash_password
+from server.serving import hypercorn_config
 from server.settings import Settings
 
 SECRET = "test-secret-0123456789-0123456789-abcdef"
@@ -125,9 +125,7 @@ class Live:
 
 async def start_live(settings: Settings, nursery: trio.Nursery) -> tuple[Any, str, trio.Event, trio.Event]:
     app = create_app(settings)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
+    config = hypercorn_config(settings, "127.0.0.1", 0)
     config.graceful_timeout = 2
     stop, stopped = trio.Event(), trio.Event()
 

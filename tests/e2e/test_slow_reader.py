@@ -1,0 +1,50 @@
+"""A client that keeps its connection open but stops reading must not hold
+server resources past CHINWAG_SLOW_CLIENT_TIMEOUT_MS, nor block shutdown."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+import trio
+
+from tests.conftest import with_settings
+from tests.e2e.test_streaming import new_session
+
+
+async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
+    live = await live_factory(with_settings(
+        settings, observe_ring=64, sim_answer_tokens=5000, slow_client_timeout_ms=500,
+    ))
+    alice = live.harness.user(credits=100_000)
+    sid = await new_session(live, alice)
+    url = urlsplit(live.url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((url.hostname, url.port))
+    body = b'{"message": "flood me", "maxTokens": 5000}'
+    async with trio.SocketStream(sock) as stuck:
+        await stuck.send_all(
+            f"POST /api/chat/sessions/{sid}/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {alice['token']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await stuck.receive_some(200)  # then never read again
+        assert head.startswith(b"HTTP/1.1 200")
+        hub = live.harness.svc.hub
+        run = hub.for_session(sid)
+        assert run is not None
+        started = trio.current_time()
+        with trio.fail_after(10):
+            await run.wait_done()
+        took = trio.current_time() - started
+        assert run.outcome.finish_reason == "client_disconnected"
+        assert took < 5
+        msg = live.harness.svc.store.message_by_stream(run.stream_id)
+        assert msg["status"] == "interrupted" and 0 < msg["output_tokens"] < 5000
+        bal = live.harness.svc.ledger.balance(alice["id"])
+        assert bal.reserved == 0 and bal.balance == 100_000 - msg["credits_charged"]
+        # The kernel frees the pinned connection too (TCP_USER_TIMEOUT): the ring has
+        # no reader left. The kernel gives no event to await, so poll, bounded.
+        with trio.fail_after(10):
+            while live.harness.svc.observations.statistics().readers:
+                await trio.sleep(0.05)
