@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,16 +99,17 @@ async def observer_items(
         if not in_history:
             head.append(("history-end", {"lastId": 0}))
         yield head
-        async for batch in paced(reader, interval):
-            group: list[Item] = []
-            if batch is not None and batch.skipped:
-                group.append(("lagged", {"skipped": batch.skipped}))
-            group.append(batch)
-            # The reader's first batch is exactly the history.
-            if in_history and reader.position >= history_end:
-                in_history = False
-                group.append(("history-end", {"lastId": history_end}))
-            yield group
+        async with aclosing(paced(reader, interval)) as batches:
+            async for batch in batches:
+                group: list[Item] = []
+                if batch is not None and batch.skipped:
+                    group.append(("lagged", {"skipped": batch.skipped}))
+                group.append(batch)
+                # The reader's first batch is exactly the history.
+                if in_history and reader.position >= history_end:
+                    in_history = False
+                    group.append(("history-end", {"lastId": history_end}))
+                yield group
 
 
 @bp.get("/api/chat/sessions/<session_id>/observe")
@@ -121,15 +123,16 @@ async def observe(session_id: str) -> Response:
     return sse_response(_as_sse(items))
 
 
-async def _as_sse(groups: AsyncIterator[list[Item]]) -> AsyncIterator[bytes]:
+async def _as_sse(items: AsyncIterator[list[Item]]) -> AsyncIterator[bytes]:
     yield b": connected\n\n"
-    async for group in groups:
-        yield b"".join(
-            heartbeat() if item is None
-            else encode_event(None, item[0], _dumps(item[1])) if isinstance(item, tuple)
-            else item.wire
-            for item in group
-        )
+    async with aclosing(items) as groups:  # type: ignore[type-var]
+        async for group in groups:
+            yield b"".join(
+                heartbeat() if item is None
+                else encode_event(None, item[0], _dumps(item[1])) if isinstance(item, tuple)
+                else item.wire
+                for item in group
+            )
 
 
 @bp.websocket("/api/chat/sessions/<session_id>/observe/ws")
@@ -149,17 +152,23 @@ async def observe_ws(session_id: str) -> None:
     await websocket.accept()
     items = observer_items(svc.observations, session_id, stream, wait,
                            svc.settings.sse_heartbeat_ms / 1000)
-    async for group in items:
-        for item in group:
-            if item is None:
-                ms = int(datetime.now(UTC).timestamp() * 1000)
-                await websocket.send(f'{{"event":"heartbeat","id":null,"data":{{"ts":{ms}}}}}')
-            elif isinstance(item, tuple):
-                await websocket.send(_dumps({"event": item[0], "id": None, "data": item[1]}))
-            else:
-                for e in item.events:  # e.data is JSON text already: embed, do not re-encode
-                    await websocket.send(f'{{"event":"{e.name}","id":{e.id},"data":{e.data}}}')
+    async with aclosing(items) as groups:  # type: ignore[type-var]
+        async for group in groups:
+            for item in group:
+                for frame in _ws_frames(item):
+                    await websocket.send(frame)
     await websocket.close(1000)
+
+
+def _ws_frames(item: Item) -> list[str]:
+    """One JSON text frame per event: ``{"event", "id", "data"}``."""
+    if item is None:
+        ms = int(datetime.now(UTC).timestamp() * 1000)
+        return [f'{{"event":"heartbeat","id":null,"data":{{"ts":{ms}}}}}']
+    if isinstance(item, tuple):
+        return [_dumps({"event": item[0], "id": None, "data": item[1]})]
+    # e.data is JSON text already: embed it, do not re-encode.
+    return [f'{{"event":"{e.name}","id":{e.id},"data":{e.data}}}' for e in item.events]
 
 
 @bp.get("/api/chat/streams/active")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 import trio
 from quart import Blueprint, Response, request
 
@@ -68,8 +69,9 @@ async def client_feed(
         with stream.reader(after_id, primary=True) as reader:
             if run is not None:
                 run.attach()
-            async for batch in paced(reader, interval):
-                yield heartbeat() if batch is None else batch.wire
+            async with aclosing(paced(reader, interval)) as batches:
+                async for batch in batches:
+                    yield heartbeat() if batch is None else batch.wire
     finally:
         if run is not None:
             run.detach()
