@@ -33,6 +33,7 @@ from .errors import ApiError, from_ledger
 from .limits import RateLimiter
 from .models import Catalog
 from .providers import open_provider
+from .retention import run_retention
 from .settings import Settings
 from .sse import encode_event
 from .store import Store
@@ -95,6 +96,8 @@ def create_app(settings: Settings) -> QuartTrio:
                     svc.hub.provider = svc.provider
                     await nursery.start(observations.run)
                     await nursery.start(svc.hub.run)
+                    if settings.retention_days > 0:
+                        await nursery.start(run_retention, store, svc.hub, settings.retention_days)
                     task_status.started()
         finally:
             services_done.set()

@@ -61,6 +61,7 @@ class Settings:
     max_body_bytes: int = 1_048_576
     shutdown_grace_ms: int = 10_000
     slow_client_timeout_ms: int = 30_000
+    retention_days: int = 0
     cors_origins: tuple[str, ...] = ("*",)
     test_scenarios: bool = False
     models_file: Path | None = None
@@ -109,6 +110,7 @@ class Settings:
             max_streams=_int(env, "CHINWAG_MAX_STREAMS", d.max_streams, minimum=1),
             max_body_bytes=_int(env, "CHINWAG_MAX_BODY_BYTES", d.max_body_bytes, minimum=64),
             shutdown_grace_ms=_int(env, "CHINWAG_SHUTDOWN_GRACE_MS", d.shutdown_grace_ms),
+            retention_days=_int(env, "CHINWAG_RETENTION_DAYS", d.retention_days),
             slow_client_timeout_ms=_int(
                 env, "CHINWAG_SLOW_CLIENT_TIMEOUT_MS", d.slow_client_timeout_ms, minimum=100
             ),

@@ -365,6 +365,19 @@ class Store:
             (streaming_session_id,),
         )
 
+    def delete_sessions_before(self, cutoff_iso: str, keep: set[str]) -> int:
+        """Delete sessions (with their messages) last updated before ``cutoff_iso``."""
+        ids = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM chat_sessions WHERE updated_at < ?", (cutoff_iso,)
+            ).fetchall()
+            if r[0] not in keep
+        ]
+        for session_id in ids:
+            self.delete_session(session_id)
+        return len(ids)
+
     def add_telemetry(self, type_: str, payload_json: str) -> None:
         self.conn.execute(
             "INSERT INTO telemetry_events (type, payload, created_at) VALUES (?, ?, ?)",
