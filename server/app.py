@@ -26,7 +26,6 @@ from werkzeug.exceptions import HTTPException
 import ledger
 from observation import ObservationManager
 
-from . import __version__
 from .auth import TokenService
 from .context import Services
 from .errors import ApiError, from_ledger
@@ -37,8 +36,8 @@ from .retention import run_retention
 from .settings import Settings
 from .sse import encode_event
 from .store import Store
-from .telemetry import Telemetry
 from .streams import StreamHub
+from .telemetry import Telemetry
 
 log = logging.getLogger("chinwag")
 access_log = logging.getLogger("chinwag.access")
@@ -107,8 +106,12 @@ def create_app(settings: Settings) -> QuartTrio:
         released = book.recover()
         cut = store.recover_streaming()
         if released or cut:
-            log.warning("recovered after an unclean stop: %d reservations released, "
-                        "%d messages marked interrupted", released, cut)
+            log.warning(
+                "recovered after an unclean stop: %d reservations released, "
+                "%d messages marked interrupted",
+                released,
+                cut,
+            )
         await app.nursery.start(run_services)
 
     @app.after_serving
@@ -153,14 +156,25 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
         request_id = getattr(g, "request_id", f"req_{uuid.uuid4().hex[:16]}")
         response.headers["X-Request-Id"] = request_id
         who = getattr(g, "principal", None)
-        access_log.info("%s %s %s", request.method, request.path, response.status_code, extra={
-            "fields": {
-                "requestId": request_id, "method": request.method, "path": request.path,
-                "status": response.status_code, "userId": who.user_id if who else None,
-                # For SSE this is the time to the headers; the stream goes on.
-                "ms": round((time.perf_counter() - getattr(g, "t0", time.perf_counter())) * 1000, 3),
-            }
-        })
+        access_log.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status_code,
+            extra={
+                "fields": {
+                    "requestId": request_id,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "userId": who.user_id if who else None,
+                    # For SSE this is the time to the headers; the stream goes on.
+                    "ms": round(
+                        (time.perf_counter() - getattr(g, "t0", time.perf_counter())) * 1000, 3
+                    ),
+                }
+            },
+        )
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
@@ -207,15 +221,22 @@ def _install_error_handlers(app: QuartTrio) -> None:
     async def db_error(exc: sqlite3.Error) -> Response:
         log.exception("database error")
         response = jsonify(
-            {"message": "The service is temporarily unavailable.", "errorCode": "SERVICE_UNAVAILABLE"}
+            {
+                "message": "The service is temporarily unavailable.",
+                "errorCode": "SERVICE_UNAVAILABLE",
+            }
         )
         response.status_code = 503
         return response
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path,
-                      extra={"fields": {"requestId": getattr(g, "request_id", None)}})
+        log.exception(
+            "unhandled error on %s %s",
+            request.method,
+            request.path,
+            extra={"fields": {"requestId": getattr(g, "request_id", None)}},
+        )
         response = jsonify({"message": "Internal server error.", "errorCode": "INTERNAL_ERROR"})
         response.status_code = 500
         return response

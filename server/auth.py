@@ -110,9 +110,7 @@ class TokenService:
 
     @staticmethod
     def _decode(token: str, key: str, alg: str) -> dict[str, Any]:
-        return jwt.decode(
-            token, key, algorithms=[alg], options={"require": ["sub", "exp", "role"]}
-        )
+        return jwt.decode(token, key, algorithms=[alg], options={"require": ["sub", "exp", "role"]})
 
 
 def bearer_token(header: str | None) -> str:

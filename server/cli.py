@@ -48,8 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
             binds = await nursery.start(
                 partial(serve, app, config, shutdown_trigger=shutdown_trigger)
             )
-            print(f"chinwag listening on {' '.join(binds)} "
-                  f"(provider={settings.provider}, db={settings.db_path})", flush=True)
+            print(
+                f"chinwag listening on {' '.join(binds)} "
+                f"(provider={settings.provider}, db={settings.db_path})",
+                flush=True,
+            )
 
     async def main() -> None:
         if settings.provider == "bedrock":
@@ -110,8 +113,12 @@ def _credits_allocate(args: argparse.Namespace) -> int:
     with ledger.Ledger(settings.db_path) as book:
         book.open_account(user["id"])
         try:
-            b = book.allocate(user["id"], args.amount, reason=args.reason or "cli",
-                              idempotency_key=args.idempotency_key)
+            b = book.allocate(
+                user["id"],
+                args.amount,
+                reason=args.reason or "cli",
+                idempotency_key=args.idempotency_key,
+            )
         except ledger.LedgerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

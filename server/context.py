@@ -78,7 +78,9 @@ def authenticate(role: Role, authorization: str | None = None) -> Principal:
     return who
 
 
-def authenticated(role: Role = "enduser") -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+def authenticated(
+    role: Role = "enduser",
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
     def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(handler)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

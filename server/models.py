@@ -46,20 +46,58 @@ class ModelInfo:
 
 
 SEED_MODELS = (
-    ModelInfo("amazon.nova-micro-v1:0", "Amazon Nova Micro", 1, 4, 5000,
-              ("text", "chat", "code"), speed=3, quality=1),
-    ModelInfo("amazon.nova-lite-v1:0", "Amazon Nova Lite", 2, 8, 5000,
-              ("text", "chat", "code", "creative"), speed=3, quality=2),
-    ModelInfo("amazon.titan-text-express-v1", "Amazon Titan Text Express", 3, 10, 8000,
-              ("text", "chat"), speed=2, quality=1),
-    ModelInfo("meta.llama3-70b-instruct-v1:0", "Meta Llama 3 70B Instruct", 10, 30, 2048,
-              ("text", "chat", "code", "creative", "reasoning"), speed=1, quality=3),
+    ModelInfo(
+        "amazon.nova-micro-v1:0",
+        "Amazon Nova Micro",
+        1,
+        4,
+        5000,
+        ("text", "chat", "code"),
+        speed=3,
+        quality=1,
+    ),
+    ModelInfo(
+        "amazon.nova-lite-v1:0",
+        "Amazon Nova Lite",
+        2,
+        8,
+        5000,
+        ("text", "chat", "code", "creative"),
+        speed=3,
+        quality=2,
+    ),
+    ModelInfo(
+        "amazon.titan-text-express-v1",
+        "Amazon Titan Text Express",
+        3,
+        10,
+        8000,
+        ("text", "chat"),
+        speed=2,
+        quality=1,
+    ),
+    ModelInfo(
+        "meta.llama3-70b-instruct-v1:0",
+        "Meta Llama 3 70B Instruct",
+        10,
+        30,
+        2048,
+        ("text", "chat", "code", "creative", "reasoning"),
+        speed=1,
+        quality=3,
+    ),
 )
 
 _FIELDS = {
-    "id": "id", "name": "name", "inputPer1k": "input_per_1k", "outputPer1k": "output_per_1k",
-    "maxTokens": "max_tokens", "capabilities": "capabilities", "available": "available",
-    "speed": "speed", "quality": "quality",
+    "id": "id",
+    "name": "name",
+    "inputPer1k": "input_per_1k",
+    "outputPer1k": "output_per_1k",
+    "maxTokens": "max_tokens",
+    "capabilities": "capabilities",
+    "available": "available",
+    "speed": "speed",
+    "quality": "quality",
 }
 
 
@@ -104,10 +142,9 @@ class Catalog:
 
         ranked = sorted(fit, key=score, reverse=True)
         best = ranked[0]
-        reason = (
-            f"{best.name} is the {'fastest' if priority == 'speed' else 'cheapest' if priority == 'cost' else 'highest-quality'}"
-            f" available model {'for ' + task_type + ' tasks' if task_type in best.capabilities else 'overall'}."
-        )
+        superlative = {"speed": "fastest", "cost": "cheapest"}.get(priority, "highest-quality")
+        scope = f"for {task_type} tasks" if task_type in best.capabilities else "overall"
+        reason = f"{best.name} is the {superlative} available model {scope}."
         return best, ranked[1:], reason
 
 

@@ -30,8 +30,11 @@ def sweep(store: Store, hub: StreamHub, days: int, now: datetime | None = None) 
 
 
 async def run_retention(
-    store: Store, hub: StreamHub, days: int,
-    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    store: Store,
+    hub: StreamHub,
+    days: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     sweep(store, hub, days)
     task_status.started()

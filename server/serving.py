@@ -31,7 +31,9 @@ class ChinwagConfig(Config):
         return sockets
 
 
-def hypercorn_config(settings: Settings, host: str | None = None, port: int | None = None) -> ChinwagConfig:
+def hypercorn_config(
+    settings: Settings, host: str | None = None, port: int | None = None
+) -> ChinwagConfig:
     host = host or settings.host
     port = settings.port if port is None else port
     config = ChinwagConfig()

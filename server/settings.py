@@ -73,7 +73,9 @@ class Settings:
         d = cls()
         provider = env.get("CHINWAG_PROVIDER", d.provider).strip() or d.provider
         if provider not in {"simulated", "bedrock"}:
-            raise SettingsError(f"CHINWAG_PROVIDER must be 'simulated' or 'bedrock', got {provider!r}")
+            raise SettingsError(
+                f"CHINWAG_PROVIDER must be 'simulated' or 'bedrock', got {provider!r}"
+            )
         secret = env.get("CHINWAG_JWT_SECRET", "")
         if secret and len(secret.encode()) < 32:
             raise SettingsError("CHINWAG_JWT_SECRET must be at least 32 bytes")
@@ -99,7 +101,9 @@ class Settings:
             ),
             sim_ttft_ms=_int(env, "CHINWAG_SIM_TTFT_MS", d.sim_ttft_ms),
             sim_tokens_per_s=_int(env, "CHINWAG_SIM_TOKENS_PER_S", d.sim_tokens_per_s),
-            sim_answer_tokens=_int(env, "CHINWAG_SIM_ANSWER_TOKENS", d.sim_answer_tokens, minimum=1),
+            sim_answer_tokens=_int(
+                env, "CHINWAG_SIM_ANSWER_TOKENS", d.sim_answer_tokens, minimum=1
+            ),
             observe_ring=_int(env, "CHINWAG_OBSERVE_RING", d.observe_ring, minimum=16),
             stream_buffer_ms=_int(env, "CHINWAG_STREAM_BUFFER_MS", d.stream_buffer_ms),
             disconnect_grace_ms=_int(env, "CHINWAG_DISCONNECT_GRACE_MS", d.disconnect_grace_ms),

@@ -35,7 +35,7 @@ def now_iso() -> str:
 
 
 def _m1(db: Database) -> None:
-    db["users"].create(
+    db.table("users").create(
         {
             "id": str,
             "username": str,
@@ -47,8 +47,8 @@ def _m1(db: Database) -> None:
         pk="id",
         not_null={"username", "role", "password_hash", "created_at"},
     )
-    db["users"].create_index(["username"], unique=True)
-    db["chat_sessions"].create(
+    db.table("users").create_index(["username"], unique=True)
+    db.table("chat_sessions").create(
         {
             "id": str,
             "user_id": str,
@@ -62,8 +62,8 @@ def _m1(db: Database) -> None:
         foreign_keys=[("user_id", "users", "id")],
         not_null={"user_id", "created_at", "updated_at"},
     )
-    db["chat_sessions"].create_index(["user_id", "updated_at"])
-    db["messages"].create(
+    db.table("chat_sessions").create_index(["user_id", "updated_at"])
+    db.table("messages").create(
         {
             "id": str,
             "session_id": str,
@@ -85,17 +85,17 @@ def _m1(db: Database) -> None:
         foreign_keys=[("session_id", "chat_sessions", "id")],
         not_null={"session_id", "role", "content", "status", "created_at"},
     )
-    db["messages"].create_index(["session_id", "seq"])
-    db["messages"].create_index(["streaming_session_id"])
+    db.table("messages").create_index(["session_id", "seq"])
+    db.table("messages").create_index(["streaming_session_id"])
 
 
 def _m2(db: Database) -> None:
-    db["telemetry_events"].create(
+    db.table("telemetry_events").create(
         {"id": int, "type": str, "payload": str, "created_at": str},
         pk="id",
         not_null={"type", "payload", "created_at"},
     )
-    db["telemetry_events"].create_index(["type", "created_at"])
+    db.table("telemetry_events").create_index(["type", "created_at"])
 
 
 MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2)
@@ -207,9 +207,9 @@ class Store:
     def search_users(self, q: str, page: Page) -> tuple[list[dict[str, Any]], int]:
         like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         where = "WHERE u.username LIKE ? ESCAPE '\\' OR coalesce(u.email, '') LIKE ? ESCAPE '\\'"
-        total = self.conn.execute(
-            f"SELECT count(*) FROM users u {where}", (like, like)
-        ).fetchone()[0]
+        total = self.conn.execute(f"SELECT count(*) FROM users u {where}", (like, like)).fetchone()[
+            0
+        ]
         rows = self._rows(
             f"""SELECT u.id, u.username, u.email, u.role,
                        (SELECT count(*) FROM chat_sessions s WHERE s.user_id = u.id)
@@ -359,6 +359,15 @@ class Store:
         )
         return rows, total
 
+    def recent_messages(self, session_id: str, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` messages, oldest first (one indexed query, not the whole session)."""
+        rows = self._rows(
+            "SELECT role, content FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+            (session_id, n),
+        )
+        rows.reverse()
+        return rows
+
     def message_by_stream(self, streaming_session_id: str) -> dict[str, Any] | None:
         return self._one(
             "SELECT * FROM messages WHERE streaming_session_id = ? AND role = 'assistant'",
@@ -391,4 +400,3 @@ class Store:
             "WHERE status = 'streaming'"
         )
         return cur.rowcount
-

@@ -283,24 +283,33 @@ class StreamRun:
                 "credits_charged": charged,
                 "finish_reason": finish_reason,
             }
-            hub.telemetry.record_call(CallRecord(
-                streaming_session_id=self.stream_id,
-                user_id=self.user_id,
-                model_id=self.model.id,
-                provider=hub.provider.name if hub.provider else "",
-                retries=retries,
-                ttft_ms=None if self.first_token_at is None
-                else (self.first_token_at - self._t0) * 1000,
-                total_ms=(trio.current_time() - self._t0) * 1000,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                credits_charged=charged,
-                finish_reason=finish_reason,
-                error_code=error.error_code if error else None,
-            ))
+            hub.telemetry.record_call(
+                CallRecord(
+                    streaming_session_id=self.stream_id,
+                    user_id=self.user_id,
+                    model_id=self.model.id,
+                    provider=hub.provider.name if hub.provider else "",
+                    retries=retries,
+                    ttft_ms=None
+                    if self.first_token_at is None
+                    else (self.first_token_at - self._t0) * 1000,
+                    total_ms=(trio.current_time() - self._t0) * 1000,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    credits_charged=charged,
+                    finish_reason=finish_reason,
+                    error_code=error.error_code if error else None,
+                )
+            )
             self.outcome = Outcome(
-                self.user_message, self.assistant_message, input_tokens, output_tokens,
-                charged, finish_reason, retries, error,
+                self.user_message,
+                self.assistant_message,
+                input_tokens,
+                output_tokens,
+                charged,
+                finish_reason,
+                retries,
+                error,
             )
             if error is None and finish_reason == "shutdown":
                 error = ServerShutdown()
@@ -401,18 +410,29 @@ class StreamHub:
         written for a refused call.
         """
         if self._nursery is None or self.provider is None or not self.accepting:
-            raise ApiError("The server is starting or stopping.", status=503,
-                           error_code="SERVER_BUSY", headers={"Retry-After": "1"})
+            raise ApiError(
+                "The server is starting or stopping.",
+                status=503,
+                error_code="SERVER_BUSY",
+                headers={"Retry-After": "1"},
+            )
         session_id = session["id"]
         if session_id in self._by_session:
-            raise Conflict("A stream is already active on this chat session.",
-                           error_code="STREAM_ALREADY_ACTIVE")
+            raise Conflict(
+                "A stream is already active on this chat session.",
+                error_code="STREAM_ALREADY_ACTIVE",
+            )
         if self._per_user.get(who.user_id, 0) >= self.settings.max_streams_per_user:
-            raise TooMany("Too many concurrent streams for this user.",
-                          error_code="TOO_MANY_STREAMS")
+            raise TooMany(
+                "Too many concurrent streams for this user.", error_code="TOO_MANY_STREAMS"
+            )
         if len(self._by_session) >= self.settings.max_streams:
-            raise ApiError("The server is at capacity, please retry shortly.", status=503,
-                           error_code="SERVER_BUSY", headers={"Retry-After": "1"})
+            raise ApiError(
+                "The server is at capacity, please retry shortly.",
+                status=503,
+                error_code="SERVER_BUSY",
+                headers={"Retry-After": "1"},
+            )
 
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens)
         request = ModelRequest(
@@ -436,17 +456,29 @@ class StreamHub:
                 session_id, who.user_id, role="user", content=text, model_id=model.id
             )
             assistant_msg = self.store.add_message(
-                session_id, who.user_id, role="assistant", content="", model_id=model.id,
-                status="streaming", streaming_session_id=stream_id,
+                session_id,
+                who.user_id,
+                role="assistant",
+                content="",
+                model_id=model.id,
+                status="streaming",
+                streaming_session_id=stream_id,
             )
             stream = self.observations.open_stream(stream_id, group=session_id)
         except BaseException:
             self.ledger.release(reservation.id)
             raise
         run = StreamRun(
-            self, principal=who, session_id=session_id, model=model, request=request,
-            reservation=reservation, user_message=user_msg, assistant_message=assistant_msg,
-            stream=stream, streaming=streaming,
+            self,
+            principal=who,
+            session_id=session_id,
+            model=model,
+            request=request,
+            reservation=reservation,
+            user_message=user_msg,
+            assistant_message=assistant_msg,
+            stream=stream,
+            streaming=streaming,
         )
         self._by_session[session_id] = run
         self._by_stream[stream_id] = run
@@ -456,9 +488,8 @@ class StreamHub:
 
     def _history(self, session_id: str, text: str) -> tuple[ChatTurn, ...]:
         """Earlier turns (newest HISTORY_TURNS) plus this one, alternating, user first."""
-        rows, total = self.store.list_messages(session_id)
         turns: list[ChatTurn] = []
-        for row in rows[-HISTORY_TURNS:]:
+        for row in self.store.recent_messages(session_id, HISTORY_TURNS):
             if not row["content"] or row["role"] not in ("user", "assistant"):
                 continue
             if turns and turns[-1].role == row["role"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +100,7 @@ class Telemetry:
         }
         self.store.add_telemetry("model_call", json.dumps(payload, separators=(",", ":")))
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+    def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
         out: list[str] = []
 
@@ -108,29 +109,56 @@ class Telemetry:
 
         for name, (help_, value) in gauges.items():
             metric(name, "gauge", help_, [f"{name} {value:g}"])
-        metric("chinwag_model_calls_total", "counter", "Model calls by finish reason.",
-               [f'chinwag_model_calls_total{{finish_reason="{k}"}} {v}'
-                for k, v in sorted(self.calls.items())])
-        metric("chinwag_stream_errors_total", "counter", "Failed model calls by error code.",
-               [f'chinwag_stream_errors_total{{code="{k}"}} {v}'
-                for k, v in sorted(self.errors.items())])
-        metric("chinwag_tokens_total", "counter", "Tokens by direction.",
-               [f'chinwag_tokens_total{{direction="{k}"}} {v}'
-                for k, v in sorted(self.tokens.items())])
-        metric("chinwag_upstream_retries_total", "counter",
-               "Upstream retries before the first token.", [f"chinwag_upstream_retries_total {self.retries}"])
-        metric("chinwag_credits_charged_total", "counter", "Credits charged.",
-               [f"chinwag_credits_charged_total {self.credits_charged}"])
-        metric("chinwag_ttft_seconds", "histogram", "Time to first token.",
-               self.ttft.render("chinwag_ttft_seconds"))
+        metric(
+            "chinwag_model_calls_total",
+            "counter",
+            "Model calls by finish reason.",
+            [
+                f'chinwag_model_calls_total{{finish_reason="{k}"}} {v}'
+                for k, v in sorted(self.calls.items())
+            ],
+        )
+        metric(
+            "chinwag_stream_errors_total",
+            "counter",
+            "Failed model calls by error code.",
+            [
+                f'chinwag_stream_errors_total{{code="{k}"}} {v}'
+                for k, v in sorted(self.errors.items())
+            ],
+        )
+        metric(
+            "chinwag_tokens_total",
+            "counter",
+            "Tokens by direction.",
+            [
+                f'chinwag_tokens_total{{direction="{k}"}} {v}'
+                for k, v in sorted(self.tokens.items())
+            ],
+        )
+        metric(
+            "chinwag_upstream_retries_total",
+            "counter",
+            "Upstream retries before the first token.",
+            [f"chinwag_upstream_retries_total {self.retries}"],
+        )
+        metric(
+            "chinwag_credits_charged_total",
+            "counter",
+            "Credits charged.",
+            [f"chinwag_credits_charged_total {self.credits_charged}"],
+        )
+        metric(
+            "chinwag_ttft_seconds",
+            "histogram",
+            "Time to first token.",
+            self.ttft.render("chinwag_ttft_seconds"),
+        )
         return "\n".join(out) + "\n"
 
 
 def telemetry_rows(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return [
         {**row, "payload": json.loads(row["payload"])}
-        for row in store._rows(
-            "SELECT * FROM telemetry_events ORDER BY id DESC LIMIT ?", (limit,)
-        )
+        for row in store._rows("SELECT * FROM telemetry_events ORDER BY id DESC LIMIT ?", (limit,))
     ]
-

@@ -56,7 +56,7 @@ def string(
         raise ValidationError(f"'{name}' must not be blank.", details=[{"field": name}])
     if len(value) < min_len or (max_len is not None and len(value) > max_len):
         raise ValidationError(
-            f"'{name}' must be {min_len}–{max_len} characters.", details=[{"field": name}]
+            f"'{name}' must be {min_len} to {max_len} characters.", details=[{"field": name}]
         )
     return value
 
@@ -83,9 +83,7 @@ def integer(
     return value
 
 
-def number(
-    body: Mapping[str, Any], name: str, *, minimum: float, maximum: float
-) -> float | None:
+def number(body: Mapping[str, Any], name: str, *, minimum: float, maximum: float) -> float | None:
     value = body.get(name)
     if value is None:
         return None

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-import trio_asyncio
-from botocore.retries.standard import ExponentialBackoff
 import pytest
 import trio
+import trio_asyncio
+from botocore.retries.standard import ExponentialBackoff
 from hypercorn.trio import serve
 
 from server.app import create_app

@@ -24,7 +24,7 @@ class Msg:
         return json.dumps(self.data)
 
 
-class messages:  # noqa: N801 - used like a function: ``async for m in messages(r)``
+class messages:
     """Parse an httpx streaming response into :class:`Msg` blocks, as they arrive.
 
     A class, not an async generator, so a test may stop reading at any point

@@ -422,7 +422,7 @@ class FakeBedrock:
         try:
             body = json.loads(req.body) if req.body else {}
             if key == ("POST", "/_fake/faults"):
-                self.push_fault(body.get("fault"), body.get("count", 1))
+                self.push_fault(str(body.get("fault")), body.get("count", 1))
             elif key == ("DELETE", "/_fake/faults"):
                 self.clear_faults()
             elif key == ("PUT", "/_fake/settings"):

@@ -10,7 +10,7 @@ purpose so clients can test their error, heartbeat and disconnect handling.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
@@ -30,12 +30,61 @@ from .base import (
 
 SCENARIOS = frozenset({"timeout", "rate_limit", "server_error", "slow", "hang", "drop_midway"})
 
-_WORDS = (
-    "the stream of tokens arrives in order and every chunk carries a small piece of the "
-    "answer while the server keeps the connection alive with heartbeats so that proxies "
-    "and clients know it is still working on a careful reply about systems design cancellation "
-    "structured concurrency ledgers credits observers history replay latency throughput"
-).split()
+_WORDS = [
+    "the",
+    "stream",
+    "of",
+    "tokens",
+    "arrives",
+    "in",
+    "order",
+    "and",
+    "every",
+    "chunk",
+    "carries",
+    "a",
+    "small",
+    "piece",
+    "of",
+    "the",
+    "answer",
+    "while",
+    "the",
+    "server",
+    "keeps",
+    "the",
+    "connection",
+    "alive",
+    "with",
+    "heartbeats",
+    "so",
+    "that",
+    "proxies",
+    "and",
+    "clients",
+    "know",
+    "it",
+    "is",
+    "still",
+    "working",
+    "on",
+    "a",
+    "careful",
+    "reply",
+    "about",
+    "systems",
+    "design",
+    "cancellation",
+    "structured",
+    "concurrency",
+    "ledgers",
+    "credits",
+    "observers",
+    "history",
+    "replay",
+    "latency",
+    "throughput",
+]
 
 
 def simulated_text(prompt: str, n_tokens: int) -> list[str]:
@@ -66,7 +115,7 @@ class SimulatedProvider:
         finally:
             await events.aclose()
 
-    async def _events(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+    async def _events(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
         scenario = request.scenario
         prompt = "\n".join(t.text for t in request.messages)
         input_tokens = estimate_tokens(prompt) + estimate_tokens(request.system or "")

@@ -22,7 +22,8 @@ async def login() -> dict[str, Any]:
     body = await json_body()
     username = string(body, "username", required=True, max_len=100)
     password = string(body, "password", required=True, max_len=1000)
-    assert username is not None and password is not None
+    assert username is not None
+    assert password is not None
     # Brute-force bound: the same limiter, keyed by client address.
     wait = svc.limiter.take(f"login:{request.remote_addr}")
     if wait:
@@ -32,7 +33,9 @@ async def login() -> dict[str, Any]:
     stored = user["password_hash"] if user else DUMMY_HASH
     ok = await trio.to_thread.run_sync(verify_password, password, stored)
     if user is None or not ok:
-        raise ApiError("Invalid username or password.", status=401, error_code="INVALID_CREDENTIALS")
+        raise ApiError(
+            "Invalid username or password.", status=401, error_code="INVALID_CREDENTIALS"
+        )
     token = svc.tokens.mint(user["id"], user["username"], user["role"])
     return {
         "accessToken": token,
@@ -49,4 +52,9 @@ async def me() -> dict[str, Any]:
     if user is None:  # external-IdP token for a user we do not store
         who = principal()
         return {"id": who.user_id, "username": who.username, "email": None, "role": who.role}
-    return {"id": user["id"], "username": user["username"], "email": user["email"], "role": user["role"]}
+    return {
+        "id": user["id"],
+        "username": user["username"],
+        "email": user["email"],
+        "role": user["role"],
+    }

@@ -24,7 +24,9 @@ def owned_session(session_id: str) -> dict[str, Any]:
     return row
 
 
-def message_text(body: dict[str, Any], name: str = "message", *, required: bool = True) -> str | None:
+def message_text(
+    body: dict[str, Any], name: str = "message", *, required: bool = True
+) -> str | None:
     return string(body, name, required=required, min_len=1, max_len=MESSAGE_MAX, not_blank=True)
 
 
@@ -45,11 +47,13 @@ async def create_session() -> tuple[dict[str, Any], int]:
         who.user_id, session_id=chosen, title=title, model_id=model.id, source=source
     )
     if row is None:
-        raise ApiError("A session with this id already exists.", status=409,
-                       error_code="SESSION_EXISTS")
+        raise ApiError(
+            "A session with this id already exists.", status=409, error_code="SESSION_EXISTS"
+        )
     if initial:
-        svc.store.add_message(row["id"], who.user_id, role="user", content=initial,
-                              model_id=model.id)
+        svc.store.add_message(
+            row["id"], who.user_id, role="user", content=initial, model_id=model.id
+        )
     return camel_session(row), 201
 
 

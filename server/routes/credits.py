@@ -19,8 +19,12 @@ DEFAULT_CHECK_TOKENS = 1000
 
 
 def balance_body(b: ledger.Balance) -> dict[str, Any]:
-    return {"userId": b.account_id, "balance": b.balance, "reserved": b.reserved,
-            "available": b.available}
+    return {
+        "userId": b.account_id,
+        "balance": b.balance,
+        "reserved": b.reserved,
+        "available": b.available,
+    }
 
 
 def _account(user_id: str) -> str:
@@ -83,9 +87,17 @@ async def usage() -> dict[str, Any]:
     page, limit, window = pagination()
     entries, total = services().ledger.entries(user_id, offset=window.offset, limit=window.limit)
     items = [
-        {"id": e.id, "kind": e.kind, "amount": e.amount, "modelId": e.model_id,
-         "streamingSessionId": e.streaming_session_id, "reason": e.reason,
-         "inputTokens": e.input_tokens, "outputTokens": e.output_tokens, "createdAt": e.created_at}
+        {
+            "id": e.id,
+            "kind": e.kind,
+            "amount": e.amount,
+            "modelId": e.model_id,
+            "streamingSessionId": e.streaming_session_id,
+            "reason": e.reason,
+            "inputTokens": e.input_tokens,
+            "outputTokens": e.output_tokens,
+            "createdAt": e.created_at,
+        }
         for e in entries
     ]
     return paginated("entries", items, total, page, limit)

@@ -36,11 +36,15 @@ async def metrics() -> Response:
         "chinwag_observers": ("Observers attached to streams.", obs.observers),
         "chinwag_readers": ("Ring readers attached (clients + observers).", obs.readers),
         "chinwag_streams_lingering": ("Ended streams still replayable.", obs.streams_lingering),
-        "chinwag_observer_lagged_events_total": ("Events observers were skipped past.",
-                                                 obs.lagged_total),
+        "chinwag_observer_lagged_events_total": (
+            "Events observers were skipped past.",
+            obs.lagged_total,
+        ),
         "chinwag_ledger_reservations_open": ("Open credit reservations.", book.open_reservations),
-        "chinwag_ledger_reserved_credits": ("Credits held by open reservations.",
-                                            book.reserved_credits),
+        "chinwag_ledger_reserved_credits": (
+            "Credits held by open reservations.",
+            book.reserved_credits,
+        ),
     }
     return Response(svc.telemetry.render(gauges), content_type="text/plain; version=0.0.4")
 

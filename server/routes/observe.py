@@ -9,7 +9,7 @@ bytes the client got (encoded once, at publish).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -59,8 +59,11 @@ def _find(session_id: str, wait: float | None) -> Stream | None:
         raise session_not_found()
     stream = svc.observations.latest(session_id)
     if stream is None and wait is None:
-        raise ApiError("No active streaming session found for observation", status=404,
-                       error_code="SESSION_NOT_ACTIVE")
+        raise ApiError(
+            "No active streaming session found for observation",
+            status=404,
+            error_code="SESSION_NOT_ACTIVE",
+        )
     return stream
 
 
@@ -70,7 +73,7 @@ async def observer_items(
     stream: Stream | None,
     wait: float | None,
     interval: float,
-) -> AsyncIterator[list[Item]]:
+) -> AsyncGenerator[list[Item], None]:
     """Everything an observer is told, in order, until ``done`` (or the wait runs out).
 
     ``observer`` (waiting → connected), ``history-start``, the replay,
@@ -91,9 +94,15 @@ async def observer_items(
         history_end = reader.history_end
         in_history = history_end > 0
         head: list[Item] = [
-            ("observer", {"status": "connected", "sessionId": stream.group,
-                          "streamingSessionId": stream.stream_id,
-                          "observers": stream.observers}),
+            (
+                "observer",
+                {
+                    "status": "connected",
+                    "sessionId": stream.group,
+                    "streamingSessionId": stream.stream_id,
+                    "observers": stream.observers,
+                },
+            ),
             ("history-start", {"count": count, "fromId": from_id}),
         ]
         if not in_history:
@@ -118,18 +127,21 @@ async def observe(session_id: str) -> Response:
     svc = services()
     wait = _wait_seconds(request.args)
     stream = _find(session_id, wait)
-    items = observer_items(svc.observations, session_id, stream, wait,
-                           svc.settings.sse_heartbeat_ms / 1000)
+    items = observer_items(
+        svc.observations, session_id, stream, wait, svc.settings.sse_heartbeat_ms / 1000
+    )
     return sse_response(_as_sse(items))
 
 
-async def _as_sse(items: AsyncIterator[list[Item]]) -> AsyncIterator[bytes]:
+async def _as_sse(items: AsyncGenerator[list[Item], None]) -> AsyncIterator[bytes]:
     yield b": connected\n\n"
-    async with aclosing(items) as groups:  # type: ignore[type-var]
+    async with aclosing(items) as groups:
         async for group in groups:
             yield b"".join(
-                heartbeat() if item is None
-                else encode_event(None, item[0], _dumps(item[1])) if isinstance(item, tuple)
+                heartbeat()
+                if item is None
+                else encode_event(None, item[0], _dumps(item[1]))
+                if isinstance(item, tuple)
                 else item.wire
                 for item in group
             )
@@ -145,14 +157,16 @@ async def observe_ws(session_id: str) -> None:
     """
     svc = services()
     token = websocket.args.get("token")
-    authenticate("supervisor", websocket.headers.get("Authorization")
-                 or (f"Bearer {token}" if token else ""))
+    authenticate(
+        "supervisor", websocket.headers.get("Authorization") or (f"Bearer {token}" if token else "")
+    )
     wait = _wait_seconds(websocket.args)
     stream = _find(session_id, wait)
     await websocket.accept()
-    items = observer_items(svc.observations, session_id, stream, wait,
-                           svc.settings.sse_heartbeat_ms / 1000)
-    async with aclosing(items) as groups:  # type: ignore[type-var]
+    items = observer_items(
+        svc.observations, session_id, stream, wait, svc.settings.sse_heartbeat_ms / 1000
+    )
+    async with aclosing(items) as groups:
         async for group in groups:
             for item in group:
                 for frame in _ws_frames(item):
@@ -175,15 +189,18 @@ def _ws_frames(item: Item) -> list[str]:
 @authenticated("supervisor")
 async def active_streams() -> dict[str, Any]:
     svc = services()
-    return {"streams": [
-        {
-            "sessionId": run.session_id,
-            "streamingSessionId": run.stream_id,
-            "userId": run.user_id,
-            "modelId": run.model.id,
-            "startedAt": datetime.fromtimestamp(run.started_at, UTC)
-            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "observers": run.stream.observers,
-        }
-        for run in svc.hub.live()
-    ]}
+    return {
+        "streams": [
+            {
+                "sessionId": run.session_id,
+                "streamingSessionId": run.stream_id,
+                "userId": run.user_id,
+                "modelId": run.model.id,
+                "startedAt": datetime.fromtimestamp(run.started_at, UTC)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z"),
+                "observers": run.stream.observers,
+            }
+            for run in svc.hub.live()
+        ]
+    }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import Any
+
 import trio
 from quart import Blueprint, Response, request
 
@@ -28,7 +30,9 @@ def _scenario() -> str | None:
     if not value:
         return None
     if value not in SCENARIOS:
-        raise ValidationError(f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}.")
+        raise ValidationError(
+            f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}."
+        )
     return value
 
 
@@ -44,8 +48,14 @@ async def start_stream(session_id: str) -> Response:
     max_tokens = integer(body, "maxTokens", minimum=1, maximum=model.max_tokens)
     temperature = number(body, "temperature", minimum=0.0, maximum=1.0)
     run = svc.hub.start(
-        principal(), session, text, model, max_tokens=max_tokens, temperature=temperature,
-        scenario=_scenario(), streaming=True,
+        principal(),
+        session,
+        text,
+        model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        scenario=_scenario(),
+        streaming=True,
     )
     return sse_response(
         client_feed(run, run.stream, after_id=0, interval=svc.settings.sse_heartbeat_ms / 1000),
@@ -77,7 +87,7 @@ async def client_feed(
             run.detach()
 
 
-async def paced(reader: Reader, interval: float) -> AsyncIterator[Batch | None]:
+async def paced(reader: Reader, interval: float) -> AsyncGenerator[Batch | None, None]:
     """The reader's batches, and ``None`` whenever a heartbeat is due.
 
     Heartbeats keep a fixed period (every ``interval`` seconds) whether or not
@@ -115,15 +125,19 @@ async def resume_stream(session_id: str) -> Response:
     after = _last_event_id()
     stream = svc.observations.get(stream_id) if stream_id else None
     if stream is None or stream.group != session_id:
-        raise NotFound("Streaming session not found or no longer buffered.",
-                       error_code="STREAM_NOT_FOUND")
+        raise NotFound(
+            "Streaming session not found or no longer buffered.", error_code="STREAM_NOT_FOUND"
+        )
     if stream.primary_attached:
-        raise Conflict("This stream already has a connected client.",
-                       error_code="STREAM_ALREADY_ACTIVE")
+        raise Conflict(
+            "This stream already has a connected client.", error_code="STREAM_ALREADY_ACTIVE"
+        )
     run = svc.hub.for_stream(stream_id)
     interval = svc.settings.sse_heartbeat_ms / 1000
-    return sse_response(client_feed(run, stream, after_id=after, interval=interval),
-                        {"X-Streaming-Session-Id": stream_id})
+    return sse_response(
+        client_feed(run, stream, after_id=after, interval=interval),
+        {"X-Streaming-Session-Id": stream_id},
+    )
 
 
 @bp.post("/api/chat/sessions/<session_id>/update-stream")
@@ -136,12 +150,14 @@ async def update_stream(session_id: str) -> dict[str, Any]:
     stream_id = body.get("streamingSessionId")
     string(body, "completeResponse", max_len=1_000_000)
     integer(body, "tokensUsed", minimum=0, maximum=2**31)
-    message = svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None
+    message = (
+        svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None
+    )
     if message is None or message["session_id"] != session_id:
-        raise ApiError("Streaming session ID mismatch", status=400,
-                       error_code="STREAMING_SESSION_MISMATCH")
+        raise ApiError(
+            "Streaming session ID mismatch", status=400, error_code="STREAMING_SESSION_MISMATCH"
+        )
     if message["status"] == "streaming":
         raise Conflict("The stream is still in progress.", error_code="STREAM_IN_PROGRESS")
     out = camel_message(message)
     return {"message": out}
-

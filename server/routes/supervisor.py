@@ -21,8 +21,13 @@ async def search_users() -> dict[str, Any]:
     page, limit, window = pagination()
     rows, total = services().store.search_users(q, window)
     users = [
-        {"id": r["id"], "username": r["username"], "email": r["email"], "role": r["role"],
-         "sessionCount": r["session_count"]}
+        {
+            "id": r["id"],
+            "username": r["username"],
+            "email": r["email"],
+            "role": r["role"],
+            "sessionCount": r["session_count"],
+        }
         for r in rows
     ]
     return paginated("users", users, total, page, limit)

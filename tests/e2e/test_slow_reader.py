@@ -46,5 +46,5 @@ async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
         # The kernel frees the pinned connection too (TCP_USER_TIMEOUT): the ring has
         # no reader left. The kernel gives no event to await, so poll, bounded.
         with trio.fail_after(10):
-            while live.harness.svc.observations.statistics().readers:
+            while live.harness.svc.observations.statistics().readers:  # noqa: ASYNC110
                 await trio.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -123,7 +124,7 @@ async def test_heartbeats_at_the_configured_interval_while_waiting(live_factory,
                 beats.append((msg.at, int(msg.comment.split()[1])))
                 if len(beats) == 4:
                     break
-    gaps = [b[0] - a[0] for a, b in zip(beats, beats[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(beats)]
     assert all(0.05 < g < 0.5 for g in gaps), gaps
     assert all(abs(ms / 1000 - time.time()) < 60 for _, ms in beats)  # epoch milliseconds
 

@@ -1,4 +1,4 @@
-"""Login, /me, and every way a token can be bad (SPEC §2–§3)."""
+"""Login, /me, and every way a token can be bad (SPEC §2, §3)."""
 
 from __future__ import annotations
 
