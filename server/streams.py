@@ -210,9 +210,16 @@ class StreamRun:
             error, finish = InternalFailure(repr(exc)), "error"
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
-                await self._finish(
-                    "".join(parts), len(parts), usage, finish or self.cancel_reason, error, retries
-                )
+                try:
+                    await self._finish(
+                        "".join(parts), len(parts), usage, finish or self.cancel_reason,
+                        error, retries,
+                    )
+                except Exception:
+                    # Never let one stream's ending take the hub (and every stream) down.
+                    # What could not be settled stays reserved until the next start-up
+                    # releases it; the message stays "streaming" until then too.
+                    log.exception("stream %s: could not persist/settle", self.stream_id)
 
     async def _publish(self, name: str, data: str) -> None:
         """Publish, waiting for a client that is a whole ring behind — but not forever.

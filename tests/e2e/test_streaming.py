@@ -261,3 +261,28 @@ async def test_hang_scenario_keeps_heartbeating_until_the_client_leaves(live_fac
     msg = live.harness.svc.store.message_by_stream(stream_id)
     assert msg["status"] == "interrupted" and msg["credits_charged"] == 0
     assert live.harness.svc.ledger.balance(alice["id"]).balance == 10_000
+
+
+async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeypatch):
+    alice = live.harness.user(credits=10_000)
+    sid1, sid2 = await new_session(live, alice), await new_session(live, alice)
+    book = live.harness.svc.ledger
+    real_settle = book.settle
+
+    def broken_settle(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(book, "settle", broken_settle)
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid1}/stream",
+                                json={"message": "one"}, headers=alice["headers"]) as r:
+        rest = [m async for m in messages(r)]  # the stream closes, without a done
+    assert not any(m.event == "done" for m in rest)
+    monkeypatch.setattr(book, "settle", real_settle)
+    # The hub (and the server) still serve.
+    async with live.http.stream("POST", f"/api/chat/sessions/{sid2}/stream",
+                                json={"message": "two"}, headers=alice["headers"]) as r:
+        evs = events(await collect(r))
+    assert evs[-1].data["finishReason"] == "stop"
+    # The broken one's reservation is what start-up recovery releases.
+    assert len(book.open_reservations(alice["id"])) == 1
+    assert book.recover() == 1 and book.verify() == []
