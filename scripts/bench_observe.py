@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_observe.py --quick          # CI: tiny sizes, < 30 s
     .venv/bin/python scripts/bench_observe.py [--json out.json] [--observers 10,100,1000]
         [--tokens 500] [--rate 50] [--replays 20] [--late-joins 5]
-        [--mem-streams 200] [--mem-tokens 400] [--open-window 64]
+        [--mem-streams 200] [--mem-tokens 300] [--mem-rate 25] [--open-window 64]
 
 The script starts ``python -m server.cli serve`` itself (``CHINWAG_PORT=0``, a
 temporary ``CHINWAG_DB``, ``CHINWAG_RATE_LIMIT=1000000``,
@@ -397,7 +397,7 @@ class Conn:
         "history", "history_end", "label", "lagged", "next_id", "reads", "sock", "status",
         "t_connected", "t_headers", "t_history_end", "t_sent", "t_start", "t_waiting",
         "times", "waiting", "watch", "_body_ended", "_chunked", "_crlf", "_head", "_left",
-        "_sizeline", "_sse", "connected_info", "events", "deferred", "raw", "_tail",
+        "_sizeline", "_sse", "connected_info", "events", "deferred", "raw", "_tail", "writes",
     )
 
     def __init__(self, label: str, capacity: int, deferred: bool = False) -> None:
@@ -416,6 +416,7 @@ class Conn:
         self.next_id: int | None = None
         self.events = 0
         self.reads = 0  # recv calls that carried body bytes
+        self.writes = 0  # HTTP chunks received: the server writes one per wake-up
         self.done_id: int | None = None
         self.finish_reason: str | None = None
         self.errors: list[str] = []
@@ -531,6 +532,7 @@ class Conn:
                     self._body_ended = True
                     break
                 pos = eol + 2
+                self.writes += 1
                 if size == 0:
                     self._body_ended = True  # (a trailer CRLF follows; not read)
                     break
@@ -866,6 +868,11 @@ async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mod
     joins = [o.t_history_end - o.t_start for o in observers if o.t_history_end == o.t_history_end]
     attach = [o.t_history_end - client.t_sent for o in observers
               if o.t_history_end == o.t_history_end]
+    obs_writes = sum(o.writes for o in observers)
+    server_writes = obs_writes + client.writes
+    ct1 = ct[1] if len(ct) > 1 else NAN
+    ctn = ct[tokens] if len(ct) > tokens else NAN
+    stream_s = ctn - ct1
     live_events = sum(o.events - (o.history_end or 0) for o in observers if o.done_id)
     live_reads = sum(o.reads for o in observers if o.done_id)
     out.update({
@@ -874,6 +881,16 @@ async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mod
         "clientLatenessP99Ms": ms(pct(late, 99)),
         "clientLatenessMaxMs": ms(max(late)) if late else NAN,
         "clientChunks": client.events - (1 if client.done_id else 0),
+        # How long the client's chunks took (first → last) against the paced schedule:
+        # a server too busy to run the producer stretches the stream.
+        "clientStreamS": round(stream_s, 3),
+        "clientStreamNominalS": round((tokens - 1) / rate, 3),
+        "clientEffectiveRate": round((tokens - 1) / stream_s, 1) if stream_s > 0 else None,
+        "observerWrites": obs_writes,
+        "eventsPerObserverWrite": round(sum(o.events for o in observers) / obs_writes, 2)
+        if obs_writes else None,
+        "serverCpuUsPerWrite": round(1e6 * cpu["serverCpuS"] / server_writes, 1)
+        if server_writes else None,
         "lagSamples": len(lags),
         "lagP50Ms": ms(pct(lags, 50)),
         "lagP99Ms": ms(pct(lags, 99)),
@@ -1038,7 +1055,7 @@ async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: in
     warm = await bench_fanout(port, pid, user, sup, 1, "wait", min(tokens, 20), rate, window)
     if warm["failures"]:
         failures.append(f"warm-up: {warm['failureSamples'][:2]}")
-    await trio.sleep(buffer_ms / 1000 + 1.0)
+    await trio.sleep(buffer_ms / 1000 + 0.5)
     idle = proc_sample(pid)
 
     sids = await create_sessions(port, user, k)
@@ -1086,7 +1103,7 @@ async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: in
                                 tokens / rate + 60)
             t_end = time.perf_counter()
             ended = proc_sample(pid)
-            await trio.sleep(buffer_ms / 1000 + 1.0)
+            await trio.sleep(buffer_ms / 1000 + 0.5)
             after = proc_sample(pid)
             nursery.cancel_scope.cancel()
     finally:
@@ -1210,6 +1227,11 @@ def report(results: dict[str, Any]) -> None:
             note += f" [{verdict(ratio, t['clientP99Ratio'])}]"
         rows.append(("  client late p50/p99",
                      f"{fmt(r['clientLatenessP50Ms'])} / {fmt(r['clientLatenessP99Ms'])} ms", note))
+        rows.append(("  client stream / writes",
+                     f"{fmt(r['clientStreamS'])} s for {fmt(r['clientStreamNominalS'])} s",
+                     f"effective {fmt(r['clientEffectiveRate'])} chunks/s; {fmt(r['observerWrites'])} "
+                     f"observer writes, {fmt(r['eventsPerObserverWrite'])} events/write, "
+                     f"{fmt(r['serverCpuUsPerWrite'])} us server CPU/write"))
         rows.append(("  cpu / rss", f"srv {fmt(c['serverCpuPct'])}% loadgen {fmt(c['loadgenCpuPct'])}%",
                      f"server RSS peak {fmt(r['rssPeakKb'])} KB; failures {r['failures']} "
                      f"{'; '.join(r['failureSamples'][:2])}"))
@@ -1283,16 +1305,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replays", type=int, default=20, help="replays of an ended stream")
     p.add_argument("--mem-streams", type=int, default=200)
     p.add_argument("--mem-observers", type=int, default=1, help="observers per stream")
-    p.add_argument("--mem-tokens", type=int, default=400)
+    p.add_argument("--mem-tokens", type=int, default=300)
+    p.add_argument("--mem-rate", type=float, default=25.0, help="chunks/s of each memory stream")
     p.add_argument("--buffer-ms", type=int, default=2000, help="CHINWAG_STREAM_BUFFER_MS (memory)")
     p.add_argument("--only", default="fanout,replay,memory",
                    help="comma-separated subset of: fanout,replay,memory")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
     args = p.parse_args(argv)
     if args.quick:
-        args.observers, args.tokens = "5", 100
+        args.observers, args.tokens = "5", 60
         args.late_joins, args.replays = 1, 1
-        args.mem_streams, args.mem_tokens = 5, 100
+        args.mem_streams, args.mem_tokens, args.mem_rate, args.buffer_ms = 5, 60, 50.0, 500
     levels = [int(x) for x in args.observers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     only = {x.strip() for x in args.only.split(",")}
@@ -1324,7 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.tokens, args.rate, args.open_window)
 
                 print(f"[1] fan-out: {args.tokens} chunks at {args.rate:g}/s; warm-up", flush=True)
-                fan(min(2, max(levels, default=2)), "join")  # warm-up (imports, first JWT, DB)
+                if not args.quick:  # warm-up (imports, first JWT, DB)
+                    fan(min(2, max(levels, default=2)), "join")
                 results["baseline"] = []
                 print("    0 observers (baseline)", flush=True)
                 results["baseline"].append({**fan(0, "none"), "label": "before"})
@@ -1347,7 +1371,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 print(f"[2] late join at {args.ring:,} chunks of {replay_tokens:,} (2000/s) "
                       f"x {args.late_joins}", flush=True)
-                trio.run(bench_late_join, srv.port, srv.pid, user, sup, 200, 1, 100)  # warm-up
+                if not args.quick:  # warm-up
+                    trio.run(bench_late_join, srv.port, srv.pid, user, sup, 200, 1, 100)
                 results["lateJoin"] = trio.run(bench_late_join, srv.port, srv.pid, user, sup,
                                                replay_tokens, args.late_joins, args.ring)
                 print(f"    replay of an ended {args.ring:,}-chunk stream x {args.replays}",
@@ -1358,16 +1383,16 @@ def main(argv: list[str] | None = None) -> int:
                 srv.stop()
         if "memory" in only:
             srv = Server(env, "serve-memory", {
-                "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
+                "CHINWAG_SIM_TOKENS_PER_S": f"{args.mem_rate:g}",
                 "CHINWAG_SIM_ANSWER_TOKENS": str(args.mem_tokens),
                 "CHINWAG_STREAM_BUFFER_MS": str(args.buffer_ms),
             })
             try:
                 print(f"[3] memory: {args.mem_streams} streams x {args.mem_observers} observers, "
-                      f"{args.mem_tokens} chunks at {args.rate:g}/s", flush=True)
+                      f"{args.mem_tokens} chunks at {args.mem_rate:g}/s", flush=True)
                 results["memory"] = trio.run(
                     bench_memory, srv.port, srv.pid, user, sup, args.mem_streams,
-                    args.mem_observers, args.mem_tokens, args.rate, args.buffer_ms,
+                    args.mem_observers, args.mem_tokens, args.mem_rate, args.buffer_ms,
                     args.open_window)
             finally:
                 srv.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import httpx
 import pytest
 import trio
 
@@ -286,3 +287,41 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     # The broken one's reservation is what start-up recovery releases.
     assert len(book.open_reservations(alice["id"])) == 1
     assert book.recover() == 1 and book.verify() == []
+
+
+async def test_stream_caps_per_user_and_per_process(live_factory, settings):
+    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000,
+                                            max_streams_per_user=2, max_streams=3))
+    alice, bob = live.harness.user(credits=10_000), live.harness.user(credits=10_000)
+    sessions = {u["id"]: [await new_session(live, u) for _ in range(3)] for u in (alice, bob)}
+    limits = httpx.Limits(max_connections=20)
+    async with httpx.AsyncClient(base_url=live.url, timeout=10, limits=limits) as http:
+        held = []
+
+        async def open_stream(user: dict, sid: str) -> int:
+            cm = http.stream("POST", f"/api/chat/sessions/{sid}/stream",
+                             json={"message": "hold"}, headers=user["headers"])
+            r = await cm.__aenter__()
+            if r.status_code == 200:
+                feed = messages(r)
+                await feed.__anext__()
+                held.append((cm, feed))
+            else:
+                await r.aread()
+                await cm.__aexit__(None, None, None)
+            return r.status_code, (r.json() if r.status_code != 200 else None), r.headers
+
+        try:
+            assert (await open_stream(alice, sessions[alice["id"]][0]))[0] == 200
+            assert (await open_stream(alice, sessions[alice["id"]][1]))[0] == 200
+            status, body, _ = await open_stream(alice, sessions[alice["id"]][2])
+            assert status == 429 and body["errorCode"] == "TOO_MANY_STREAMS"
+            assert (await open_stream(bob, sessions[bob["id"]][0]))[0] == 200
+            status, body, headers = await open_stream(bob, sessions[bob["id"]][1])
+            assert status == 503 and body["errorCode"] == "SERVER_BUSY"
+            assert int(headers["retry-after"]) >= 1
+            # Refused requests reserved nothing.
+            assert live.harness.svc.ledger.balance(alice["id"]).reserved == 2 * 5
+        finally:
+            for cm, _feed in held:
+                await cm.__aexit__(None, None, None)
