@@ -18,17 +18,17 @@ session), and measures (SPEC §6):
 
    * ``wait``: the N observers connect with ``?wait=30`` *before* the stream
      starts (each gets ``observer {"status":"waiting"}``), then the client
-     POSTs. Reported: attach (client request sent → the observer's
+     POSTs. Reported: attach (client request sent -> the observer's
      ``history-end``).
    * ``join``: the client POSTs; once it has its first chunk the N observers
      connect at once (at most ``--open-window`` handshakes in flight: the
-     listen backlog is 100). Reported: join (connect → ``history-end``
+     listen backlog is 100). Reported: join (connect -> ``history-end``
      received), p50/p99, and the time until all have joined.
 
    In both: each observer's delivery lag per live event (observer receive
-   time − the client's receive time of the same event id, events after the
-   observer's ``history-end``; p50/p99/max over all observers × events), the
-   client's own lateness (receive time − first-chunk receive time − k/rate)
+   time - the client's receive time of the same event id, events after the
+   observer's ``history-end``; p50/p99/max over all observers x events), the
+   client's own lateness (receive time - first-chunk receive time - k/rate)
    compared with a 0-observer run of the same stream (run before and after
    the observer runs), and every observer is checked: HTTP 200, ids 1..done
    consecutive (no gap, no duplicate), history-start/history-end consistent,
@@ -65,24 +65,11 @@ not released), never because of speed.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PY = ROOT / ".venv" / "bin" / "python"
-
-try:
-    import trio
-except ImportError:  # run with a python that lacks the venv: re-run under the venv's
-    if VENV_PY.exists() and Path(sys.executable).resolve() != VENV_PY.resolve():
-        os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])
-    raise
-
 import argparse
 import errno
 import json
 import math
+import os
 import re
 import resource
 import select
@@ -90,13 +77,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PY = ROOT / ".venv" / "bin" / "python"
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
 HOST = "127.0.0.1"
 ENDUSER, SUPERVISOR, PASSWORD = "obs-client", "obs-supervisor", "bench-password"
@@ -114,7 +107,10 @@ CLI_TIMEOUT_S = 60.0
 
 #: Targets (1,000 observers) and what peers measured on this machine.
 TARGETS = {
-    "lagP50Ms": 5.0, "lagP99Ms": 20.0, "joinP50Ms": 50.0, "clientP99Ratio": 1.10,
+    "lagP50Ms": 5.0,
+    "lagP99Ms": 20.0,
+    "joinP50Ms": 50.0,
+    "clientP99Ratio": 1.10,
     "replayMs": 5.0,
 }
 PEERS = "FastAPI lag p99 45 ms / join p50 653 ms; Fastify 16.7 ms / 74 ms"
@@ -129,7 +125,7 @@ def pct(values: Any, p: float) -> float:
         return NAN
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+    return float(ordered[rank - 1])
 
 
 def ms(seconds: float) -> float:
@@ -203,22 +199,28 @@ class Env:
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-        env.update({
-            "CHINWAG_DB": str(self.db),
-            "CHINWAG_HOST": HOST,
-            "CHINWAG_PORT": "0",
-            "CHINWAG_RATE_LIMIT": "1000000",
-            "CHINWAG_MAX_STREAMS_PER_USER": "100000",
-            "CHINWAG_SIM_TTFT_MS": "0",
-            "CHINWAG_SSE_HEARTBEAT_MS": "60000",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CHINWAG_DB": str(self.db),
+                "CHINWAG_HOST": HOST,
+                "CHINWAG_PORT": "0",
+                "CHINWAG_RATE_LIMIT": "1000000",
+                "CHINWAG_MAX_STREAMS_PER_USER": "100000",
+                "CHINWAG_SIM_TTFT_MS": "0",
+                "CHINWAG_SSE_HEARTBEAT_MS": "60000",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(
-            [PY, "-m", "server.cli", *args], cwd=ROOT, env=self.base_env(),
-            capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            [PY, "-m", "server.cli", *args],
+            cwd=ROOT,
+            env=self.base_env(),
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
         )
         if out.returncode != 0:
             raise SystemExit(f"chinwag {' '.join(args[:2])} failed: {out.stderr.strip()}")
@@ -246,11 +248,16 @@ class Server:
         self.settings = extra_env
         self.out_path = env.dir / f"{name}.out"
         self.err_path = env.dir / f"{name}.err"
-        self._out = open(self.out_path, "wb")
-        self._err = open(self.err_path, "wb")
+        # Open for the child's whole life; closed in stop().
+        self._out = open(self.out_path, "wb")  # noqa: SIM115
+        self._err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, "-m", "server.cli", "serve"], cwd=ROOT, env={**env.base_env(), **extra_env},
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+            [PY, "-m", "server.cli", "serve"],
+            cwd=ROOT,
+            env={**env.base_env(), **extra_env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
         )
         env.servers.append(self)
         self.port = self._wait_ready()
@@ -295,8 +302,9 @@ class Server:
 # -- plain HTTP requests (setup, /streams/active) ------------------------------------------
 
 
-def request_bytes(method: str, path: str, token: str | None, body: Any = None,
-                  close: bool = False) -> bytes:
+def request_bytes(
+    method: str, path: str, token: str | None, body: Any = None, close: bool = False
+) -> bytes:
     payload = b"" if body is None else json.dumps(body).encode()
     head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", "Accept: */*"]
     if token:
@@ -317,7 +325,7 @@ def dechunk_all(body: bytes) -> bytes:
         size = int(body[pos:eol].split(b";")[0] or b"0", 16)
         if size == 0:
             return bytes(out)
-        out += body[eol + 2: eol + 2 + size]
+        out += body[eol + 2 : eol + 2 + size]
         pos = eol + 2 + size + 2
 
 
@@ -332,17 +340,23 @@ def response_complete(raw: bytes) -> bool:
     return m is None or len(raw) - end - 4 >= int(m.group(1))
 
 
-async def http_json(port: int, method: str, path: str, token: str | None = None,
-                    body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+async def http_json(
+    port: int,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    limit_s: float = 10.0,
+) -> tuple[int, Any]:
     """One request on its own connection (``Connection: close``), read to the message end."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit_s):
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         try:
             await sock.connect((HOST, port))
             data = request_bytes(method, path, token, body, close=True)
             view = memoryview(data)
             while view:
-                view = view[await sock.send(view):]
+                view = view[await sock.send(view) :]
             raw = b""
             while not response_complete(raw):
                 chunk = await sock.recv(65536)
@@ -362,7 +376,7 @@ async def create_session(port: int, token: str, title: str) -> str:
     status, body = await http_json(port, "POST", "/api/chat/sessions", token, {"title": title})
     if status != 201:
         raise RuntimeError(f"POST /api/chat/sessions -> {status} {body}")
-    return body["sessionId"]
+    return str(body["sessionId"])
 
 
 async def create_sessions(port: int, token: str, n: int, parallel: int = 8) -> list[str]:
@@ -393,11 +407,44 @@ class Conn:
     """
 
     __slots__ = (
-        "crcs", "done_id", "errors", "finish_reason", "finished", "first_id", "gate",
-        "history", "history_end", "label", "lagged", "next_id", "reads", "sock", "status",
-        "t_connected", "t_headers", "t_history_end", "t_sent", "t_start", "t_waiting",
-        "times", "waiting", "watch", "_body_ended", "_chunked", "_crlf", "_head", "_left",
-        "_sizeline", "_sse", "connected_info", "events", "deferred", "raw", "_tail", "writes",
+        "_body_ended",
+        "_chunked",
+        "_crlf",
+        "_head",
+        "_left",
+        "_sizeline",
+        "_sse",
+        "_tail",
+        "connected_info",
+        "crcs",
+        "deferred",
+        "done_id",
+        "errors",
+        "events",
+        "finish_reason",
+        "finished",
+        "first_id",
+        "gate",
+        "head",
+        "history",
+        "history_end",
+        "label",
+        "lagged",
+        "next_id",
+        "raw",
+        "reads",
+        "sock",
+        "status",
+        "t_connected",
+        "t_headers",
+        "t_history_end",
+        "t_sent",
+        "t_start",
+        "t_waiting",
+        "times",
+        "waiting",
+        "watch",
+        "writes",
     )
 
     def __init__(self, label: str, capacity: int, deferred: bool = False) -> None:
@@ -427,7 +474,9 @@ class Conn:
         self.t_start = self.t_connected = self.t_sent = self.t_headers = NAN
         self.t_waiting = self.t_history_end = NAN
         self.finished = trio.Event()  # done + end of body, EOF, or failure
-        self.waiting = trio.Event()  # observer {"status":"waiting"} received
+        # Set when observer {"status":"waiting"} arrives (t_waiting) or the conn closes.
+        self.waiting = trio.Event()
+        self.head = trio.Event()  # set when the response head arrives or the conn closes
         self.gate: trio.Semaphore | None = None  # released when the head arrives
         self.watch: tuple[int, trio.Event] | None = None  # set when next_id > n
         self._head = b""
@@ -457,16 +506,17 @@ class Conn:
                 return False
             self._head = b""
             self.t_headers = t
+            self.head.set()
             self.release_gate()
             try:
                 self.status = int(head[: head.find(b"\r\n")].split(b" ", 2)[1])
             except (ValueError, IndexError):
                 self.status = -1
             if self.status != 200:
-                self.error(f"HTTP {self.status}: {head[end + 4: end + 204]!r}")
+                self.error(f"HTTP {self.status}: {head[end + 4 : end + 204]!r}")
                 return True
             self._chunked = b"\r\ntransfer-encoding: chunked" in head[:end].lower()
-            data = head[end + 4:]
+            data = head[end + 4 :]
             if not data:
                 return False
         if self.deferred:
@@ -510,9 +560,9 @@ class Conn:
                     self._crlf = 2
             elif self._crlf:
                 take = min(self._crlf, n - pos)
-                want = b"\r\n"[2 - self._crlf: 2 - self._crlf + take]
-                if data[pos: pos + take] != want:
-                    self.error(f"bad chunk framing: {data[pos: pos + 8]!r} for {want!r}")
+                want = b"\r\n"[2 - self._crlf : 2 - self._crlf + take]
+                if data[pos : pos + take] != want:
+                    self.error(f"bad chunk framing: {data[pos : pos + 8]!r} for {want!r}")
                     self._body_ended = True
                     break
                 self._crlf -= take
@@ -545,7 +595,7 @@ class Conn:
         if end < 0:
             self._sse = buf
             return
-        self._sse = buf[end + 2:]
+        self._sse = buf[end + 2 :]
         times, crcs = self.times, self.crcs
         for block in buf[:end].split(b"\n\n"):
             if block[:4] == b"id: ":
@@ -569,7 +619,7 @@ class Conn:
                     m = re.search(rb'"finishReason":"([a-z_]+)"', block)
                     self.finish_reason = m.group(1).decode() if m else None
                 elif block.startswith(b"event: error\n", nl + 1):
-                    self.error(f"error event: {block[nl + 1:][:200]!r}")
+                    self.error(f"error event: {block[nl + 1 :][:200]!r}")
             elif block[:1] == b":" or not block:
                 continue  # ": connected", heartbeats
             else:
@@ -598,11 +648,14 @@ class Conn:
         elif name == "history-start":
             self.history = data
         elif name == "history-end":
-            self.history_end = int(data["lastId"])
+            self.history_end = int((data or {}).get("lastId", -1))
             self.t_history_end = t
             if self.history is None:
                 self.error("history-end before history-start")
-            elif self.history["count"] and self.history_end != self.history["fromId"] + self.history["count"] - 1:
+            elif (
+                self.history["count"]
+                and self.history_end != self.history["fromId"] + self.history["count"] - 1
+            ):
                 self.error(f"history-end {data} does not match history-start {self.history}")
             last_seen = (self.next_id or 1) - 1
             if last_seen != self.history_end:
@@ -636,6 +689,8 @@ class Reactor:
             conn.sock = None
         conn.release_gate()
         conn.finished.set()
+        conn.waiting.set()
+        conn.head.set()
 
     def close_all(self) -> None:
         for conn in list(self.conns.values()):
@@ -693,14 +748,15 @@ async def send_request(reactor: Reactor, conn: Conn, sock: socket.socket, req: b
     view = memoryview(req)
     while view:
         try:
-            view = view[sock.send(view):]
+            view = view[sock.send(view) :]
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
     reactor.add(conn)
 
 
-async def open_conn(reactor: Reactor, port: int, conn: Conn, req: bytes,
-                    gate: trio.Semaphore | None = None) -> None:
+async def open_conn(
+    reactor: Reactor, port: int, conn: Conn, req: bytes, gate: trio.Semaphore | None = None
+) -> None:
     """Connect (holding a ``gate`` slot until the response head), send, register."""
     if gate is not None:
         await gate.acquire()
@@ -713,6 +769,8 @@ async def open_conn(reactor: Reactor, port: int, conn: Conn, req: bytes,
         conn.error(f"connect/send: {exc}")
         conn.release_gate()
         conn.finished.set()
+        conn.waiting.set()
+        conn.head.set()
 
 
 def observe_req(sid: str, token: str, wait: float | None) -> bytes:
@@ -721,19 +779,23 @@ def observe_req(sid: str, token: str, wait: float | None) -> bytes:
 
 
 def stream_req(sid: str, token: str, tokens: int, message: str = "Tell me a story") -> bytes:
-    return request_bytes("POST", f"/api/chat/sessions/{sid}/stream", token,
-                         {"message": message, "modelId": MODEL, "maxTokens": tokens})
+    return request_bytes(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        token,
+        {"message": message, "modelId": MODEL, "maxTokens": tokens},
+    )
 
 
-async def wait_all(conns: list[Conn], timeout: float) -> bool:
+async def wait_all(conns: list[Conn], limit_s: float) -> bool:
     """Wait until every conn finished; False on timeout (the rest are then failed)."""
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(limit_s):
         for c in conns:
             await c.finished.wait()
         return True
     for c in conns:
         if not c.finished.is_set():
-            c.error(f"timeout after {timeout:.0f} s ({c.events} events)")
+            c.error(f"timeout after {limit_s:.0f} s ({c.events} events)")
     return False
 
 
@@ -776,13 +838,16 @@ def check_observer(o: Conn, client: Conn, first: int = 1) -> list[str]:
 
 
 def lateness(c: Conn, chunks: int, rate: float) -> list[float]:
-    """Client chunk k (id k+1): receive time − first-chunk receive time − k/rate."""
+    """Client chunk k (id k+1): receive time - first-chunk receive time - k/rate."""
     t = c.times
     if chunks < 1 or math.isnan(t[1]):
         return []
     t0, step = t[1], 1 / rate
-    return [t[i] - t0 - (i - 1) * step for i in range(1, min(chunks, len(t) - 1) + 1)
-            if not math.isnan(t[i])]
+    return [
+        t[i] - t0 - (i - 1) * step
+        for i in range(1, min(chunks, len(t) - 1) + 1)
+        if not math.isnan(t[i])
+    ]
 
 
 async def sample_rss(pid: int, out: list[tuple[float, int]], every: float = 0.25) -> None:
@@ -794,8 +859,17 @@ async def sample_rss(pid: int, out: list[tuple[float, int]], every: float = 0.25
 # -- 1. fan-out: one paced stream, N observers ----------------------------------------------
 
 
-async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mode: str,
-                       tokens: int, rate: float, window: int) -> dict[str, Any]:
+async def bench_fanout(
+    port: int,
+    pid: int,
+    user: str,
+    sup: str,
+    n_obs: int,
+    mode: str,
+    tokens: int,
+    rate: float,
+    window: int,
+) -> dict[str, Any]:
     """mode: "none" (no observers), "wait" (connect before the stream), "join" (right after)."""
     sid = await create_session(port, user, f"fan-out {mode} {n_obs}")
     cap = tokens + 4
@@ -820,13 +894,14 @@ async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mod
                     nursery.start_soon(open_conn, reactor, port, o, req, gate)
                 with trio.move_on_after(30 + n_obs * 0.05):
                     for o in observers:
-                        while not (o.waiting.is_set() or o.finished.is_set()):
-                            await trio.sleep(0.005)
+                        await o.waiting.wait()
                 out["allWaitingS"] = round(time.perf_counter() - t_first_obs, 3)
-                not_waiting = [o for o in observers if not o.waiting.is_set()]
+                not_waiting = [o for o in observers if o.t_waiting != o.t_waiting]
                 if not_waiting:
-                    failures.append(f"{len(not_waiting)} observers never got 'waiting': "
-                                    f"{not_waiting[0].errors[:1]}")
+                    failures.append(
+                        f"{len(not_waiting)} observers never got 'waiting': "
+                        f"{not_waiting[0].errors[:1]}"
+                    )
             client.watch = (1, trio.Event())
             first_chunk = client.watch[1]
             nursery.start_soon(open_conn, reactor, port, client, stream_req(sid, user, tokens))
@@ -866,8 +941,9 @@ async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mod
                 lags.append(a - b)
     late = lateness(client, tokens, rate)
     joins = [o.t_history_end - o.t_start for o in observers if o.t_history_end == o.t_history_end]
-    attach = [o.t_history_end - client.t_sent for o in observers
-              if o.t_history_end == o.t_history_end]
+    attach = [
+        o.t_history_end - client.t_sent for o in observers if o.t_history_end == o.t_history_end
+    ]
     obs_writes = sum(o.writes for o in observers)
     server_writes = obs_writes + client.writes
     ct1 = ct[1] if len(ct) > 1 else NAN
@@ -875,61 +951,77 @@ async def bench_fanout(port: int, pid: int, user: str, sup: str, n_obs: int, mod
     stream_s = ctn - ct1
     live_events = sum(o.events - (o.history_end or 0) for o in observers if o.done_id)
     live_reads = sum(o.reads for o in observers if o.done_id)
-    out.update({
-        "ok": ok,
-        "clientLatenessP50Ms": ms(pct(late, 50)),
-        "clientLatenessP99Ms": ms(pct(late, 99)),
-        "clientLatenessMaxMs": ms(max(late)) if late else NAN,
-        "clientChunks": client.events - (1 if client.done_id else 0),
-        # How long the client's chunks took (first → last) against the paced schedule:
-        # a server too busy to run the producer stretches the stream.
-        "clientStreamS": round(stream_s, 3),
-        "clientStreamNominalS": round((tokens - 1) / rate, 3),
-        "clientEffectiveRate": round((tokens - 1) / stream_s, 1) if stream_s > 0 else None,
-        "observerWrites": obs_writes,
-        "eventsPerObserverWrite": round(sum(o.events for o in observers) / obs_writes, 2)
-        if obs_writes else None,
-        "serverCpuUsPerWrite": round(1e6 * cpu["serverCpuS"] / server_writes, 1)
-        if server_writes else None,
-        "lagSamples": len(lags),
-        "lagP50Ms": ms(pct(lags, 50)),
-        "lagP99Ms": ms(pct(lags, 99)),
-        "lagMaxMs": ms(max(lags)) if lags else NAN,
-        "lagMinMs": ms(min(lags)) if lags else NAN,
-        "eventsPerObserverRead": round(sum(o.events for o in observers) / max(1, sum(
-            o.reads for o in observers)), 2) if observers else None,
-        "liveEventsPerRead": round(live_events / live_reads, 2) if live_reads else None,
-        "failedObservers": bad_obs,
-        "failures": len(failures),
-        "failureSamples": failures[:8],
-        "rssPeakKb": max((r for _, r in rss), default=0),
-        "cpu": cpu,
-    })
+    out.update(
+        {
+            "ok": ok,
+            "clientLatenessP50Ms": ms(pct(late, 50)),
+            "clientLatenessP99Ms": ms(pct(late, 99)),
+            "clientLatenessMaxMs": ms(max(late)) if late else NAN,
+            "clientChunks": client.events - (1 if client.done_id else 0),
+            # How long the client's chunks took (first -> last) against the paced schedule:
+            # a server too busy to run the producer stretches the stream.
+            "clientStreamS": round(stream_s, 3),
+            "clientStreamNominalS": round((tokens - 1) / rate, 3),
+            "clientEffectiveRate": round((tokens - 1) / stream_s, 1) if stream_s > 0 else None,
+            "observerWrites": obs_writes,
+            "eventsPerObserverWrite": round(sum(o.events for o in observers) / obs_writes, 2)
+            if obs_writes
+            else None,
+            "serverCpuUsPerWrite": round(1e6 * cpu["serverCpuS"] / server_writes, 1)
+            if server_writes
+            else None,
+            "lagSamples": len(lags),
+            "lagP50Ms": ms(pct(lags, 50)),
+            "lagP99Ms": ms(pct(lags, 99)),
+            "lagMaxMs": ms(max(lags)) if lags else NAN,
+            "lagMinMs": ms(min(lags)) if lags else NAN,
+            "eventsPerObserverRead": round(
+                sum(o.events for o in observers) / max(1, sum(o.reads for o in observers)), 2
+            )
+            if observers
+            else None,
+            "liveEventsPerRead": round(live_events / live_reads, 2) if live_reads else None,
+            "failedObservers": bad_obs,
+            "failures": len(failures),
+            "failureSamples": failures[:8],
+            "rssPeakKb": max((r for _, r in rss), default=0),
+            "cpu": cpu,
+        }
+    )
     if mode == "join" and joins:
-        out.update({
-            "joinP50Ms": ms(pct(joins, 50)),
-            "joinP99Ms": ms(pct(joins, 99)),
-            "joinMaxMs": ms(max(joins)),
-            "allJoinedS": round(max(o.t_history_end for o in observers
-                                    if o.t_history_end == o.t_history_end) - t_first_obs, 3),
-            "historyCountP50": pct([o.history["count"] for o in observers if o.history], 50),
-        })
+        out.update(
+            {
+                "joinP50Ms": ms(pct(joins, 50)),
+                "joinP99Ms": ms(pct(joins, 99)),
+                "joinMaxMs": ms(max(joins)),
+                "allJoinedS": round(
+                    max(o.t_history_end for o in observers if o.t_history_end == o.t_history_end)
+                    - t_first_obs,
+                    3,
+                ),
+                "historyCountP50": pct([o.history["count"] for o in observers if o.history], 50),
+            }
+        )
     if mode == "wait" and attach:
-        out.update({
-            "attachP50Ms": ms(pct(attach, 50)),
-            "attachP99Ms": ms(pct(attach, 99)),
-            "attachMaxMs": ms(max(attach)),
-            "historyCountMax": max((o.history["count"] for o in observers if o.history),
-                                   default=None),
-        })
+        out.update(
+            {
+                "attachP50Ms": ms(pct(attach, 50)),
+                "attachP99Ms": ms(pct(attach, 99)),
+                "attachMaxMs": ms(max(attach)),
+                "historyCountMax": max(
+                    (o.history["count"] for o in observers if o.history), default=None
+                ),
+            }
+        )
     return out
 
 
 # -- 2. replay: a late observer to history-end ------------------------------------------------
 
 
-async def bench_late_join(port: int, pid: int, user: str, sup: str, tokens: int, repeats: int,
-                          join_at: int) -> dict[str, Any]:
+async def bench_late_join(
+    port: int, pid: int, user: str, sup: str, tokens: int, repeats: int, join_at: int
+) -> dict[str, Any]:
     """A stream runs; an observer joins once the client has ``join_at`` chunks."""
     sids = await create_sessions(port, user, repeats)
     times_: list[float] = []
@@ -962,8 +1054,10 @@ async def bench_late_join(port: int, pid: int, user: str, sup: str, tokens: int,
         obs.parse()
         why = check_client(client, tokens) + check_observer(obs, client, first=obs.first_id or 1)
         if obs.history and obs.first_id != obs.history["fromId"]:
-            why.append(f"history-start announced {obs.history['count']} events from id "
-                       f"{obs.history['fromId']}, the first delivered was id {obs.first_id}")
+            why.append(
+                f"history-start announced {obs.history['count']} events from id "
+                f"{obs.history['fromId']}, the first delivered was id {obs.first_id}"
+            )
         if obs.lagged:
             lagged_joins += 1
             skipped += obs.lagged
@@ -994,8 +1088,9 @@ async def bench_late_join(port: int, pid: int, user: str, sup: str, tokens: int,
     }
 
 
-async def bench_replay_ended(port: int, pid: int, user: str, sup: str, tokens: int,
-                             repeats: int) -> dict[str, Any]:
+async def bench_replay_ended(
+    port: int, pid: int, user: str, sup: str, tokens: int, repeats: int
+) -> dict[str, Any]:
     """A ``tokens``-chunk stream finishes; observers replay it (to ``done``) one at a time."""
     sid = await create_session(port, user, "replay ended")
     client = Conn("client", tokens + 4)
@@ -1018,12 +1113,12 @@ async def bench_replay_ended(port: int, pid: int, user: str, sup: str, tokens: i
                 await wait_all([obs], 20)
                 obs.parse()
                 heads.append(obs.t_headers - obs.t_sent)
-                first = client.done_id + 1 - obs.history["count"] if obs.history else 1
+                first = (client.done_id or 0) + 1 - obs.history["count"] if obs.history else 1
                 why = check_observer(obs, client, first=first)
                 if obs.history_end != client.done_id:
                     why.append(f"history-end {obs.history_end}, expected {client.done_id}")
-                if why:
-                    failures.append("; ".join(why[:3]))
+                if why or obs.history is None:
+                    failures.append("; ".join(why[:3]) or "no history-start")
                 else:
                     times_.append(obs.t_history_end - obs.t_sent)
                     counts.append(obs.history["count"])
@@ -1048,25 +1143,31 @@ async def bench_replay_ended(port: int, pid: int, user: str, sup: str, tokens: i
 # -- 3. memory per observed stream -----------------------------------------------------------
 
 
-async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: int, tokens: int,
-                       rate: float, buffer_ms: int, window: int) -> dict[str, Any]:
+async def memory_round(
+    port: int,
+    pid: int,
+    user: str,
+    sup: str,
+    k: int,
+    per: int,
+    tokens: int,
+    rate: float,
+    buffer_ms: int,
+    window: int,
+    tag: str,
+) -> dict[str, Any]:
+    """K streams, each watched by ``per`` observers from its start; RSS during and after."""
     failures: list[str] = []
-    # Warm-up: two observed streams end to end, then let them expire.
-    warm = await bench_fanout(port, pid, user, sup, 1, "wait", min(tokens, 20), rate, window)
-    if warm["failures"]:
-        failures.append(f"warm-up: {warm['failureSamples'][:2]}")
-    await trio.sleep(buffer_ms / 1000 + 0.5)
-    idle = proc_sample(pid)
-
     sids = await create_sessions(port, user, k)
     cap = tokens + 4
-    clients = [Conn(f"client{i}", cap) for i in range(k)]
-    observers = [[Conn(f"obs{i}.{j}", cap, deferred=True) for j in range(per)] for i in range(k)]
+    clients = [Conn(f"{tag}client{i}", cap) for i in range(k)]
+    observers = [
+        [Conn(f"{tag}obs{i}.{j}", cap, deferred=True) for j in range(per)] for i in range(k)
+    ]
     gate = trio.Semaphore(window) if window > 0 else None
     samples: list[tuple[float, int, int]] = []  # t, rss, live clients
     reactor = Reactor()
     active_during: Any = None
-    active_after: Any = None
     meter = Meter(pid)
 
     def live_clients() -> int:
@@ -1087,20 +1188,18 @@ async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: in
             with trio.move_on_after(30 + k * per * 0.05):
                 for row in observers:
                     for o in row:
-                        while not (o.waiting.is_set() or o.finished.is_set()):
-                            await trio.sleep(0.005)
-            for c, sid in zip(clients, sids):
+                        await o.waiting.wait()
+            for c, sid in zip(clients, sids, strict=True):
                 nursery.start_soon(open_conn, reactor, port, c, stream_req(sid, user, tokens), gate)
             # Half-way: the hub lists every stream, each with its observers.
             with trio.move_on_after(30):
-                while live_clients() < k and not any(c.finished.is_set() for c in clients):
-                    await trio.sleep(0.05)
+                for c in clients:
+                    await c.head.wait()
             await trio.sleep(min(tokens / rate / 2, 5))
             status, active_during = await http_json(port, "GET", "/api/chat/streams/active", sup)
             if status != 200:
                 failures.append(f"/streams/active -> {status}")
-            ok = await wait_all(clients + [o for row in observers for o in row],
-                                tokens / rate + 60)
+            ok = await wait_all(clients + [o for row in observers for o in row], tokens / rate + 60)
             t_end = time.perf_counter()
             ended = proc_sample(pid)
             await trio.sleep(buffer_ms / 1000 + 0.5)
@@ -1124,13 +1223,16 @@ async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: in
     if len(during) != k:
         failures.append(f"/streams/active listed {len(during)} streams while {k} were live")
     elif any(s.get("observers") != per for s in during):
-        failures.append("/streams/active observer counts differ from "
-                        f"{per}: {sorted({s.get('observers') for s in during})}")
+        failures.append(
+            "/streams/active observer counts differ from "
+            f"{per}: {sorted({s.get('observers') for s in during})}"
+        )
     status, active_after = await http_json(port, "GET", "/api/chat/streams/active", sup)
     after_streams = active_after.get("streams", []) if isinstance(active_after, dict) else None
     if status != 200 or after_streams:
-        failures.append(f"/streams/active after the end: {status} "
-                        f"{len(after_streams or [])} streams")
+        failures.append(
+            f"/streams/active after the end: {status} {len(after_streams or [])} streams"
+        )
     # Past CHINWAG_STREAM_BUFFER_MS every ring must be gone: observe is a 404.
     still = 0
     for sid in sids:
@@ -1142,25 +1244,73 @@ async def bench_memory(port: int, pid: int, user: str, sup: str, k: int, per: in
     full = [s for s in samples if s[2] == k and s[0] < t_end]
     rss_open = max((s[1] for s in full), default=max((s[1] for s in samples), default=0))
     return {
+        "ok": ok,
+        "rssAllObservedKb": rss_open,
+        "rssEndedKb": ended.rss_kb,
+        "rssAfterBufferKb": after.rss_kb,
+        "activeDuring": len(during),
+        "activeAfter": len(after_streams) if after_streams is not None else None,
+        "observableAfter": still,
+        "failures": failures,
+        "cpu": cpu,
+    }
+
+
+async def bench_memory(
+    port: int,
+    pid: int,
+    user: str,
+    sup: str,
+    k: int,
+    per: int,
+    tokens: int,
+    rate: float,
+    buffer_ms: int,
+    window: int,
+) -> dict[str, Any]:
+    """Two identical rounds of K observed streams on one server.
+
+    Round 1 gives RSS per observed stream and what is left after the buffer time;
+    round 2 tells a leak (RSS grows again by as much) from allocator retention
+    (the freed memory is reused: RSS stays flat).
+    """
+    failures: list[str] = []
+    # Warm-up: one observed stream end to end, then let it expire.
+    warm = await bench_fanout(port, pid, user, sup, 1, "wait", min(tokens, 20), rate, window)
+    if warm["failures"]:
+        failures.append(f"warm-up: {warm['failureSamples'][:2]}")
+    await trio.sleep(buffer_ms / 1000 + 0.5)
+    idle = proc_sample(pid)
+    r1 = await memory_round(port, pid, user, sup, k, per, tokens, rate, buffer_ms, window, "a")
+    r2 = await memory_round(port, pid, user, sup, k, per, tokens, rate, buffer_ms, window, "b")
+    failures += r1.pop("failures") + r2.pop("failures")
+    open1 = r1["rssAllObservedKb"]
+    return {
         "streams": k,
         "observersPerStream": per,
         "tokens": tokens,
         "rate": rate,
         "bufferMs": buffer_ms,
-        "ok": ok,
+        "ok": r1["ok"] and r2["ok"],
         "rssIdleKb": idle.rss_kb,
-        "rssAllObservedKb": rss_open,
-        "rssPerStreamKb": round((rss_open - idle.rss_kb) / k, 1),
-        "rssEndedKb": ended.rss_kb,
-        "rssAfterBufferKb": after.rss_kb,
-        "rssRetainedKb": after.rss_kb - idle.rss_kb,
-        "rssReleasedPct": round(100 * (rss_open - after.rss_kb) / max(1, rss_open - idle.rss_kb), 1),
-        "activeDuring": len(during),
-        "activeAfter": len(after_streams) if after_streams is not None else None,
-        "observableAfter": still,
+        "rssAllObservedKb": open1,
+        "rssPerStreamKb": round((open1 - idle.rss_kb) / k, 1),
+        "rssEndedKb": r1["rssEndedKb"],
+        "rssAfterBufferKb": r1["rssAfterBufferKb"],
+        "rssRetainedKb": r1["rssAfterBufferKb"] - idle.rss_kb,
+        "rssReleasedPct": round(
+            100 * (open1 - r1["rssAfterBufferKb"]) / max(1, open1 - idle.rss_kb), 1
+        ),
+        "round2AllObservedKb": r2["rssAllObservedKb"],
+        "round2AfterBufferKb": r2["rssAfterBufferKb"],
+        "round2GrowthKb": r2["rssAfterBufferKb"] - r1["rssAfterBufferKb"],
+        "activeDuring": r1["activeDuring"],
+        "activeAfter": r1["activeAfter"],
+        "observableAfter": r1["observableAfter"] + r2["observableAfter"],
+        "round2": r2,
         "failures": len(failures),
         "failureSamples": failures[:8],
-        "cpu": cpu,
+        "cpu": r1["cpu"],
     }
 
 
@@ -1184,8 +1334,11 @@ def verdict(value: Any, target: float) -> str:
 
 
 def baseline_p99(results: dict[str, Any]) -> float:
-    runs = [r["clientLatenessP99Ms"] for r in results.get("baseline", [])
-            if not math.isnan(r["clientLatenessP99Ms"])]
+    runs = [
+        r["clientLatenessP99Ms"]
+        for r in results.get("baseline", [])
+        if not math.isnan(r["clientLatenessP99Ms"])
+    ]
     return sum(runs) / len(runs) if runs else NAN
 
 
@@ -1194,77 +1347,130 @@ def report(results: dict[str, Any]) -> None:
     base = baseline_p99(results)
     for b in results.get("baseline", []):
         c = b["cpu"]
-        rows.append((f"0 observers ({b['label']})",
-                     f"client late p50/p99 {fmt(b['clientLatenessP50Ms'])} / "
-                     f"{fmt(b['clientLatenessP99Ms'])} ms",
-                     f"max {fmt(b['clientLatenessMaxMs'])} ms; srv cpu {fmt(c['serverCpuPct'])}%, "
-                     f"loadgen {fmt(c['loadgenCpuPct'])}%"))
+        rows.append(
+            (
+                f"0 observers ({b['label']})",
+                f"client late p50/p99 {fmt(b['clientLatenessP50Ms'])} / "
+                f"{fmt(b['clientLatenessP99Ms'])} ms",
+                f"max {fmt(b['clientLatenessMaxMs'])} ms; srv cpu {fmt(c['serverCpuPct'])}%, "
+                f"loadgen {fmt(c['loadgenCpuPct'])}%",
+            )
+        )
     for r in results.get("fanout", []):
         n, big = r["observers"], r["observers"] >= 1000
         c = r["cpu"]
         t = TARGETS
         label = f"{n} obs {r['mode']}"
-        lag_note = (f"max {fmt(r['lagMaxMs'])}, min {fmt(r['lagMinMs'])} ms over "
-                    f"{fmt(r['lagSamples'])} events; {fmt(r['liveEventsPerRead'])} ev/read")
+        lag_note = (
+            f"max {fmt(r['lagMaxMs'])}, min {fmt(r['lagMinMs'])} ms over "
+            f"{fmt(r['lagSamples'])} events; {fmt(r['liveEventsPerRead'])} ev/read"
+        )
         if big:
-            lag_note += (f"; target p50<={t['lagP50Ms']:g} [{verdict(r['lagP50Ms'], t['lagP50Ms'])}]"
-                         f" p99<={t['lagP99Ms']:g} [{verdict(r['lagP99Ms'], t['lagP99Ms'])}]")
-        rows.append((f"{label}: lag p50/p99", f"{fmt(r['lagP50Ms'])} / {fmt(r['lagP99Ms'])} ms",
-                     lag_note))
+            lag_note += (
+                f"; target p50<={t['lagP50Ms']:g} [{verdict(r['lagP50Ms'], t['lagP50Ms'])}]"
+                f" p99<={t['lagP99Ms']:g} [{verdict(r['lagP99Ms'], t['lagP99Ms'])}]"
+            )
+        rows.append(
+            (f"{label}: lag p50/p99", f"{fmt(r['lagP50Ms'])} / {fmt(r['lagP99Ms'])} ms", lag_note)
+        )
         if r["mode"] == "join":
             note = f"max {fmt(r.get('joinMaxMs'))} ms; all joined in {fmt(r.get('allJoinedS'))} s"
             if big:
                 note += f"; target p50<={t['joinP50Ms']:g} [{verdict(r.get('joinP50Ms'), t['joinP50Ms'])}]"
-            rows.append(("  join (connect->history-end) p50/p99",
-                         f"{fmt(r.get('joinP50Ms'))} / {fmt(r.get('joinP99Ms'))} ms", note))
+            rows.append(
+                (
+                    "  join (connect->history-end) p50/p99",
+                    f"{fmt(r.get('joinP50Ms'))} / {fmt(r.get('joinP99Ms'))} ms",
+                    note,
+                )
+            )
         else:
-            rows.append(("  attach (POST->history-end) p50/p99",
-                         f"{fmt(r.get('attachP50Ms'))} / {fmt(r.get('attachP99Ms'))} ms",
-                         f"all {n} waiting after {fmt(r.get('allWaitingS'))} s"))
+            rows.append(
+                (
+                    "  attach (POST->history-end) p50/p99",
+                    f"{fmt(r.get('attachP50Ms'))} / {fmt(r.get('attachP99Ms'))} ms",
+                    f"all {n} waiting after {fmt(r.get('allWaitingS'))} s",
+                )
+            )
         ratio = r["clientLatenessP99Ms"] / base if base and not math.isnan(base) else NAN
         note = f"max {fmt(r['clientLatenessMaxMs'])} ms; p99 = {fmt(ratio)}x no-observer {fmt(base)} ms"
         if big:
             note += f" [{verdict(ratio, t['clientP99Ratio'])}]"
-        rows.append(("  client late p50/p99",
-                     f"{fmt(r['clientLatenessP50Ms'])} / {fmt(r['clientLatenessP99Ms'])} ms", note))
-        rows.append(("  client stream / writes",
-                     f"{fmt(r['clientStreamS'])} s for {fmt(r['clientStreamNominalS'])} s",
-                     f"effective {fmt(r['clientEffectiveRate'])} chunks/s; {fmt(r['observerWrites'])} "
-                     f"observer writes, {fmt(r['eventsPerObserverWrite'])} events/write, "
-                     f"{fmt(r['serverCpuUsPerWrite'])} us server CPU/write"))
-        rows.append(("  cpu / rss", f"srv {fmt(c['serverCpuPct'])}% loadgen {fmt(c['loadgenCpuPct'])}%",
-                     f"server RSS peak {fmt(r['rssPeakKb'])} KB; failures {r['failures']} "
-                     f"{'; '.join(r['failureSamples'][:2])}"))
+        rows.append(
+            (
+                "  client late p50/p99",
+                f"{fmt(r['clientLatenessP50Ms'])} / {fmt(r['clientLatenessP99Ms'])} ms",
+                note,
+            )
+        )
+        rows.append(
+            (
+                "  client stream / writes",
+                f"{fmt(r['clientStreamS'])} s for {fmt(r['clientStreamNominalS'])} s",
+                f"effective {fmt(r['clientEffectiveRate'])} chunks/s; {fmt(r['observerWrites'])} "
+                f"observer writes, {fmt(r['eventsPerObserverWrite'])} events/write, "
+                f"{fmt(r['serverCpuUsPerWrite'])} us server CPU/write",
+            )
+        )
+        rows.append(
+            (
+                "  cpu / rss",
+                f"srv {fmt(c['serverCpuPct'])}% loadgen {fmt(c['loadgenCpuPct'])}%",
+                f"server RSS peak {fmt(r['rssPeakKb'])} KB; failures {r['failures']} "
+                f"{'; '.join(r['failureSamples'][:2])}",
+            )
+        )
     if lj := results.get("lateJoin"):
-        rows.append(("late join at 4,096: history-end p50/p99",
-                     f"{fmt(lj['historyEndP50Ms'])} / {fmt(lj['historyEndP99Ms'])} ms",
-                     f"{lj['repeats']} joins, history {lj['historyCountMin']}..{lj['historyCountMax']} "
-                     f"events (head p50 {fmt(lj['headP50Ms'])} ms), live at 2000/s; "
-                     f"target <= {TARGETS['replayMs']:g} "
-                     f"[{verdict(lj['historyEndP50Ms'], TARGETS['replayMs'])}]; lagged at join "
-                     f"{lj['laggedJoins']}/{lj['repeats']} (skipped {lj['skippedEvents']}); "
-                     f"failures {lj['failures']}"))
+        rows.append(
+            (
+                "late join at 4,096: history-end p50/p99",
+                f"{fmt(lj['historyEndP50Ms'])} / {fmt(lj['historyEndP99Ms'])} ms",
+                f"{lj['repeats']} joins, history {lj['historyCountMin']}..{lj['historyCountMax']} "
+                f"events (head p50 {fmt(lj['headP50Ms'])} ms), live at 2000/s; "
+                f"target <= {TARGETS['replayMs']:g} "
+                f"[{verdict(lj['historyEndP50Ms'], TARGETS['replayMs'])}]; lagged at join "
+                f"{lj['laggedJoins']}/{lj['repeats']} (skipped {lj['skippedEvents']}); "
+                f"failures {lj['failures']}",
+            )
+        )
     if rp := results.get("replayEnded"):
-        rows.append(("replay ended 4,096: history-end p50/p99",
-                     f"{fmt(rp['historyEndP50Ms'])} / {fmt(rp['historyEndP99Ms'])} ms",
-                     f"{rp['repeats']} replays of {rp['historyCount']} events to done (head p50 "
-                     f"{fmt(rp['headP50Ms'])} ms); target <= "
-                     f"{TARGETS['replayMs']:g} [{verdict(rp['historyEndP50Ms'], TARGETS['replayMs'])}];"
-                     f" failures {rp['failures']}"))
+        rows.append(
+            (
+                "replay ended 4,096: history-end p50/p99",
+                f"{fmt(rp['historyEndP50Ms'])} / {fmt(rp['historyEndP99Ms'])} ms",
+                f"{rp['repeats']} replays of {rp['historyCount']} events to done (head p50 "
+                f"{fmt(rp['headP50Ms'])} ms); target <= "
+                f"{TARGETS['replayMs']:g} [{verdict(rp['historyEndP50Ms'], TARGETS['replayMs'])}];"
+                f" failures {rp['failures']}",
+            )
+        )
     if mem := results.get("memory"):
         c = mem["cpu"]
         rows += [
-            (f"memory: {mem['streams']} streams x {mem['observersPerStream']} obs",
-             f"{fmt(mem['rssPerStreamKb'])} KB/stream",
-             f"idle {fmt(mem['rssIdleKb'])} KB, all observed {fmt(mem['rssAllObservedKb'])} KB, "
-             f"{mem['tokens']} events each"),
-            ("  after done + buffer",
-             f"{fmt(mem['rssAfterBufferKb'])} KB",
-             f"retained {fmt(mem['rssRetainedKb'])} KB over idle ({fmt(mem['rssReleasedPct'])}% "
-             f"released); /streams/active {mem['activeDuring']} -> {mem['activeAfter']}; "
-             f"observable after {mem['observableAfter']}; failures {mem['failures']}"),
-            ("  cpu", f"srv {fmt(c['serverCpuPct'])}% loadgen {fmt(c['loadgenCpuPct'])}%",
-             f"wall {fmt(c['wallS'])} s"),
+            (
+                f"memory: {mem['streams']} streams x {mem['observersPerStream']} obs",
+                f"{fmt(mem['rssPerStreamKb'])} KB/stream",
+                f"idle {fmt(mem['rssIdleKb'])} KB, all observed {fmt(mem['rssAllObservedKb'])} KB, "
+                f"{mem['tokens']} events each",
+            ),
+            (
+                "  after done + buffer",
+                f"{fmt(mem['rssAfterBufferKb'])} KB",
+                f"retained {fmt(mem['rssRetainedKb'])} KB over idle ({fmt(mem['rssReleasedPct'])}% "
+                f"released); /streams/active {mem['activeDuring']} -> {mem['activeAfter']}; "
+                f"observable after {mem['observableAfter']}; failures {mem['failures']}",
+            ),
+            (
+                "  round 2 (same again)",
+                f"{fmt(mem['round2AfterBufferKb'])} KB",
+                f"peak {fmt(mem['round2AllObservedKb'])} KB; growth over round 1 "
+                f"{fmt(mem['round2GrowthKb'])} KB (~0: freed memory is reused, no leak)",
+            ),
+            (
+                "  cpu",
+                f"srv {fmt(c['serverCpuPct'])}% loadgen {fmt(c['loadgenCpuPct'])}%",
+                f"wall {fmt(c['wallS'])} s",
+            ),
         ]
     print()
     print(f"chinwag observation benchmark (peers: {PEERS})")
@@ -1290,16 +1496,21 @@ def functional_failures(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI), well under 30 s")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--observers", default="10,100,1000", help="comma-separated observer counts")
     p.add_argument("--modes", default="wait,join", help="comma-separated: wait, join")
     p.add_argument("--tokens", type=int, default=500, help="chunks in the fan-out stream")
     p.add_argument("--rate", type=float, default=50.0, help="chunks/s of the fan-out stream")
-    p.add_argument("--open-window", type=int, default=64,
-                   help="max observer handshakes in flight (listen backlog is 100; 0 = no limit)")
+    p.add_argument(
+        "--open-window",
+        type=int,
+        default=64,
+        help="max observer handshakes in flight (listen backlog is 100; 0 = no limit)",
+    )
     p.add_argument("--ring", type=int, default=4096, help="CHINWAG_OBSERVE_RING for the replay")
     p.add_argument("--late-joins", type=int, default=5, help="late joins at a full ring")
     p.add_argument("--replays", type=int, default=20, help="replays of an ended stream")
@@ -1308,8 +1519,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-tokens", type=int, default=300)
     p.add_argument("--mem-rate", type=float, default=25.0, help="chunks/s of each memory stream")
     p.add_argument("--buffer-ms", type=int, default=2000, help="CHINWAG_STREAM_BUFFER_MS (memory)")
-    p.add_argument("--only", default="fanout,replay,memory",
-                   help="comma-separated subset of: fanout,replay,memory")
+    p.add_argument(
+        "--only",
+        default="fanout,replay,memory",
+        help="comma-separated subset of: fanout,replay,memory",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
     args = p.parse_args(argv)
     if args.quick:
@@ -1321,8 +1535,9 @@ def main(argv: list[str] | None = None) -> int:
     only = {x.strip() for x in args.only.split(",")}
     replay_tokens = args.ring + 304  # the stream still runs when the observer joins at `ring`
 
-    nofile = raise_fd_limit(max(max(levels, default=0), args.mem_streams * (1 + args.mem_observers))
-                            * 2 + 4096)
+    nofile = raise_fd_limit(
+        max(max(levels, default=0), args.mem_streams * (1 + args.mem_observers)) * 2 + 4096
+    )
     env = Env(keep=args.keep)
     results: dict[str, Any] = {
         "machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0], "fdLimit": nofile},
@@ -1335,16 +1550,31 @@ def main(argv: list[str] | None = None) -> int:
         env.create_users()
         user, sup = env.user_token, env.sup_token
         if "fanout" in only:
-            srv = Server(env, "serve-fanout", {
-                "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
-                "CHINWAG_SIM_ANSWER_TOKENS": str(args.tokens),
-                "CHINWAG_STREAM_BUFFER_MS": "2000",
-            })
+            srv = Server(
+                env,
+                "serve-fanout",
+                {
+                    "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
+                    "CHINWAG_SIM_ANSWER_TOKENS": str(args.tokens),
+                    "CHINWAG_STREAM_BUFFER_MS": "2000",
+                },
+            )
             results["server"] = {"fanoutPid": srv.pid}
             try:
+
                 def fan(n: int, mode: str) -> dict[str, Any]:
-                    return trio.run(bench_fanout, srv.port, srv.pid, user, sup, n, mode,
-                                    args.tokens, args.rate, args.open_window)
+                    return trio.run(
+                        bench_fanout,
+                        srv.port,
+                        srv.pid,
+                        user,
+                        sup,
+                        n,
+                        mode,
+                        args.tokens,
+                        args.rate,
+                        args.open_window,
+                    )
 
                 print(f"[1] fan-out: {args.tokens} chunks at {args.rate:g}/s; warm-up", flush=True)
                 if not args.quick:  # warm-up (imports, first JWT, DB)
@@ -1362,38 +1592,72 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 srv.stop()
         if "replay" in only:
-            srv = Server(env, "serve-replay", {
-                "CHINWAG_SIM_TOKENS_PER_S": "2000",
-                "CHINWAG_SIM_ANSWER_TOKENS": str(replay_tokens),
-                "CHINWAG_OBSERVE_RING": str(args.ring),
-                "CHINWAG_STREAM_BUFFER_MS": "60000",
-            })
+            srv = Server(
+                env,
+                "serve-replay",
+                {
+                    "CHINWAG_SIM_TOKENS_PER_S": "2000",
+                    "CHINWAG_SIM_ANSWER_TOKENS": str(replay_tokens),
+                    "CHINWAG_OBSERVE_RING": str(args.ring),
+                    "CHINWAG_STREAM_BUFFER_MS": "60000",
+                },
+            )
             try:
-                print(f"[2] late join at {args.ring:,} chunks of {replay_tokens:,} (2000/s) "
-                      f"x {args.late_joins}", flush=True)
+                print(
+                    f"[2] late join at {args.ring:,} chunks of {replay_tokens:,} (2000/s) "
+                    f"x {args.late_joins}",
+                    flush=True,
+                )
                 if not args.quick:  # warm-up
                     trio.run(bench_late_join, srv.port, srv.pid, user, sup, 200, 1, 100)
-                results["lateJoin"] = trio.run(bench_late_join, srv.port, srv.pid, user, sup,
-                                               replay_tokens, args.late_joins, args.ring)
-                print(f"    replay of an ended {args.ring:,}-chunk stream x {args.replays}",
-                      flush=True)
-                results["replayEnded"] = trio.run(bench_replay_ended, srv.port, srv.pid, user, sup,
-                                                  args.ring, args.replays)
+                results["lateJoin"] = trio.run(
+                    bench_late_join,
+                    srv.port,
+                    srv.pid,
+                    user,
+                    sup,
+                    replay_tokens,
+                    args.late_joins,
+                    args.ring,
+                )
+                print(
+                    f"    replay of an ended {args.ring:,}-chunk stream x {args.replays}",
+                    flush=True,
+                )
+                results["replayEnded"] = trio.run(
+                    bench_replay_ended, srv.port, srv.pid, user, sup, args.ring, args.replays
+                )
             finally:
                 srv.stop()
         if "memory" in only:
-            srv = Server(env, "serve-memory", {
-                "CHINWAG_SIM_TOKENS_PER_S": f"{args.mem_rate:g}",
-                "CHINWAG_SIM_ANSWER_TOKENS": str(args.mem_tokens),
-                "CHINWAG_STREAM_BUFFER_MS": str(args.buffer_ms),
-            })
+            srv = Server(
+                env,
+                "serve-memory",
+                {
+                    "CHINWAG_SIM_TOKENS_PER_S": f"{args.mem_rate:g}",
+                    "CHINWAG_SIM_ANSWER_TOKENS": str(args.mem_tokens),
+                    "CHINWAG_STREAM_BUFFER_MS": str(args.buffer_ms),
+                },
+            )
             try:
-                print(f"[3] memory: {args.mem_streams} streams x {args.mem_observers} observers, "
-                      f"{args.mem_tokens} chunks at {args.mem_rate:g}/s", flush=True)
+                print(
+                    f"[3] memory: {args.mem_streams} streams x {args.mem_observers} observers, "
+                    f"{args.mem_tokens} chunks at {args.mem_rate:g}/s",
+                    flush=True,
+                )
                 results["memory"] = trio.run(
-                    bench_memory, srv.port, srv.pid, user, sup, args.mem_streams,
-                    args.mem_observers, args.mem_tokens, args.mem_rate, args.buffer_ms,
-                    args.open_window)
+                    bench_memory,
+                    srv.port,
+                    srv.pid,
+                    user,
+                    sup,
+                    args.mem_streams,
+                    args.mem_observers,
+                    args.mem_tokens,
+                    args.mem_rate,
+                    args.buffer_ms,
+                    args.open_window,
+                )
             finally:
                 srv.stop()
     finally:

@@ -24,13 +24,13 @@ and measures:
    ``--open-window`` handshakes in flight: Hypercorn's listen backlog is 100),
    each ``--answer-tokens`` long. Reports the time until every stream has its
    headers and its first chunk, delivered events/s (over the window where
-   every stream is live), lateness (receive time − the chunk's slot on its own
+   every stream is live), lateness (receive time - the chunk's slot on its own
    stream's schedule: first-chunk receive time + k/rate) p50/p99/max,
-   failures, and server RSS per stream ((RSS with all open − RSS idle) / N).
+   failures, and server RSS per stream ((RSS with all open - RSS idle) / N).
 4. **disconnect**: ``chinwag fake-bedrock`` plus chinwag with
    ``CHINWAG_PROVIDER=bedrock``; start a stream, read 3 chunks, close the
    socket (wall time taken just before ``close``), then read the fake's
-   ``GET /_fake/connections``: its ``closedAt`` − our close time, p50/p99.
+   ``GET /_fake/connections``: its ``closedAt`` - our close time, p50/p99.
 
 The load generator is one trio process speaking HTTP/1.1 on raw
 ``trio.socket`` sockets: it writes the request bytes itself, parses the status
@@ -46,9 +46,24 @@ events, a disconnect that never reached the upstream), never because of speed.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -59,23 +74,6 @@ except ImportError:  # run with a python that lacks the venv: re-run under the v
     if VENV_PY.exists() and Path(sys.executable).resolve() != VENV_PY.resolve():
         os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])
     raise
-
-import argparse
-import json
-import math
-import re
-import resource
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from array import array
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
 HOST = "127.0.0.1"
@@ -93,6 +91,8 @@ END_OF_BODY = b"\r\n0\r\n\r\n"
 FINISH_RE = re.compile(rb'"finishReason":"([a-z_]+)"')
 
 SERVER_START_TIMEOUT_S = 30.0
+#: A paced stream that has not ended this long after its nominal duration is a failure.
+STREAM_SLACK_S = 120.0
 SERVER_STOP_TIMEOUT_S = 20.0
 CLI_TIMEOUT_S = 60.0
 
@@ -111,6 +111,39 @@ def pct(values: list[float] | array, p: float) -> float:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def git_commit() -> str | None:
+    try:  # read-only
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def raise_fd_limit(want: int) -> int:
@@ -175,30 +208,45 @@ class Env:
         self.keep = keep
         self.db = self.dir / "chinwag.db"
         self.models_file = self.dir / "models.json"
-        self.models_file.write_text(json.dumps([{
-            "id": BENCH_MODEL, "name": "Bench (unpaced)", "inputPer1k": 0,
-            "outputPer1k": 1, "maxTokens": 1_000_000,
-        }]))
+        self.models_file.write_text(
+            json.dumps(
+                [
+                    {
+                        "id": BENCH_MODEL,
+                        "name": "Bench (unpaced)",
+                        "inputPer1k": 0,
+                        "outputPer1k": 1,
+                        "maxTokens": 1_000_000,
+                    }
+                ]
+            )
+        )
         self.token = ""
         self.servers: list[Server] = []
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-        env.update({
-            "CHINWAG_DB": str(self.db),
-            "CHINWAG_HOST": HOST,
-            "CHINWAG_PORT": "0",
-            "CHINWAG_MODELS_FILE": str(self.models_file),
-            "CHINWAG_RATE_LIMIT": "1000000",
-            "CHINWAG_MAX_STREAMS_PER_USER": "100000",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CHINWAG_DB": str(self.db),
+                "CHINWAG_HOST": HOST,
+                "CHINWAG_PORT": "0",
+                "CHINWAG_MODELS_FILE": str(self.models_file),
+                "CHINWAG_RATE_LIMIT": "1000000",
+                "CHINWAG_MAX_STREAMS_PER_USER": "100000",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         return env
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(
-            [PY, "-m", "server.cli", *args], cwd=ROOT, env=self.base_env(),
-            capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            [PY, "-m", "server.cli", *args],
+            cwd=ROOT,
+            env=self.base_env(),
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
         )
         if out.returncode != 0:
             raise SystemExit(f"chinwag {' '.join(args[:2])} failed: {out.stderr.strip()}")
@@ -219,16 +267,21 @@ class Env:
 class Server:
     """A child process that prints ``... listening on http://127.0.0.1:PORT`` on stdout."""
 
-    def __init__(self, env: Env, name: str, argv: list[str], extra_env: dict[str, str],
-                 ready: str) -> None:
+    def __init__(
+        self, env: Env, name: str, argv: list[str], extra_env: dict[str, str], ready: str
+    ) -> None:
         self.name = name
         self.out_path = env.dir / f"{name}.out"
         self.err_path = env.dir / f"{name}.err"
-        self._out = open(self.out_path, "wb")
-        self._err = open(self.err_path, "wb")
+        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [PY, "-m", "server.cli", *argv], cwd=ROOT, env={**env.base_env(), **extra_env},
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+            [PY, "-m", "server.cli", *argv],
+            cwd=ROOT,
+            env={**env.base_env(), **extra_env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
         )
         env.servers.append(self)
         self.port = self._wait_ready(ready)
@@ -288,8 +341,9 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         view = view[sent:]
 
 
-def request_bytes(method: str, path: str, port: int, token: str | None,
-                  body: Any = None, close: bool = False) -> bytes:
+def request_bytes(
+    method: str, path: str, port: int, token: str | None, body: Any = None, close: bool = False
+) -> bytes:
     payload = b"" if body is None else json.dumps(body).encode()
     head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Accept: */*"]
     if token:
@@ -310,7 +364,7 @@ def dechunk(body: bytes) -> bytes:
         size = int(body[pos:eol].split(b";")[0] or b"0", 16)
         if size == 0:
             return bytes(out)
-        out += body[eol + 2: eol + 2 + size]
+        out += body[eol + 2 : eol + 2 + size]
         pos = eol + 2 + size + 2
 
 
@@ -338,10 +392,16 @@ def response_complete(raw: bytes) -> bool:
     return m is None or len(raw) - end - 4 >= int(m.group(1))
 
 
-async def http_json(port: int, method: str, path: str, token: str | None = None,
-                    body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+async def http_json(
+    port: int,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    limit_s: float = 10.0,
+) -> tuple[int, Any]:
     """One request on its own connection (``Connection: close``), read to EOF."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(limit_s):
         sock = await connect(port)
         try:
             await send_all(sock, request_bytes(method, path, port, token, body, close=True))
@@ -365,8 +425,9 @@ async def create_sessions(port: int, token: str, n: int, parallel: int = 8) -> l
 
     async def one(i: int) -> None:
         async with limit:
-            status, body = await http_json(port, "POST", "/api/chat/sessions", token,
-                                           {"title": f"bench {i}"})
+            status, body = await http_json(
+                port, "POST", "/api/chat/sessions", token, {"title": f"bench {i}"}
+            )
         if status != 201:
             raise RuntimeError(f"POST /api/chat/sessions -> {status} {body}")
         ids[i] = body["sessionId"]
@@ -408,12 +469,20 @@ class Shared:
     lateness: array = field(default_factory=lambda: array("d"))
     chunks: int = 0
     live: int = 0
+    max_live: int = 0
     opened: int = 0
 
 
 async def run_stream(
-    port: int, token: str, session_id: str, body: dict[str, Any], shared: Shared, *,
-    timeout: float, stop_after: int | None = None, recv_size: int = 65536,
+    port: int,
+    token: str,
+    session_id: str,
+    body: dict[str, Any],
+    shared: Shared,
+    *,
+    limit_s: float,
+    stop_after: int | None = None,
+    recv_size: int = 65536,
     open_gate: trio.Semaphore | None = None,
 ) -> StreamResult:
     """POST .../stream and read it to ``done`` (or close after ``stop_after`` chunks)."""
@@ -425,7 +494,7 @@ async def run_stream(
     late = shared.lateness
     gate_held = False
     sock = None
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(limit_s) as scope:
         try:
             if open_gate is not None:
                 await open_gate.acquire()
@@ -450,7 +519,7 @@ async def run_stream(
                 gate_held = False
             res.status = int(buf[: buf.find(b"\r\n")].split(b" ", 2)[1])
             if res.status != 200:
-                rest = buf[end + 4:]
+                rest = buf[end + 4 :]
                 with trio.move_on_after(2):
                     while len(rest) < 4096 and (data := await sock.recv(4096)):
                         rest += data
@@ -460,8 +529,10 @@ async def run_stream(
                 return res
             shared.opened += 1
             shared.live += 1
+            if shared.live > shared.max_live:
+                shared.max_live = shared.live
             try:
-                data = buf[end + 4:]
+                data = buf[end + 4 :]
                 tail = b""
                 done_buf = b""
                 t = res.t_headers
@@ -476,10 +547,11 @@ async def run_stream(
                             res.chunks = k + n
                             res.t_last_chunk = t
                             shared.chunks += n
-                            if interval:
+                            if interval:  # the first chunk defines the schedule: not counted
                                 slot = res.t_first_chunk + k * interval
-                                for _ in range(n):
-                                    late.append(t - slot)
+                                for j in range(k, k + n):
+                                    if j:
+                                        late.append(t - slot)
                                     slot += interval
                             if stop_after is not None and res.chunks >= stop_after:
                                 res.t_close_wall = time.time()
@@ -513,7 +585,7 @@ async def run_stream(
             if sock is not None:
                 sock.close()
     if scope.cancelled_caught and res.failure is None:
-        res.failure = f"timeout after {timeout:.0f} s ({res.chunks} chunks)"
+        res.failure = f"timeout after {limit_s:.0f} s ({res.chunks} chunks)"
     if res.failure is None and not res.done:
         res.failure = f"no done event ({res.chunks} chunks)"
     if res.failure is None and res.error_event:
@@ -534,7 +606,9 @@ def check(res: StreamResult, expect_chunks: int | None) -> str | None:
 # -- 1. first byte / first chunk ----------------------------------------------------------
 
 
-async def bench_first_byte(port: int, pid: int, token: str, n: int, warmup: int = 5) -> dict[str, Any]:
+async def bench_first_byte(
+    port: int, pid: int, token: str, n: int, warmup: int = 5
+) -> dict[str, Any]:
     sessions = await create_sessions(port, token, n + warmup)
     body = {"message": "Say hello", "modelId": BENCH_MODEL, "maxTokens": 5}
     first_byte, headers, first_chunk, connect_t, total = [], [], [], [], []
@@ -544,7 +618,7 @@ async def bench_first_byte(port: int, pid: int, token: str, n: int, warmup: int 
     for i, sid in enumerate(sessions):
         if i == warmup:
             meter = Meter(pid)
-        res = await run_stream(port, token, sid, body, shared, timeout=10)
+        res = await run_stream(port, token, sid, body, shared, limit_s=10)
         if (why := check(res, 5)) is not None:
             failures.append(why)
             continue
@@ -577,24 +651,29 @@ async def bench_unpaced(port: int, pid: int, token: str, events: int, runs: int)
     sessions = await create_sessions(port, token, runs + 1)
     body = {"message": "Tell me everything", "modelId": BENCH_MODEL, "maxTokens": events}
     # warm-up (small)
-    await run_stream(port, token, sessions[0], {**body, "maxTokens": 200}, Shared(), timeout=30)
+    await run_stream(port, token, sessions[0], {**body, "maxTokens": 200}, Shared(), limit_s=30)
     out_runs = []
     failures: list[str] = []
     for sid in sessions[1:]:
         meter = Meter(pid)
-        res = await run_stream(port, token, sid, body, Shared(), timeout=120, recv_size=262144)
+        res = await run_stream(port, token, sid, body, Shared(), limit_s=120, recv_size=262144)
         cpu = meter.result()
         if (why := check(res, events)) is not None:
             failures.append(why)
         wall = res.t_done - res.t_send
-        out_runs.append({
-            "events": res.chunks,
-            "wallS": round(wall, 3),
-            "eventsPerS": round(res.chunks / wall) if wall > 0 else 0,
-            "firstToLastEventsPerS": round((res.chunks - 1) / (res.t_last_chunk - res.t_first_chunk))
-            if res.chunks > 1 else 0,
-            "cpu": cpu,
-        })
+        out_runs.append(
+            {
+                "events": res.chunks,
+                "wallS": round(wall, 3),
+                "eventsPerS": round(res.chunks / wall) if wall > 0 else 0,
+                "firstToLastEventsPerS": round(
+                    (res.chunks - 1) / (res.t_last_chunk - res.t_first_chunk)
+                )
+                if res.chunks > 1
+                else 0,
+                "cpu": cpu,
+            }
+        )
     rates = sorted(r["eventsPerS"] for r in out_runs)
     return {
         "eventsPerStream": events,
@@ -609,16 +688,18 @@ async def bench_unpaced(port: int, pid: int, token: str, events: int, runs: int)
 # -- 3. N concurrent paced streams -----------------------------------------------------------
 
 
-async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float, tokens: int,
-                           open_window: int) -> dict[str, Any]:
+async def bench_concurrent(
+    port: int, pid: int, token: str, n: int, rate: float, tokens: int, open_window: int
+) -> dict[str, Any]:
     sessions = await create_sessions(port, token, n + 5)
     body = {"message": "Stream to me", "modelId": DEFAULT_MODEL, "maxTokens": tokens}
-    # warm-up: a few streams end to end, so the idle RSS includes the code paths' imports
+    # warm-up: a few short streams end to end, so the idle RSS includes the code paths
     warm = Shared(interval=1 / rate)
     async with trio.open_nursery() as nursery:
         for sid in sessions[:5]:
-            nursery.start_soon(partial(run_stream, port, token, sid, body, warm,
-                                       timeout=tokens / rate + 30))
+            nursery.start_soon(
+                partial(run_stream, port, token, sid, {**body, "maxTokens": 3}, warm, limit_s=30)
+            )
     await trio.sleep(0.5)
     idle = proc_sample(pid)
     sessions = sessions[5:]
@@ -630,8 +711,11 @@ async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float,
     duration = tokens / rate
 
     async def one(sid: str) -> None:
-        results.append(await run_stream(port, token, sid, body, shared,
-                                        timeout=duration + 60, open_gate=gate))
+        results.append(
+            await run_stream(
+                port, token, sid, body, shared, limit_s=duration + STREAM_SLACK_S, open_gate=gate
+            )
+        )
 
     async def sampler() -> None:
         while True:
@@ -679,7 +763,8 @@ async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float,
         "chunks": total_chunks,
         "expectedChunks": n * tokens,
         "eventsPerSOverall": round(total_chunks / (last_chunk - first_chunk))
-        if last_chunk > first_chunk else 0,
+        if last_chunk > first_chunk
+        else 0,
         "eventsPerSAllLive": round(steady_rate) if not math.isnan(steady_rate) else None,
         "eventsPerSTarget": round(n * rate),
         "serverCpuPctAllLive": round(steady_cpu, 1) if not math.isnan(steady_cpu) else None,
@@ -688,10 +773,16 @@ async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float,
         "latenessMaxMs": ms(max(late)) if late else math.nan,
         "failures": len(failures),
         "failureSamples": sorted(set(failures))[:5],
+        "maxLive": shared.max_live,
         "rssIdleKb": idle.rss_kb,
         "rssAllOpenKb": rss_open,
         "rssPeakKb": peak_rss,
-        "rssPerStreamKb": round((rss_open - idle.rss_kb) / n, 1),
+        # Every stream open at once: (RSS then - idle) / N. Otherwise (peak - idle) / the
+        # most streams that were open at once (an approximation, flagged).
+        "rssPerStreamKb": round((rss_open - idle.rss_kb) / n, 1)
+        if full
+        else round((peak_rss - idle.rss_kb) / max(shared.max_live, 1), 1),
+        "rssPerStreamExact": bool(full),
         "cpu": cpu,
         # one row per second: [t since start s, chunks so far, live streams, server RSS KB,
         # server CPU s since start]
@@ -705,10 +796,15 @@ async def bench_concurrent(port: int, pid: int, token: str, n: int, rate: float,
 # -- 4. disconnect -> upstream closed -------------------------------------------------------
 
 
-async def bench_disconnect(port: int, fake_port: int, token: str, n: int,
-                           read_chunks: int = 3) -> dict[str, Any]:
-    status, _ = await http_json(fake_port, "PUT", "/_fake/settings",
-                                body={"ttftMs": 0, "tokensPerS": 50, "answerTokens": 2000})
+async def bench_disconnect(
+    port: int, fake_port: int, token: str, n: int, read_chunks: int = 3
+) -> dict[str, Any]:
+    status, _ = await http_json(
+        fake_port,
+        "PUT",
+        "/_fake/settings",
+        body={"ttftMs": 0, "tokensPerS": 50, "answerTokens": 2000},
+    )
     if status != 200:
         raise RuntimeError(f"PUT /_fake/settings -> {status}")
     sessions = await create_sessions(port, token, n + 1)
@@ -718,7 +814,7 @@ async def bench_disconnect(port: int, fake_port: int, token: str, n: int,
     for i, sid in enumerate(sessions):
         _, before = await http_json(fake_port, "GET", "/_fake/connections")
         known = {c["id"]: c["closedAt"] for c in before}
-        res = await run_stream(port, token, sid, body, Shared(), timeout=30, stop_after=read_chunks)
+        res = await run_stream(port, token, sid, body, Shared(), limit_s=30, stop_after=read_chunks)
         if res.failure or math.isnan(res.t_close_wall):
             failures.append(res.failure or f"stream ended before {read_chunks} chunks")
             continue
@@ -728,8 +824,12 @@ async def bench_disconnect(port: int, fake_port: int, token: str, n: int,
             while closed_at is None:
                 _, conns = await http_json(fake_port, "GET", "/_fake/connections")
                 for c in conns:
-                    if (c["path"] or "").endswith("/converse-stream") and c["closedAt"] is not None \
-                            and known.get(c["id"]) is None and c["closedAt"] >= res.t_close_wall * 1000 - 1000:
+                    if (
+                        (c["path"] or "").endswith("/converse-stream")
+                        and c["closedAt"] is not None
+                        and known.get(c["id"]) is None
+                        and c["closedAt"] >= res.t_close_wall * 1000 - 1000
+                    ):
                         closed_at = c["closedAt"]
                         break
                 else:
@@ -777,50 +877,104 @@ def report(results: dict[str, Any]) -> None:
     if fb := results.get("firstByte"):
         c = fb["cpu"] or {}
         rows += [
-            ("first byte p50 / p99", f"{fmt(fb['firstByteP50Ms'])} / {fmt(fb['firstByteP99Ms'])} ms",
-             f"{fb['streams']} sequential streams; target <= 1.5 / 5 ms"),
-            ("first chunk p50 / p99", f"{fmt(fb['firstChunkP50Ms'])} / {fmt(fb['firstChunkP99Ms'])} ms",
-             f"TTFT 0; done p50 {fmt(fb['doneP50Ms'])} ms; connect p50 {fmt(fb['connectP50Ms'])} ms"),
-            ("  cpu", f"srv {fmt(c.get('serverCpuPct'))}% cli {fmt(c.get('clientCpuPct'))}%",
-             f"failures {fb['failures']}"),
+            (
+                "first byte p50 / p99",
+                f"{fmt(fb['firstByteP50Ms'])} / {fmt(fb['firstByteP99Ms'])} ms",
+                f"{fb['streams']} sequential streams; target <= 1.5 / 5 ms",
+            ),
+            (
+                "first chunk p50 / p99",
+                f"{fmt(fb['firstChunkP50Ms'])} / {fmt(fb['firstChunkP99Ms'])} ms",
+                f"TTFT 0; done p50 {fmt(fb['doneP50Ms'])} ms; connect p50 {fmt(fb['connectP50Ms'])} ms",
+            ),
+            (
+                "  cpu",
+                f"srv {fmt(c.get('serverCpuPct'))}% cli {fmt(c.get('clientCpuPct'))}%",
+                f"failures {fb['failures']}",
+            ),
         ]
     if up := results.get("unpaced"):
-        rows.append(("unpaced events/s (median)", fmt(up["eventsPerSMedian"]),
-                     f"best {fmt(up['eventsPerSBest'])}; {fmt(up['eventsPerStream'])} events; "
-                     f"target >= 150,000; failures {up['failures']}"))
+        rows.append(
+            (
+                "unpaced events/s (median)",
+                fmt(up["eventsPerSMedian"]),
+                f"best {fmt(up['eventsPerSBest'])}; {fmt(up['eventsPerStream'])} events; "
+                f"target >= 150,000; failures {up['failures']}",
+            )
+        )
         for i, r in enumerate(up["runs"]):
             c = r["cpu"]
-            rows.append((f"  run {i + 1}", fmt(r["eventsPerS"]),
-                         f"{r['wallS']} s; srv cpu {fmt(c['serverCpuS'])} s "
-                         f"({fmt(c['serverCpuPct'])}%), cli cpu {fmt(c['clientCpuS'])} s "
-                         f"({fmt(c['clientCpuPct'])}%)"))
+            rows.append(
+                (
+                    f"  run {i + 1}",
+                    fmt(r["eventsPerS"]),
+                    f"{r['wallS']} s; srv cpu {fmt(c['serverCpuS'])} s "
+                    f"({fmt(c['serverCpuPct'])}%), cli cpu {fmt(c['clientCpuS'])} s "
+                    f"({fmt(c['clientCpuPct'])}%)",
+                )
+            )
     for cc in results.get("concurrent", []):
         n = cc["streams"]
         c = cc["cpu"]
         rows += [
-            (f"{n} x {fmt(cc['rate'])}/s: all headers", f"{fmt(cc['allHeadersS'])} s",
-             f"all first chunks {fmt(cc['allFirstChunkS'])} s; open window {cc['openWindow']}; "
-             f"headers p99 {fmt(cc['headersP99Ms'])} ms"),
-            ("  events/s all live", fmt(cc["eventsPerSAllLive"]),
-             f"target {fmt(cc['eventsPerSTarget'])}; overall {fmt(cc['eventsPerSOverall'])}; "
-             f"chunks {fmt(cc['chunks'])}/{fmt(cc['expectedChunks'])}"),
-            ("  lateness p50 / p99 / max",
-             f"{fmt(cc['latenessP50Ms'])} / {fmt(cc['latenessP99Ms'])} / {fmt(cc['latenessMaxMs'])} ms",
-             f"failures {cc['failures']} {'; '.join(cc['failureSamples'])}"),
-            ("  RSS per stream", f"{fmt(cc['rssPerStreamKb'])} KB",
-             f"idle {fmt(cc['rssIdleKb'])} KB, all open {fmt(cc['rssAllOpenKb'])} KB, "
-             f"peak {fmt(cc['rssPeakKb'])} KB"),
-            ("  cpu", f"srv {fmt(c['serverCpuPct'])}% cli {fmt(c['clientCpuPct'])}%",
-             f"server {fmt(cc['serverCpuPctAllLive'])}% of a core while all live; "
-             f"wall {fmt(c['wallS'])} s"),
+            (
+                f"{n} x {fmt(cc['rate'])}/s: all headers",
+                f"{fmt(cc['allHeadersS'])} s",
+                f"all first chunks {fmt(cc['allFirstChunkS'])} s; open window {cc['openWindow']}; "
+                f"headers p99 {fmt(cc['headersP99Ms'])} ms",
+            ),
+            (
+                "  events/s all live",
+                fmt(cc["eventsPerSAllLive"]),
+                f"target {fmt(cc['eventsPerSTarget'])}; overall {fmt(cc['eventsPerSOverall'])}; "
+                f"chunks {fmt(cc['chunks'])}/{fmt(cc['expectedChunks'])}",
+            ),
+            (
+                "  lateness p50 / p99 / max",
+                f"{fmt(cc['latenessP50Ms'])} / {fmt(cc['latenessP99Ms'])} / {fmt(cc['latenessMaxMs'])} ms",
+                f"failures {cc['failures']} {'; '.join(cc['failureSamples'])}",
+            ),
+            (
+                "  max live at once",
+                f"{fmt(cc['maxLive'])} / {fmt(n)}",
+                "streams open and streaming at the same moment",
+            ),
+            (
+                "  RSS per stream",
+                f"{fmt(cc['rssPerStreamKb'])} KB" + ("" if cc["rssPerStreamExact"] else " ~"),
+                f"idle {fmt(cc['rssIdleKb'])} KB, all open {fmt(cc['rssAllOpenKb'])} KB, "
+                f"peak {fmt(cc['rssPeakKb'])} KB",
+            ),
+            (
+                "  cpu",
+                f"srv {fmt(c['serverCpuPct'])}% cli {fmt(c['clientCpuPct'])}%",
+                f"server {fmt(cc['serverCpuPctAllLive'])}% of a core while all live; "
+                f"wall {fmt(c['wallS'])} s",
+            ),
         ]
+        if c["clientCpuPct"] and c["clientCpuPct"] > 70:
+            rows.append(
+                (
+                    "  note",
+                    "load generator busy",
+                    "client >70% of a core: lateness includes the client's own delay",
+                )
+            )
     if dc := results.get("disconnect"):
-        rows.append(("disconnect -> upstream closed p50 / p99",
-                     f"{fmt(dc['closeP50Ms'])} / {fmt(dc['closeP99Ms'])} ms",
-                     f"max {fmt(dc['closeMaxMs'])} ms; {dc['disconnects']} streams; "
-                     f"target p99 <= 5 ms; failures {dc['failures']}"))
+        rows.append(
+            (
+                "disconnect -> upstream closed p50 / p99",
+                f"{fmt(dc['closeP50Ms'])} / {fmt(dc['closeP99Ms'])} ms",
+                f"max {fmt(dc['closeMaxMs'])} ms; {dc['disconnects']} streams; "
+                f"target p99 <= 5 ms; failures {dc['failures']}",
+            )
+        )
     print()
-    print("chinwag streaming benchmark")
+    m = results["machine"]
+    print(
+        f"chinwag streaming benchmark - commit {m.get('commit')}, {m['nproc']} cpus "
+        f"({m.get('cpu')}), Python {m['python']}"
+    )
     print_table(rows)
 
 
@@ -832,15 +986,18 @@ def functional_failures(results: dict[str, Any]) -> list[str]:
         bad.append(f"unpaced: {up['failures']} failures {up['failureSamples']}")
     for cc in results.get("concurrent", []):
         if cc["failures"] or not cc["chunks"]:
-            bad.append(f"{cc['streams']} concurrent: {cc['failures']} failures {cc['failureSamples']}")
+            bad.append(
+                f"{cc['streams']} concurrent: {cc['failures']} failures {cc['failureSamples']}"
+            )
     if (dc := results.get("disconnect")) and (dc["failures"] or math.isnan(dc["closeP50Ms"])):
         bad.append(f"disconnect: {dc['failures']} failures {dc['failureSamples']}")
     return bad
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI), well under 60 s")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--sequential", type=int, default=500, help="streams for first byte")
@@ -849,11 +1006,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="500,1000,2000", help="comma-separated stream counts")
     p.add_argument("--rate", type=float, default=20.0, help="chunks/s per concurrent stream")
     p.add_argument("--answer-tokens", type=int, default=200, help="chunks per concurrent stream")
-    p.add_argument("--open-window", type=int, default=64,
-                   help="max stream handshakes in flight while opening (0 = all at once)")
+    p.add_argument(
+        "--open-window",
+        type=int,
+        default=64,
+        help="max stream handshakes in flight while opening (0 = all at once)",
+    )
     p.add_argument("--disconnects", type=int, default=100)
-    p.add_argument("--only", default="first,unpaced,concurrent,disconnect",
-                   help="comma-separated subset of: first,unpaced,concurrent,disconnect")
+    p.add_argument(
+        "--only",
+        default="first,unpaced,concurrent,disconnect",
+        help="comma-separated subset of: first,unpaced,concurrent,disconnect",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
     args = p.parse_args(argv)
     if args.quick:
@@ -868,58 +1032,102 @@ def main(argv: list[str] | None = None) -> int:
 
     env = Env(keep=args.keep)
     results: dict[str, Any] = {
-        "machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0],
-                    "fdLimit": nofile},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "cpu": cpu_model(),
+            "commit": git_commit(),
+            "fdLimit": nofile,
+        },
         "args": vars(args),
     }
     t0 = time.perf_counter()
     try:
         env.create_user()
         if only & {"first", "unpaced"}:
-            srv = start_chinwag(env, "serve-unpaced", CHINWAG_SIM_TTFT_MS="0",
-                                CHINWAG_SIM_TOKENS_PER_S="0",
-                                CHINWAG_SIM_ANSWER_TOKENS=str(max(args.unpaced_events, 200)))
+            srv = start_chinwag(
+                env,
+                "serve-unpaced",
+                CHINWAG_SIM_TTFT_MS="0",
+                CHINWAG_SIM_TOKENS_PER_S="0",
+                CHINWAG_SIM_ANSWER_TOKENS=str(max(args.unpaced_events, 200)),
+            )
             try:
                 if "first" in only:
                     print(f"[1] first byte: {args.sequential} sequential streams", flush=True)
-                    results["firstByte"] = run_phase(bench_first_byte, srv.port, srv.pid,
-                                                     env.token, args.sequential)
+                    results["firstByte"] = run_phase(
+                        bench_first_byte, srv.port, srv.pid, env.token, args.sequential
+                    )
                 if "unpaced" in only:
-                    print(f"[2] unpaced: {args.unpaced_runs} x {args.unpaced_events:,} events",
-                          flush=True)
-                    results["unpaced"] = run_phase(bench_unpaced, srv.port, srv.pid, env.token,
-                                                   args.unpaced_events, args.unpaced_runs)
+                    print(
+                        f"[2] unpaced: {args.unpaced_runs} x {args.unpaced_events:,} events",
+                        flush=True,
+                    )
+                    results["unpaced"] = run_phase(
+                        bench_unpaced,
+                        srv.port,
+                        srv.pid,
+                        env.token,
+                        args.unpaced_events,
+                        args.unpaced_runs,
+                    )
             finally:
                 srv.stop()
         if "concurrent" in only:
             results["concurrent"] = []
             for n in levels:
-                print(f"[3] concurrent: {n} streams x {args.rate:g}/s x {args.answer_tokens} "
-                      f"chunks", flush=True)
-                srv = start_chinwag(env, f"serve-paced-{n}", CHINWAG_SIM_TTFT_MS="0",
-                                    CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
-                                    CHINWAG_SIM_ANSWER_TOKENS=str(args.answer_tokens))
+                print(
+                    f"[3] concurrent: {n} streams x {args.rate:g}/s x {args.answer_tokens} chunks",
+                    flush=True,
+                )
+                srv = start_chinwag(
+                    env,
+                    f"serve-paced-{n}",
+                    CHINWAG_SIM_TTFT_MS="0",
+                    CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
+                    CHINWAG_SIM_ANSWER_TOKENS=str(args.answer_tokens),
+                )
                 try:
-                    results["concurrent"].append(run_phase(
-                        bench_concurrent, srv.port, srv.pid, env.token, n, args.rate,
-                        args.answer_tokens, args.open_window))
+                    results["concurrent"].append(
+                        run_phase(
+                            bench_concurrent,
+                            srv.port,
+                            srv.pid,
+                            env.token,
+                            n,
+                            args.rate,
+                            args.answer_tokens,
+                            args.open_window,
+                        )
+                    )
                 finally:
                     srv.stop()
         if "disconnect" in only:
             print(f"[4] disconnect: {args.disconnects} streams via fake-bedrock", flush=True)
-            fake = Server(env, "fake-bedrock", ["fake-bedrock", "--port", "0"], {},
-                          "fake-bedrock listening on")
+            fake = Server(
+                env,
+                "fake-bedrock",
+                ["fake-bedrock", "--port", "0"],
+                {},
+                "fake-bedrock listening on",
+            )
             try:
                 srv = start_chinwag(
-                    env, "serve-bedrock", CHINWAG_PROVIDER="bedrock",
+                    env,
+                    "serve-bedrock",
+                    CHINWAG_PROVIDER="bedrock",
                     CHINWAG_BEDROCK_ENDPOINT_URL=f"http://{HOST}:{fake.port}",
-                    AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                    AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1",
-                    AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+                    AWS_ACCESS_KEY_ID="test",
+                    AWS_SECRET_ACCESS_KEY="test",
+                    AWS_DEFAULT_REGION="us-east-1",
+                    AWS_REGION="us-east-1",
+                    AWS_CONFIG_FILE="/nonexistent",
+                    AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
                 )
                 try:
-                    results["disconnect"] = run_phase(bench_disconnect, srv.port, fake.port,
-                                                      env.token, args.disconnects)
+                    results["disconnect"] = run_phase(
+                        bench_disconnect, srv.port, fake.port, env.token, args.disconnects
+                    )
                 finally:
                     srv.stop()
             finally:

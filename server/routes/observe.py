@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,7 +92,6 @@ async def observer_items(
     with stream.reader(0) as reader:
         count, from_id = reader.backlog()
         history_end = reader.history_end
-        in_history = history_end > 0
         head: list[Item] = [
             (
                 "observer",
@@ -105,8 +104,14 @@ async def observer_items(
             ),
             ("history-start", {"count": count, "fromId": from_id}),
         ]
-        if not in_history:
-            head.append(("history-end", {"lastId": 0}))
+        if history_end > 0:
+            # Take the history now, before anything can yield: the reader's
+            # first batch is exactly it, and a fast producer could otherwise
+            # overwrite announced events while the head is being written.
+            # (Nothing to take only if the ring was released already.)
+            with suppress(trio.WouldBlock, trio.EndOfChannel):
+                head.append(reader.next_batch_nowait())
+        head.append(("history-end", {"lastId": history_end}))
         yield head
         async with aclosing(paced(reader, interval)) as batches:
             async for batch in batches:
@@ -114,10 +119,6 @@ async def observer_items(
                 if batch is not None and batch.skipped:
                     group.append(("lagged", {"skipped": batch.skipped}))
                 group.append(batch)
-                # The reader's first batch is exactly the history.
-                if in_history and reader.position >= history_end:
-                    in_history = False
-                    group.append(("history-end", {"lastId": history_end}))
                 yield group
 
 
