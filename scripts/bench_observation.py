@@ -183,7 +183,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--burst", type=int, default=16, help="events published per yield")
     parser.add_argument("--no-compare", action="store_true", help="skip the channels comparison")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI: it must keep working)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (CI: it must keep working)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.readers, args.events, args.no_compare = 20, 200, True

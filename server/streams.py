@@ -212,8 +212,12 @@ class StreamRun:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
                 try:
                     await self._finish(
-                        "".join(parts), len(parts), usage, finish or self.cancel_reason,
-                        error, retries,
+                        "".join(parts),
+                        len(parts),
+                        usage,
+                        finish or self.cancel_reason,
+                        error,
+                        retries,
                     )
                 except Exception:
                     # Never let one stream's ending take the hub (and every stream) down.

@@ -54,7 +54,9 @@ class Harness:
     def svc(self) -> Any:
         return self.app.extensions["chinwag"]
 
-    def user(self, role: str = "enduser", credits: int = 0, name: str | None = None) -> dict[str, Any]:
+    def user(
+        self, role: str = "enduser", credits: int = 0, name: str | None = None
+    ) -> dict[str, Any]:
         self.n += 1
         name = name or f"{role}{self.n}"
         user = self.svc.store.add_user(name, _PASSWORD_HASH, role, f"{name}@example.com")
@@ -122,7 +124,9 @@ class Live:
     http: httpx.AsyncClient
 
 
-async def start_live(settings: Settings, nursery: trio.Nursery) -> tuple[Any, str, trio.Event, trio.Event]:
+async def start_live(
+    settings: Settings, nursery: trio.Nursery
+) -> tuple[Any, str, trio.Event, trio.Event]:
     app = create_app(settings)
     config = hypercorn_config(settings, "127.0.0.1", 0)
     config.graceful_timeout = 2

@@ -26,16 +26,24 @@ async def fake(nursery: trio.Nursery) -> FakeBedrock:
 
 @pytest.fixture
 async def blive(live_factory: Any, settings: Any, fake: FakeBedrock) -> Any:
-    return await live_factory(with_settings(
-        settings, provider="bedrock", bedrock_endpoint_url=fake.url,
-        bedrock_read_timeout_ms=500, upstream_max_attempts=3,
-    ))
+    return await live_factory(
+        with_settings(
+            settings,
+            provider="bedrock",
+            bedrock_endpoint_url=fake.url,
+            bedrock_read_timeout_ms=500,
+            upstream_max_attempts=3,
+        )
+    )
 
 
 async def _stream(live: Any, user: dict, sid: str, **body: Any) -> tuple[str, list]:
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "Hello Bedrock", **body},
-                                headers=user["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "Hello Bedrock", **body},
+        headers=user["headers"],
+    ) as r:
         assert r.status_code == 200
         return r.headers["x-streaming-session-id"], await collect(r)
 
@@ -62,8 +70,12 @@ async def test_client_disconnect_closes_the_upstream_connection(blive, fake):
     fake.settings.answer_tokens = 400
     alice = blive.harness.user(credits=100_000)
     sid = await new_session(blive, alice)
-    async with blive.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                 json={"message": "a long one"}, headers=alice["headers"]) as r:
+    async with blive.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "a long one"},
+        headers=alice["headers"],
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         run = blive.harness.svc.hub.for_stream(stream_id)
         feed = messages(r)
@@ -100,10 +112,15 @@ async def test_throttled_twice_then_served_counts_retries(blive, fake):
     assert row["payload"]["streamingSessionId"] == stream_id
 
 
-@pytest.mark.parametrize(("fault", "scenario"), [
-    ("throttle", "rate_limit"), ("server_error", "server_error"),
-    ("break_midway", "drop_midway"), ("hang", "timeout"),
-])
+@pytest.mark.parametrize(
+    ("fault", "scenario"),
+    [
+        ("throttle", "rate_limit"),
+        ("server_error", "server_error"),
+        ("break_midway", "drop_midway"),
+        ("hang", "timeout"),
+    ],
+)
 async def test_upstream_faults_become_plain_error_events(blive, fake, fault, scenario):
     alice = blive.harness.user(credits=10_000)
     sid = await new_session(blive, alice)

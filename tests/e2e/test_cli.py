@@ -17,15 +17,27 @@ CHINWAG = [sys.executable, "-m", "server.cli"]
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update({"CHINWAG_DB": str(tmp_path / "cli.db"), "CHINWAG_PORT": "0",
-                "CHINWAG_SIM_TTFT_MS": "0", "CHINWAG_SIM_TOKENS_PER_S": "0"})
+    env.update(
+        {
+            "CHINWAG_DB": str(tmp_path / "cli.db"),
+            "CHINWAG_PORT": "0",
+            "CHINWAG_SIM_TTFT_MS": "0",
+            "CHINWAG_SIM_TOKENS_PER_S": "0",
+        }
+    )
     env.update(extra)
     return env
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CHINWAG, *args], env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [*CHINWAG, *args],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 class Server:
@@ -49,7 +61,9 @@ class Server:
 
 async def start_server(tmp_path: Path, nursery: trio.Nursery, **env: str) -> Server:
     proc = await trio.lowlevel.open_process(
-        [*CHINWAG, "serve"], env=_env(tmp_path, **env), stdout=subprocess.PIPE,
+        [*CHINWAG, "serve"],
+        env=_env(tmp_path, **env),
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     server = Server(proc)
@@ -64,8 +78,18 @@ async def stop(server: Server) -> int:
 
 
 def test_user_add_credits_and_token(tmp_path):
-    r = _run(tmp_path, "user", "add", "ann", "--password", "ann-password", "--role", "admin",
-             "--email", "ann@example.com")
+    r = _run(
+        tmp_path,
+        "user",
+        "add",
+        "ann",
+        "--password",
+        "ann-password",
+        "--role",
+        "admin",
+        "--email",
+        "ann@example.com",
+    )
     assert r.returncode == 0, r.stderr
     assert "ann-password" not in r.stdout + r.stderr
     r = _run(tmp_path, "user", "add", "ann", "--password", "ann-password", "--role", "admin")
@@ -89,13 +113,15 @@ async def test_serve_answers_on_a_socket_and_stops_on_sigterm(tmp_path, nursery)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
             assert (await http.get("/api/health")).json()["status"] == "ok"
-            r = await http.post("/api/auth/login",
-                                json={"username": "bo", "password": "bo-password-1"})
+            r = await http.post(
+                "/api/auth/login", json={"username": "bo", "password": "bo-password-1"}
+            )
             headers = {"Authorization": f"Bearer {r.json()['accessToken']}"}
             r = await http.post("/api/chat/sessions", json={"title": "cli"}, headers=headers)
             sid = r.json()["sessionId"]
-            r = await http.post(f"/api/chat/sessions/{sid}/messages", json={"message": "hi"},
-                                headers=headers)
+            r = await http.post(
+                f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=headers
+            )
             assert r.status_code == 200 and r.json()["assistantMessage"]["status"] == "complete"
             # A token the CLI mints is accepted by the server (same secret file).
             token = _run(tmp_path, "token", "bo").stdout.strip()
@@ -107,9 +133,21 @@ async def test_serve_answers_on_a_socket_and_stops_on_sigterm(tmp_path, nursery)
 
 
 def test_bad_configuration_fails_fast_with_the_variable_named(tmp_path):
-    r = subprocess.run([*CHINWAG, "serve"], env=_env(tmp_path, CHINWAG_PORT="eighty"),
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [*CHINWAG, "serve"],
+        env=_env(tmp_path, CHINWAG_PORT="eighty"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2 and "CHINWAG_PORT" in r.stderr
-    r = subprocess.run([*CHINWAG, "serve"], env=_env(tmp_path, CHINWAG_JWT_SECRET="short"),
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [*CHINWAG, "serve"],
+        env=_env(tmp_path, CHINWAG_JWT_SECRET="short"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2 and "CHINWAG_JWT_SECRET" in r.stderr

@@ -17,8 +17,9 @@ BALANCE = 250
 
 
 async def test_hundreds_of_concurrent_reservations_never_overdraw(live_factory, settings):
-    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000,
-                                            max_streams_per_user=10_000))
+    live = await live_factory(
+        with_settings(settings, sim_ttft_ms=60_000, max_streams_per_user=10_000)
+    )
     alice = live.harness.user(credits=BALANCE)
     sessions = []
     for _ in range(N_REQUESTS):
@@ -31,9 +32,12 @@ async def test_hundreds_of_concurrent_reservations_never_overdraw(live_factory, 
     async with httpx.AsyncClient(base_url=live.url, timeout=30, limits=limits) as http:
 
         async def one(sid: str) -> None:
-            async with http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                   json={"message": "hi", "maxTokens": 1000},
-                                   headers=alice["headers"]) as r:
+            async with http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "hi", "maxTokens": 1000},
+                headers=alice["headers"],
+            ) as r:
                 outcomes.append(r.status_code)
                 if len(outcomes) == N_REQUESTS:
                     all_answered.set()
@@ -74,8 +78,12 @@ async def test_kill_9_mid_stream_then_restart_recovers(tmp_path, nursery):
     server = await start_server(tmp_path, nursery, CHINWAG_SIM_TTFT_MS="60000")
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         sid = (await http.post("/api/chat/sessions", json={}, headers=headers)).json()["sessionId"]
-        async with http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                               json={"message": "never finished"}, headers=headers) as r:
+        async with http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "never finished"},
+            headers=headers,
+        ) as r:
             feed = messages(r)  # keep a reference: dropping it closes the response
             await feed.__anext__()
             before = (await http.get("/api/credits/balance", headers=headers)).json()
@@ -84,18 +92,22 @@ async def test_kill_9_mid_stream_then_restart_recovers(tmp_path, nursery):
             with trio.fail_after(10):
                 await server.proc.wait()
 
-    server = await start_server(tmp_path, nursery, CHINWAG_SIM_TTFT_MS="0",
-                                CHINWAG_SIM_TOKENS_PER_S="0")
+    server = await start_server(
+        tmp_path, nursery, CHINWAG_SIM_TTFT_MS="0", CHINWAG_SIM_TOKENS_PER_S="0"
+    )
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
             bal = (await http.get("/api/credits/balance", headers=headers)).json()
             assert bal == {"userId": bal["userId"], "balance": 500, "reserved": 0, "available": 500}
             msgs = (await http.get(f"/api/chat/sessions/{sid}/messages", headers=headers)).json()
             assert [(m["role"], m["status"]) for m in msgs["messages"]] == [
-                ("user", "complete"), ("assistant", "interrupted")]
+                ("user", "complete"),
+                ("assistant", "interrupted"),
+            ]
             # ... and it serves normally.
-            r = await http.post(f"/api/chat/sessions/{sid}/messages", json={"message": "again"},
-                                headers=headers)
+            r = await http.post(
+                f"/api/chat/sessions/{sid}/messages", json={"message": "again"}, headers=headers
+            )
             assert r.status_code == 200
             assert r.json()["assistantMessage"]["status"] == "complete"
     finally:

@@ -42,22 +42,29 @@ async def test_late_supervisor_gets_history_then_live_tail(slow_live):
     alice = live.harness.user(credits=10_000)
     sup = live.harness.user("supervisor")
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "watch me"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "watch me"},
+        headers=alice["headers"],
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         feed = messages(r)
         client: list[Msg] = []
         while sum(m.event == "chunk" for m in client) < 5:
             client.append(await feed.__anext__())
-        async with live.http.stream("GET", f"/api/chat/sessions/{sid}/observe",
-                                    headers=sup["headers"]) as o:
+        async with live.http.stream(
+            "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+        ) as o:
             assert o.status_code == 200 and o.headers["content-type"] == "text/event-stream"
             observed = await read_until_done(o)
         client += await read_until_done(r, feed)
 
     controls = [(m.event, m.data) for m in observed if m.event and m.id is None]
-    assert controls[0] == ("observer", {"status": "connected", "sessionId": sid,
-                                        "streamingSessionId": stream_id, "observers": 1})
+    assert controls[0] == (
+        "observer",
+        {"status": "connected", "sessionId": sid, "streamingSessionId": stream_id, "observers": 1},
+    )
     assert controls[1][0] == "history-start"
     start = controls[1][1]
     assert start["fromId"] == 1 and start["count"] >= 5
@@ -77,14 +84,19 @@ async def test_wait_attaches_to_the_next_stream(slow_live):
     alice = live.harness.user(credits=10_000)
     sup = live.harness.user("supervisor")
     sid = await new_session(live, alice)
-    async with live.http.stream("GET", f"/api/chat/sessions/{sid}/observe?wait=10",
-                                headers=sup["headers"]) as o:
+    async with live.http.stream(
+        "GET", f"/api/chat/sessions/{sid}/observe?wait=10", headers=sup["headers"]
+    ) as o:
         feed = messages(o)
         assert (await feed.__anext__()).comment == "connected"
         first = await feed.__anext__()
         assert (first.event, first.data) == ("observer", {"status": "waiting", "sessionId": sid})
-        async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                    json={"message": "now"}, headers=alice["headers"]) as r:
+        async with live.http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "now"},
+            headers=alice["headers"],
+        ) as r:
             client = await read_until_done(r)
         observed = await read_until_done(o, feed)
     assert observed[0].event == "observer" and observed[0].data["status"] == "connected"
@@ -97,14 +109,19 @@ async def test_twenty_observers_see_identical_streams(slow_live):
     sup = live.harness.user("supervisor")
     sid = await new_session(live, alice)
     results: list[list[Any]] = []
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "many eyes"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "many eyes"},
+        headers=alice["headers"],
+    ) as r:
         feed = messages(r)
         client = [await feed.__anext__(), await feed.__anext__()]
 
         async def observe() -> None:
-            async with live.http.stream("GET", f"/api/chat/sessions/{sid}/observe",
-                                        headers=sup["headers"]) as o:
+            async with live.http.stream(
+                "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+            ) as o:
                 results.append(stream_events(await read_until_done(o)))
 
         async with trio.open_nursery() as nursery:
@@ -116,15 +133,19 @@ async def test_twenty_observers_see_identical_streams(slow_live):
 
 
 async def test_observer_that_stops_reading_never_slows_the_client(live_factory, settings):
-    live = await live_factory(with_settings(settings, observe_ring=64, sim_answer_tokens=3000,
-                                            sse_heartbeat_ms=60_000))
+    live = await live_factory(
+        with_settings(settings, observe_ring=64, sim_answer_tokens=3000, sse_heartbeat_ms=60_000)
+    )
     alice = live.harness.user(credits=100_000)
     sup = live.harness.user("supervisor")
     sid = await new_session(live, alice)
     url = urlsplit(live.url)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "flood", "maxTokens": 4000},
-                                headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "flood", "maxTokens": 4000},
+        headers=alice["headers"],
+    ) as r:
         feed = messages(r)
         await feed.__anext__()
         # An observer with a tiny receive buffer that reads nothing at all.
@@ -134,7 +155,8 @@ async def test_observer_that_stops_reading_never_slows_the_client(live_factory, 
         stuck = trio.SocketStream(sock)
         await stuck.send_all(
             f"GET /api/chat/sessions/{sid}/observe HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {sup['token']}\r\n\r\n".encode())
+            f"Authorization: Bearer {sup['token']}\r\n\r\n".encode()
+        )
         with trio.fail_after(10):  # the client gets all 3000 chunks regardless
             client = await read_until_done(r, feed)
     assert sum(m.event == "chunk" for m in client) == 3000
@@ -161,14 +183,16 @@ async def test_observe_errors(live):
     r = await live.http.get(f"/api/chat/sessions/{sid}/observe", headers=sup["headers"])
     assert r.status_code == 404 and r.json() == {
         "message": "No active streaming session found for observation",
-        "errorCode": "SESSION_NOT_ACTIVE"}
+        "errorCode": "SESSION_NOT_ACTIVE",
+    }
     r = await live.http.get(f"/api/chat/sessions/{sid}/observe", headers=alice["headers"])
     assert r.status_code == 403
     r = await live.http.get("/api/chat/sessions/nope/observe", headers=sup["headers"])
     assert r.status_code == 404 and r.json()["errorCode"] == "SESSION_NOT_FOUND"
     for bad in ["abc", "0", "-1", "301", "nan"]:
-        r = await live.http.get(f"/api/chat/sessions/{sid}/observe?wait={bad}",
-                                headers=sup["headers"])
+        r = await live.http.get(
+            f"/api/chat/sessions/{sid}/observe?wait={bad}", headers=sup["headers"]
+        )
         assert r.status_code == 400, bad
 
 
@@ -177,12 +201,14 @@ async def test_active_streams_with_observer_counts(live_factory, settings):
     alice = live.harness.user(credits=1000)
     sup = live.harness.user("supervisor")
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "x"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST", f"/api/chat/sessions/{sid}/stream", json={"message": "x"}, headers=alice["headers"]
+    ) as r:
         feed = messages(r)
         await feed.__anext__()
-        async with live.http.stream("GET", f"/api/chat/sessions/{sid}/observe",
-                                    headers=sup["headers"]) as o:
+        async with live.http.stream(
+            "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+        ) as o:
             ofeed = messages(o)
             while (await ofeed.__anext__()).event != "history-end":
                 pass
@@ -200,8 +226,12 @@ async def test_websocket_observer_gets_the_same_feed(slow_live):
     sid = await new_session(live, alice)
     ws_url = live.url.replace("http://", "ws://") + f"/api/chat/sessions/{sid}/observe/ws"
     frames: list[dict[str, Any]] = []
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "over ws"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "over ws"},
+        headers=alice["headers"],
+    ) as r:
         feed = messages(r)
         client = [await feed.__anext__(), await feed.__anext__()]
         async with open_websocket_url(ws_url + f"?token={sup['token']}") as ws:
@@ -224,8 +254,8 @@ async def test_websocket_refuses_endusers_with_json(slow_live):
         await stream.send_all(
             f"GET /api/chat/sessions/{sid}/observe/ws?token={alice['token']} HTTP/1.1\r\n"
             "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            .encode())
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
         data = b""
         with trio.fail_after(5):
             while b"}" not in data:
@@ -237,12 +267,17 @@ async def test_websocket_refuses_endusers_with_json(slow_live):
 
 
 async def test_resume_within_the_grace_continues_without_loss(live_factory, settings):
-    live = await live_factory(with_settings(settings, sim_tokens_per_s=50, sim_answer_tokens=40,
-                                            disconnect_grace_ms=5000))
+    live = await live_factory(
+        with_settings(settings, sim_tokens_per_s=50, sim_answer_tokens=40, disconnect_grace_ms=5000)
+    )
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "drop me"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "drop me"},
+        headers=alice["headers"],
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         run = live.harness.svc.hub.for_stream(stream_id)
         feed = messages(r)
@@ -251,7 +286,8 @@ async def test_resume_within_the_grace_continues_without_loss(live_factory, sett
             first.append(await feed.__anext__())
     last_id = [m.id for m in first if m.id][-1]
     async with live.http.stream(
-        "GET", f"/api/chat/sessions/{sid}/stream?streamingSessionId={stream_id}",
+        "GET",
+        f"/api/chat/sessions/{sid}/stream?streamingSessionId={stream_id}",
         headers={**alice["headers"], "Last-Event-ID": str(last_id)},
     ) as r2:
         assert r2.status_code == 200
@@ -265,12 +301,17 @@ async def test_resume_within_the_grace_continues_without_loss(live_factory, sett
 
 
 async def test_no_resume_within_the_grace_aborts_like_a_disconnect(live_factory, settings):
-    live = await live_factory(with_settings(settings, sim_tokens_per_s=20, sim_answer_tokens=400,
-                                            disconnect_grace_ms=200))
+    live = await live_factory(
+        with_settings(settings, sim_tokens_per_s=20, sim_answer_tokens=400, disconnect_grace_ms=200)
+    )
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "bye"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "bye"},
+        headers=alice["headers"],
+    ) as r:
         run = live.harness.svc.hub.for_stream(r.headers["x-streaming-session-id"])
         feed = messages(r)
         while (await feed.__anext__()).event != "chunk":
@@ -287,16 +328,24 @@ async def test_resume_after_the_end_replays_to_done(slow_live):
     live = slow_live
     alice, bob = live.harness.user(credits=10_000), live.harness.user(credits=10)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "all of it"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "all of it"},
+        headers=alice["headers"],
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         client = await read_until_done(r)
     base = f"/api/chat/sessions/{sid}/stream?streamingSessionId={stream_id}"
-    async with live.http.stream("GET", base, headers={**alice["headers"], "Last-Event-ID": "10"}) as r:
+    async with live.http.stream(
+        "GET", base, headers={**alice["headers"], "Last-Event-ID": "10"}
+    ) as r:
         replay = await read_until_done(r)
     assert stream_events(replay) == stream_events(client)[10:]
     # Beyond the last id: nothing replayed; the stream has ended, so it just closes.
-    async with live.http.stream("GET", base, headers={**alice["headers"], "Last-Event-ID": "999"}) as r:
+    async with live.http.stream(
+        "GET", base, headers={**alice["headers"], "Last-Event-ID": "999"}
+    ) as r:
         assert r.status_code == 200
         rest = [m async for m in messages(r)]
     assert [m for m in rest if m.id is not None] == []
@@ -305,6 +354,7 @@ async def test_resume_after_the_end_replays_to_done(slow_live):
         assert r.status_code == code
     r = await live.http.get(base, headers=bob["headers"])
     assert r.status_code == 404 and r.json()["errorCode"] == "SESSION_NOT_FOUND"
-    r = await live.http.get(f"/api/chat/sessions/{sid}/stream?streamingSessionId=stream-1-x",
-                            headers=alice["headers"])
+    r = await live.http.get(
+        f"/api/chat/sessions/{sid}/stream?streamingSessionId=stream-1-x", headers=alice["headers"]
+    )
     assert r.status_code == 404 and r.json()["errorCode"] == "STREAM_NOT_FOUND"

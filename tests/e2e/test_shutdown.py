@@ -14,20 +14,34 @@ from tests.sse import events, messages
 
 async def test_sigterm_tells_streams_and_observers_then_exits_0(tmp_path, nursery):
     assert _run(tmp_path, "user", "add", "dee", "--password", "dee-password").returncode == 0
-    assert _run(tmp_path, "user", "add", "sup", "--password", "sup-password",
-                "--role", "supervisor").returncode == 0
+    assert (
+        _run(
+            tmp_path, "user", "add", "sup", "--password", "sup-password", "--role", "supervisor"
+        ).returncode
+        == 0
+    )
     assert _run(tmp_path, "credits", "allocate", "dee", "1000").returncode == 0
     token = _run(tmp_path, "token", "dee").stdout.strip()
     sup_token = _run(tmp_path, "token", "sup").stdout.strip()
     headers = {"Authorization": f"Bearer {token}"}
-    server = await start_server(tmp_path, nursery, CHINWAG_SIM_TOKENS_PER_S="20",
-                                CHINWAG_SIM_ANSWER_TOKENS="2000")
+    server = await start_server(
+        tmp_path, nursery, CHINWAG_SIM_TOKENS_PER_S="20", CHINWAG_SIM_ANSWER_TOKENS="2000"
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         sid = (await http.post("/api/chat/sessions", json={}, headers=headers)).json()["sessionId"]
-        async with http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                               json={"message": "long", "maxTokens": 4000}, headers=headers) as r, \
-                http.stream("GET", f"/api/chat/sessions/{sid}/observe",
-                            headers={"Authorization": f"Bearer {sup_token}"}) as o:
+        async with (
+            http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "long", "maxTokens": 4000},
+                headers=headers,
+            ) as r,
+            http.stream(
+                "GET",
+                f"/api/chat/sessions/{sid}/observe",
+                headers={"Authorization": f"Bearer {sup_token}"},
+            ) as o,
+        ):
             feed, ofeed = messages(r), messages(o)
             client = []
             while sum(m.event == "chunk" for m in client) < 2:

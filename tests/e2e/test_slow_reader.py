@@ -13,9 +13,14 @@ from tests.e2e.test_streaming import new_session
 
 
 async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
-    live = await live_factory(with_settings(
-        settings, observe_ring=64, sim_answer_tokens=5000, slow_client_timeout_ms=500,
-    ))
+    live = await live_factory(
+        with_settings(
+            settings,
+            observe_ring=64,
+            sim_answer_tokens=5000,
+            slow_client_timeout_ms=500,
+        )
+    )
     alice = live.harness.user(credits=100_000)
     sid = await new_session(live, alice)
     url = urlsplit(live.url)
@@ -27,7 +32,9 @@ async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
         await stuck.send_all(
             f"POST /api/chat/sessions/{sid}/stream HTTP/1.1\r\nHost: x\r\n"
             f"Authorization: Bearer {alice['token']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         head = await stuck.receive_some(200)  # then never read again
         assert head.startswith(b"HTTP/1.1 200")
         hub = live.harness.svc.hub

@@ -30,8 +30,12 @@ async def test_stream_end_to_end_then_update_stream(live):
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
     url = f"/api/chat/sessions/{sid}/stream"
-    async with live.http.stream("POST", url, json={"message": "Tell me about trio"},
-                                headers={**alice["headers"], "X-Request-Id": "rid-1"}) as r:
+    async with live.http.stream(
+        "POST",
+        url,
+        json={"message": "Tell me about trio"},
+        headers={**alice["headers"], "X-Request-Id": "rid-1"},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "text/event-stream"
         assert r.headers["cache-control"] == "no-cache, no-store, must-revalidate"
@@ -52,44 +56,59 @@ async def test_stream_end_to_end_then_update_stream(live):
     text = text_of(msgs)
 
     # update-stream at once after done never races the server.
-    r = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
-                             json={"streamingSessionId": stream_id, "completeResponse": "forged"},
-                             headers=alice["headers"])
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/update-stream",
+        json={"streamingSessionId": stream_id, "completeResponse": "forged"},
+        headers=alice["headers"],
+    )
     assert r.status_code == 200
     message = r.json()["message"]
     assert message["content"] == text  # the server's record wins over completeResponse
     assert message["id"] == done["messageId"] and message["status"] == "complete"
     assert message["tokensUsed"] == done["tokensUsed"]
-    again = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
-                                 json={"streamingSessionId": stream_id}, headers=alice["headers"])
+    again = await live.http.post(
+        f"/api/chat/sessions/{sid}/update-stream",
+        json={"streamingSessionId": stream_id},
+        headers=alice["headers"],
+    )
     assert again.json() == r.json()  # idempotent
 
     bal = live.harness.svc.ledger.balance(alice["id"])
     assert bal.balance == 10_000 - done["creditsCharged"] and bal.reserved == 0
 
     # A second stream, then the seed's wrong-id check.
-    async with live.http.stream("POST", url, json={"message": "again"},
-                                headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST", url, json={"message": "again"}, headers=alice["headers"]
+    ) as r:
         second = r.headers["x-streaming-session-id"]
         await collect(r)
     assert second != stream_id
     for wrong in ["stream-0-nope", "", None, 5]:
-        r = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
-                                 json={"streamingSessionId": wrong}, headers=alice["headers"])
+        r = await live.http.post(
+            f"/api/chat/sessions/{sid}/update-stream",
+            json={"streamingSessionId": wrong},
+            headers=alice["headers"],
+        )
         assert r.status_code == 400
-        assert r.json() == {"message": "Streaming session ID mismatch",
-                            "errorCode": "STREAMING_SESSION_MISMATCH"}
+        assert r.json() == {
+            "message": "Streaming session ID mismatch",
+            "errorCode": "STREAMING_SESSION_MISMATCH",
+        }
 
 
 async def test_update_stream_for_another_session_is_a_mismatch(live):
     alice = live.harness.user(credits=10_000)
     s1, s2 = await new_session(live, alice), await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{s1}/stream",
-                                json={"message": "hi"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST", f"/api/chat/sessions/{s1}/stream", json={"message": "hi"}, headers=alice["headers"]
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         await collect(r)
-    r = await live.http.post(f"/api/chat/sessions/{s2}/update-stream",
-                             json={"streamingSessionId": stream_id}, headers=alice["headers"])
+    r = await live.http.post(
+        f"/api/chat/sessions/{s2}/update-stream",
+        json={"streamingSessionId": stream_id},
+        headers=alice["headers"],
+    )
     assert r.status_code == 400 and r.json()["errorCode"] == "STREAMING_SESSION_MISMATCH"
 
 
@@ -97,8 +116,12 @@ async def test_headers_and_first_comment_flush_before_the_first_token(live_facto
     live = await live_factory(with_settings(settings, sim_ttft_ms=60_000))
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "slow start"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "slow start"},
+        headers=alice["headers"],
+    ) as r:
         assert r.status_code == 200
         stream_id = r.headers["x-streaming-session-id"]
         feed = messages(r)  # keep a reference: dropping it closes the response
@@ -108,8 +131,11 @@ async def test_headers_and_first_comment_flush_before_the_first_token(live_facto
         run = live.harness.svc.hub.for_stream(stream_id)
         assert run is not None and not run.done
         # update-stream while running → 409
-        r2 = await live.http.post(f"/api/chat/sessions/{sid}/update-stream",
-                                  json={"streamingSessionId": stream_id}, headers=alice["headers"])
+        r2 = await live.http.post(
+            f"/api/chat/sessions/{sid}/update-stream",
+            json={"streamingSessionId": stream_id},
+            headers=alice["headers"],
+        )
         assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_IN_PROGRESS"
 
 
@@ -118,8 +144,12 @@ async def test_heartbeats_at_the_configured_interval_while_waiting(live_factory,
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
     beats: list[tuple[float, int]] = []
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "wait for it"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "wait for it"},
+        headers=alice["headers"],
+    ) as r:
         async for msg in messages(r):
             if msg.comment and msg.comment.startswith("heartbeat "):
                 beats.append((msg.at, int(msg.comment.split()[1])))
@@ -134,9 +164,12 @@ async def test_client_disconnect_aborts_and_charges_only_produced_tokens(live_fa
     live = await live_factory(with_settings(settings, sim_tokens_per_s=100, sim_answer_tokens=500))
     alice = live.harness.user(credits=100_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "a long answer please", "maxTokens": 1000},
-                                headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "a long answer please", "maxTokens": 1000},
+        headers=alice["headers"],
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         run = live.harness.svc.hub.for_stream(stream_id)
         got = 0
@@ -163,12 +196,17 @@ async def test_second_concurrent_stream_on_a_session_is_409(live_factory, settin
     live = await live_factory(with_settings(settings, sim_ttft_ms=60_000))
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "one"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "one"},
+        headers=alice["headers"],
+    ) as r:
         feed = messages(r)  # keep a reference: dropping it closes the response
         await feed.__anext__()
-        r2 = await live.http.post(f"/api/chat/sessions/{sid}/stream", json={"message": "two"},
-                                  headers=alice["headers"])
+        r2 = await live.http.post(
+            f"/api/chat/sessions/{sid}/stream", json={"message": "two"}, headers=alice["headers"]
+        )
         assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_ALREADY_ACTIVE"
 
 
@@ -188,7 +226,9 @@ async def test_second_concurrent_stream_on_a_session_is_409(live_factory, settin
 async def test_bad_stream_requests_are_plain_400s(live, body, code):
     alice = live.harness.user(credits=1000)
     sid = await new_session(live, alice)
-    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", json=body, headers=alice["headers"])
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/stream", json=body, headers=alice["headers"]
+    )
     assert r.status_code == 400
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["errorCode"] == code
@@ -199,8 +239,9 @@ async def test_bad_stream_requests_are_plain_400s(live, body, code):
 async def test_stream_without_credits_is_402_json(live):
     alice = live.harness.user(credits=0)
     sid = await new_session(live, alice)
-    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", json={"message": "hi"},
-                             headers=alice["headers"])
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/stream", json={"message": "hi"}, headers=alice["headers"]
+    )
     assert r.status_code == 402 and r.json()["errorCode"] == "INSUFFICIENT_CREDITS"
     assert live.harness.svc.store.list_messages(sid)[1] == 0
 
@@ -208,8 +249,11 @@ async def test_stream_without_credits_is_402_json(live):
 async def test_malformed_json_stream_body(live):
     alice = live.harness.user(credits=1000)
     sid = await new_session(live, alice)
-    r = await live.http.post(f"/api/chat/sessions/{sid}/stream", content=b"{nope",
-                             headers={**alice["headers"], "Content-Type": "application/json"})
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/stream",
+        content=b"{nope",
+        headers={**alice["headers"], "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
 
 
@@ -218,9 +262,12 @@ async def test_fault_scenarios_end_in_error_then_done(live_factory, settings, sc
     live = await live_factory(with_settings(settings, test_scenarios=True, sim_answer_tokens=10))
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "break please"},
-                                headers={**alice["headers"], "X-Test-Scenario": scenario}) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "break please"},
+        headers={**alice["headers"], "X-Test-Scenario": scenario},
+    ) as r:
         assert r.status_code == 200
         evs = events(await collect(r))
     message, code = FAULT_WORDS[scenario]
@@ -235,9 +282,12 @@ async def test_fault_scenarios_end_in_error_then_done(live_factory, settings, sc
 async def test_scenarios_are_ignored_when_off(live):
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "x"},
-                                headers={**alice["headers"], "X-Test-Scenario": "server_error"}) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "x"},
+        headers={**alice["headers"], "X-Test-Scenario": "server_error"},
+    ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
 
@@ -246,9 +296,12 @@ async def test_hang_scenario_keeps_heartbeating_until_the_client_leaves(live_fac
     live = await live_factory(with_settings(settings, test_scenarios=True, sse_heartbeat_ms=50))
     alice = live.harness.user(credits=10_000)
     sid = await new_session(live, alice)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                                json={"message": "hang"},
-                                headers={**alice["headers"], "X-Test-Scenario": "hang"}) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "hang"},
+        headers={**alice["headers"], "X-Test-Scenario": "hang"},
+    ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         run = live.harness.svc.hub.for_stream(stream_id)
         beats = 0
@@ -274,14 +327,22 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(book, "settle", broken_settle)
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid1}/stream",
-                                json={"message": "one"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid1}/stream",
+        json={"message": "one"},
+        headers=alice["headers"],
+    ) as r:
         rest = [m async for m in messages(r)]  # the stream closes, without a done
     assert not any(m.event == "done" for m in rest)
     monkeypatch.setattr(book, "settle", real_settle)
     # The hub (and the server) still serve.
-    async with live.http.stream("POST", f"/api/chat/sessions/{sid2}/stream",
-                                json={"message": "two"}, headers=alice["headers"]) as r:
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid2}/stream",
+        json={"message": "two"},
+        headers=alice["headers"],
+    ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
     # The broken one's reservation is what start-up recovery releases.
@@ -290,8 +351,9 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
 
 
 async def test_stream_caps_per_user_and_per_process(live_factory, settings):
-    live = await live_factory(with_settings(settings, sim_ttft_ms=60_000,
-                                            max_streams_per_user=2, max_streams=3))
+    live = await live_factory(
+        with_settings(settings, sim_ttft_ms=60_000, max_streams_per_user=2, max_streams=3)
+    )
     alice, bob = live.harness.user(credits=10_000), live.harness.user(credits=10_000)
     sessions = {u["id"]: [await new_session(live, u) for _ in range(3)] for u in (alice, bob)}
     limits = httpx.Limits(max_connections=20)
@@ -299,8 +361,12 @@ async def test_stream_caps_per_user_and_per_process(live_factory, settings):
         held = []
 
         async def open_stream(user: dict, sid: str) -> int:
-            cm = http.stream("POST", f"/api/chat/sessions/{sid}/stream",
-                             json={"message": "hold"}, headers=user["headers"])
+            cm = http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "hold"},
+                headers=user["headers"],
+            )
             r = await cm.__aenter__()
             if r.status_code == 200:
                 feed = messages(r)

@@ -20,9 +20,14 @@ async def test_login_returns_a_token_that_works(client, harness):
     assert body["user"] == {"id": user["id"], "username": "sue", "role": "supervisor"}
     claims = jwt.decode(body["accessToken"], SECRET, algorithms=["HS256"])
     assert claims["sub"] == user["id"] and claims["role"] == "supervisor"
-    me = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {body['accessToken']}"})
+    me = await client.get(
+        "/api/auth/me", headers={"Authorization": f"Bearer {body['accessToken']}"}
+    )
     assert (await me.get_json()) == {
-        "id": user["id"], "username": "sue", "email": "sue@example.com", "role": "supervisor"
+        "id": user["id"],
+        "username": "sue",
+        "email": "sue@example.com",
+        "role": "supervisor",
     }
 
 
@@ -38,7 +43,8 @@ async def test_bad_credentials_are_401_without_saying_which(client, harness, bod
     r = await client.post("/api/auth/login", json=body)
     assert r.status_code == 401
     assert await r.get_json() == {
-        "message": "Invalid username or password.", "errorCode": "INVALID_CREDENTIALS"
+        "message": "Invalid username or password.",
+        "errorCode": "INVALID_CREDENTIALS",
     }
 
 
@@ -46,7 +52,9 @@ async def test_bad_credentials_are_401_without_saying_which(client, harness, bod
     "body", ["{not json", "[]", '{"username": 5, "password": "x"}', '{"username": "a"}']
 )
 async def test_malformed_login_is_400_json(client, body):
-    r = await client.post("/api/auth/login", data=body, headers={"Content-Type": "application/json"})
+    r = await client.post(
+        "/api/auth/login", data=body, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400
     assert (await r.get_json())["errorCode"] == "VALIDATION_ERROR"
 
@@ -85,8 +93,18 @@ def _none_token(claims: dict) -> str:
         lambda u: "Bearer " + _token({k: v for k, v in _claims(u).items() if k != "exp"}),
         lambda u: "Bearer " + _token(_claims(u, sub="no-such-user")),
     ],
-    ids=["missing", "basic", "empty", "garbage", "expired", "wrong-key", "alg-none",
-         "bad-role", "no-exp", "unknown-user"],
+    ids=[
+        "missing",
+        "basic",
+        "empty",
+        "garbage",
+        "expired",
+        "wrong-key",
+        "alg-none",
+        "bad-role",
+        "no-exp",
+        "unknown-user",
+    ],
 )
 async def test_bad_tokens_are_401(client, harness, make):
     user = harness.user()
@@ -108,14 +126,20 @@ async def test_rs256_from_an_external_identity_provider(tmp_path, settings):
     from server.app import create_app
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     app = create_app(replace(settings, jwt_public_key=pem))
     async with app.test_app():
         client = app.test_client()
-        claims = {"sub": "idp-user-1", "username": "ext", "role": "enduser",
-                  "exp": int(time.time()) + 60}
+        claims = {
+            "sub": "idp-user-1",
+            "username": "ext",
+            "role": "enduser",
+            "exp": int(time.time()) + 60,
+        }
         good = jwt.encode(claims, key, algorithm="RS256")
         r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {good}"})
         assert r.status_code == 200

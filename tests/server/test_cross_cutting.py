@@ -30,8 +30,11 @@ async def test_errors_carry_request_ids(client):
 async def test_cors_preflight_and_exposed_headers(client):
     r = await client.options(
         "/api/chat/sessions",
-        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "Authorization, Content-Type"},
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Content-Type",
+        },
     )
     assert r.status_code == 200
     assert r.headers["Access-Control-Allow-Origin"] == "*"
@@ -63,8 +66,9 @@ async def test_oversized_body_is_413_json(settings):
     app = create_app(replace(settings, max_body_bytes=1024))
     async with app.test_app():
         client = app.test_client()
-        r = await client.post("/api/auth/login", data="x" * 5000,
-                              headers={"Content-Type": "application/json"})
+        r = await client.post(
+            "/api/auth/login", data="x" * 5000, headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 413
         assert (await r.get_json())["errorCode"] == "PAYLOAD_TOO_LARGE"
 

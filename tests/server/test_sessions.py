@@ -28,8 +28,13 @@ async def test_create_get_list_delete(client, harness):
     r = await client.get("/api/chat/sessions", headers=alice["headers"])
     listing = await r.get_json()
     assert [s["sessionId"] for s in listing["sessions"]] == [sid]
-    assert listing["pagination"] == {"page": 1, "limit": 20, "total": 1, "totalPages": 1,
-                                     "hasNext": False}
+    assert listing["pagination"] == {
+        "page": 1,
+        "limit": 20,
+        "total": 1,
+        "totalPages": 1,
+        "hasNext": False,
+    }
 
     r = await client.delete(f"/api/chat/sessions/{sid}", headers=alice["headers"])
     assert r.status_code == 200
@@ -63,10 +68,13 @@ async def test_others_sessions_are_404_not_403(client, harness):
     ]:
         r = await client.open(path, method=method, headers=bob["headers"])
         assert r.status_code == 404, path
-        assert (await r.get_json()) == {"message": "Chat session not found.",
-                                        "errorCode": "SESSION_NOT_FOUND"}
-    r = await client.post(f"/api/chat/sessions/{sid}/messages", json={"message": "hi"},
-                          headers=bob["headers"])
+        assert (await r.get_json()) == {
+            "message": "Chat session not found.",
+            "errorCode": "SESSION_NOT_FOUND",
+        }
+    r = await client.post(
+        f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=bob["headers"]
+    )
     assert r.status_code == 404
     # Still there, untouched, for its owner.
     r = await client.get(f"/api/chat/sessions/{sid}", headers=alice["headers"])
@@ -114,19 +122,29 @@ async def test_pagination_pages_and_past_the_end(client, harness):
     r = await client.get("/api/chat/sessions?page=2&limit=2", headers=alice["headers"])
     body = await r.get_json()
     assert len(body["sessions"]) == 2
-    assert body["pagination"] == {"page": 2, "limit": 2, "total": 5, "totalPages": 3,
-                                  "hasNext": True}
+    assert body["pagination"] == {
+        "page": 2,
+        "limit": 2,
+        "total": 5,
+        "totalPages": 3,
+        "hasNext": True,
+    }
     r = await client.get("/api/chat/sessions?page=9&limit=2", headers=alice["headers"])
     body = await r.get_json()
-    assert r.status_code == 200 and body["sessions"] == [] and body["pagination"]["hasNext"] is False
+    assert (
+        r.status_code == 200 and body["sessions"] == [] and body["pagination"]["hasNext"] is False
+    )
 
 
 async def test_non_streaming_message_is_answered_and_charged(client, harness):
     alice = harness.user(credits=1000)
     _, created = await _create(client, alice)
     sid = created["sessionId"]
-    r = await client.post(f"/api/chat/sessions/{sid}/messages", json={"message": "Hello there"},
-                          headers=alice["headers"])
+    r = await client.post(
+        f"/api/chat/sessions/{sid}/messages",
+        json={"message": "Hello there"},
+        headers=alice["headers"],
+    )
     assert r.status_code == 200, await r.get_data()
     body = await r.get_json()
     assert body["userMessage"]["content"] == "Hello there"
@@ -144,8 +162,15 @@ async def test_non_streaming_message_is_answered_and_charged(client, harness):
 
 
 @pytest.mark.parametrize(
-    "body", [{}, {"message": ""}, {"message": "  \n "}, {"message": "x" * 4001}, {"message": 3},
-             {"message": "ok", "modelId": "nope"}]
+    "body",
+    [
+        {},
+        {"message": ""},
+        {"message": "  \n "},
+        {"message": "x" * 4001},
+        {"message": 3},
+        {"message": "ok", "modelId": "nope"},
+    ],
 )
 async def test_bad_messages_store_and_reserve_nothing(client, harness, body):
     alice = harness.user(credits=1000)
@@ -161,8 +186,9 @@ async def test_message_without_credits_is_402_and_stores_nothing(client, harness
     alice = harness.user(credits=0)
     _, created = await _create(client, alice)
     sid = created["sessionId"]
-    r = await client.post(f"/api/chat/sessions/{sid}/messages", json={"message": "hi"},
-                          headers=alice["headers"])
+    r = await client.post(
+        f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=alice["headers"]
+    )
     assert r.status_code == 402
     assert (await r.get_json())["errorCode"] == "INSUFFICIENT_CREDITS"
     assert harness.svc.store.list_messages(sid)[1] == 0

@@ -15,8 +15,9 @@ async def test_each_model_call_leaves_a_telemetry_row_and_metrics(client, harnes
     sup = harness.user("supervisor")
     r = await client.post("/api/chat/sessions", json={}, headers=alice["headers"])
     sid = (await r.get_json())["sessionId"]
-    r = await client.post(f"/api/chat/sessions/{sid}/messages", json={"message": "hi"},
-                          headers=alice["headers"])
+    r = await client.post(
+        f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=alice["headers"]
+    )
     answer = await r.get_json()
     [row] = telemetry_rows(harness.svc.store)
     payload = row["payload"]
@@ -41,8 +42,11 @@ async def test_each_model_call_leaves_a_telemetry_row_and_metrics(client, harnes
 async def test_access_logs_are_json_with_request_ids_and_no_secrets(client, harness, caplog):
     harness.user(name="logme")
     with caplog.at_level(logging.INFO, logger="chinwag.access"):
-        r = await client.post("/api/auth/login", json={"username": "logme", "password": PASSWORD},
-                              headers={"X-Request-Id": "log-1"})
+        r = await client.post(
+            "/api/auth/login",
+            json={"username": "logme", "password": PASSWORD},
+            headers={"X-Request-Id": "log-1"},
+        )
         token = (await r.get_json())["accessToken"]
     lines = [JsonFormatter().format(rec) for rec in caplog.records if rec.name == "chinwag.access"]
     [line] = lines
