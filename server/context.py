@@ -87,6 +87,7 @@ def authenticated(
             authenticate(role)
             return await handler(*args, **kwargs)
 
+        wrapper.__chinwag_role__ = role  # type: ignore[attr-defined]  # for server.openapi
         return wrapper
 
     return decorate

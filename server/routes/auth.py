@@ -11,19 +11,20 @@ from ..auth import DUMMY_HASH, verify_password
 from ..context import authenticated, principal, services
 from ..errors import ApiError, TooMany
 from ..limits import retry_after
-from ..validate import json_body, string
+from ..validate import Body, Text, operation
 
 bp = Blueprint("auth", __name__)
 
 
+LOGIN = Body({"username": Text(100, required=True), "password": Text(1000, required=True)})
+
+
 @bp.post("/api/auth/login")
-async def login() -> dict[str, Any]:
+@operation("Log in: a bearer token for the user (no auth needed)", body=LOGIN)
+async def login(body: dict[str, Any]) -> dict[str, Any]:
     svc = services()
-    body = await json_body()
-    username = string(body, "username", required=True, max_len=100)
-    password = string(body, "password", required=True, max_len=1000)
-    assert username is not None
-    assert password is not None
+    username: str = body["username"]
+    password: str = body["password"]
     # Brute-force bound: the same limiter, keyed by client address.
     wait = svc.limiter.take(f"login:{request.remote_addr}")
     if wait:
@@ -47,6 +48,7 @@ async def login() -> dict[str, Any]:
 
 @bp.get("/api/auth/me")
 @authenticated()
+@operation("The caller's own user")
 async def me() -> dict[str, Any]:
     user = services().store.user_by_id(principal().user_id)
     if user is None:  # external-IdP token for a user we do not store

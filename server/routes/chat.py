@@ -9,7 +9,7 @@ from quart import Blueprint
 from ..context import authenticated, camel_message, camel_session, principal, services
 from ..errors import ApiError, session_not_found
 from ..models import resolve
-from ..validate import client_id, json_body, paginated, pagination, string
+from ..validate import PAGINATION, Body, ClientId, Text, operation, paginated, pagination
 
 bp = Blueprint("chat", __name__)
 
@@ -24,22 +24,34 @@ def owned_session(session_id: str) -> dict[str, Any]:
     return row
 
 
-def message_text(
-    body: dict[str, Any], name: str = "message", *, required: bool = True
-) -> str | None:
-    return string(body, name, required=required, min_len=1, max_len=MESSAGE_MAX, not_blank=True)
+def message_text(*, required: bool = True) -> Text:
+    return Text(MESSAGE_MAX, min_len=1, not_blank=True, required=required)
+
+
+MODEL_ID = Text(200, description="A model id of GET /api/models.")
+NEW_SESSION = Body(
+    {
+        "title": Text(200),
+        "initialMessage": message_text(required=False),
+        "modelId": MODEL_ID,
+        "source": Text(50, min_len=1),
+        "id": ClientId(),
+    },
+    optional=True,
+)
+NEW_MESSAGE = Body({"message": message_text(), "modelId": MODEL_ID})
 
 
 @bp.post("/api/chat/sessions")
 @authenticated()
-async def create_session() -> tuple[dict[str, Any], int]:
+@operation("Create a chat session", body=NEW_SESSION, status=201)
+async def create_session(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     svc = services()
-    body = await json_body(allow_empty=True)
-    title = string(body, "title", max_len=200)
-    initial = message_text(body, "initialMessage", required=False)
-    model = resolve(svc.catalog, body.get("modelId"))
-    source = string(body, "source", max_len=50, min_len=1) or "web"
-    chosen = client_id(body["id"]) if body.get("id") is not None else None
+    title = body["title"]
+    initial = body["initialMessage"]
+    model = resolve(svc.catalog, body["modelId"])
+    source = body["source"] or "web"
+    chosen = body["id"]
     if not title:
         title = (initial[:50] + ("…" if len(initial) > 50 else "")) if initial else "New chat"
     who = principal()
@@ -59,6 +71,7 @@ async def create_session() -> tuple[dict[str, Any], int]:
 
 @bp.get("/api/chat/sessions")
 @authenticated()
+@operation("The caller's sessions, newest first", params=PAGINATION)
 async def list_sessions() -> dict[str, Any]:
     page, limit, window = pagination()
     rows, total = services().store.list_sessions(principal().user_id, window)
@@ -72,12 +85,14 @@ def full_session(row: dict[str, Any]) -> dict[str, Any]:
 
 @bp.get("/api/chat/sessions/<session_id>")
 @authenticated()
+@operation("One of the caller's sessions, with its messages")
 async def get_session(session_id: str) -> dict[str, Any]:
     return full_session(owned_session(session_id))
 
 
 @bp.delete("/api/chat/sessions/<session_id>")
 @authenticated()
+@operation("Delete a session (a live stream on it ends first)")
 async def delete_session(session_id: str) -> dict[str, Any]:
     svc = services()
     owned_session(session_id)
@@ -89,6 +104,7 @@ async def delete_session(session_id: str) -> dict[str, Any]:
 
 @bp.get("/api/chat/sessions/<session_id>/messages")
 @authenticated()
+@operation("A session's messages, oldest first", params=PAGINATION)
 async def list_messages(session_id: str) -> dict[str, Any]:
     owned_session(session_id)
     page, limit, window = pagination()
@@ -98,14 +114,13 @@ async def list_messages(session_id: str) -> dict[str, Any]:
 
 @bp.post("/api/chat/sessions/<session_id>/messages")
 @authenticated()
-async def post_message(session_id: str) -> dict[str, Any]:
+@operation("Send a message; the answer comes back whole (no streaming)", body=NEW_MESSAGE)
+async def post_message(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Non-streaming: the same stream machinery, answered when it is done."""
     svc = services()
     session = owned_session(session_id)
-    body = await json_body()
-    text = message_text(body)
-    assert text is not None
-    model = resolve(svc.catalog, body.get("modelId"), default=session["model_id"])
+    text: str = body["message"]
+    model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
     run = svc.hub.start(
         principal(), session, text, model, max_tokens=None, temperature=None, scenario=None
     )

@@ -11,7 +11,17 @@ import ledger
 from ..context import authenticated, principal, services, user_scope
 from ..errors import NotFound, ValidationError
 from ..models import resolve
-from ..validate import MAX_INT, integer, json_body, paginated, pagination, string
+from ..validate import (
+    MAX_INT,
+    PAGINATION,
+    Body,
+    Int,
+    Param,
+    Text,
+    operation,
+    paginated,
+    pagination,
+)
 
 bp = Blueprint("credits", __name__)
 
@@ -35,8 +45,27 @@ def _account(user_id: str) -> str:
     return user_id
 
 
+USER_ID = Param("userId", {"type": "string", "maxLength": 100}, description="Staff only.")
+ALLOCATE = Body(
+    {
+        "userId": Text(100),
+        "username": Text(100, description="Instead of userId."),
+        "credits": Int(1, MAX_INT, required=True),
+        "reason": Text(500),
+        "idempotencyKey": Text(200, min_len=1, description="A repeat allocates once."),
+    }
+)
+CHECK = Body(
+    {
+        "modelId": Text(200, required=True),
+        "estimatedTokens": Int(0, 10_000_000, description="Default 1,000."),
+    }
+)
+
+
 @bp.get("/api/credits/balance")
 @authenticated()
+@operation("A balance: the caller's, or ?userId= for staff", params=(USER_ID,))
 async def balance() -> dict[str, Any]:
     user_id = _account(user_scope(request.args.get("userId")))
     return balance_body(services().ledger.balance(user_id))
@@ -44,20 +73,17 @@ async def balance() -> dict[str, Any]:
 
 @bp.post("/api/credits/allocate")
 @authenticated("admin")
-async def allocate() -> dict[str, Any]:
+@operation("Allocate credits to a user", body=ALLOCATE)
+async def allocate(body: dict[str, Any]) -> dict[str, Any]:
     svc = services()
-    body = await json_body()
-    user_id = string(body, "userId", max_len=100)
-    username = string(body, "username", max_len=100)
-    credits = integer(body, "credits", required=True, minimum=1, maximum=MAX_INT)
-    reason = string(body, "reason", max_len=500)
-    key = string(body, "idempotencyKey", min_len=1, max_len=200)
+    user_id, username = body["userId"], body["username"]
+    credits: int = body["credits"]
+    reason, key = body["reason"], body["idempotencyKey"]
     if user_id is None and username is None:
         raise ValidationError("'userId' or 'username' is required.")
     user = svc.store.user_by_id(user_id) if user_id else svc.store.user_by_name(username or "")
     if user is None:
         raise NotFound("User not found.", error_code="USER_NOT_FOUND")
-    assert credits is not None
     svc.ledger.open_account(user["id"])
     b = svc.ledger.allocate(user["id"], credits, reason=reason, idempotency_key=key)
     return {"userId": b.account_id, "balance": b.balance, "available": b.available}
@@ -65,15 +91,15 @@ async def allocate() -> dict[str, Any]:
 
 @bp.post("/api/credits/check")
 @authenticated()
-async def check() -> dict[str, Any]:
+@operation("Could the caller afford a call?", body=CHECK)
+async def check(body: dict[str, Any]) -> dict[str, Any]:
     """Could the caller afford ``estimatedTokens`` tokens (input + output) of ``modelId``?
 
     Priced conservatively, all at the model's output rate; default 1,000 tokens.
     """
     svc = services()
-    body = await json_body()
-    model = resolve(svc.catalog, string(body, "modelId", required=True, max_len=200))
-    tokens = integer(body, "estimatedTokens", minimum=0, maximum=10_000_000)
+    model = resolve(svc.catalog, body["modelId"])
+    tokens = body["estimatedTokens"]
     required = model.price.cost(0, DEFAULT_CHECK_TOKENS if tokens is None else tokens)
     user_id = _account(principal().user_id)
     sufficient, available = svc.ledger.check(user_id, required)
@@ -82,6 +108,7 @@ async def check() -> dict[str, Any]:
 
 @bp.get("/api/credits/usage")
 @authenticated()
+@operation("Ledger entries: the caller's, or ?userId= for staff", params=(USER_ID, *PAGINATION))
 async def usage() -> dict[str, Any]:
     user_id = _account(user_scope(request.args.get("userId")))
     page, limit, window = pagination()

@@ -10,11 +10,13 @@ from quart import Blueprint, Response
 from .. import __version__
 from ..context import authenticated, services
 from ..store import now_iso
+from ..validate import operation
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/api/health")
+@operation("Liveness and the database (no auth; 503 when unusable)")
 async def health() -> tuple[dict[str, Any], int]:
     try:
         services().store.ping()
@@ -26,6 +28,7 @@ async def health() -> tuple[dict[str, Any], int]:
 
 @bp.get("/metrics")
 @authenticated("supervisor")
+@operation("Prometheus metrics", produces="text/plain")
 async def metrics() -> Response:
     """Prometheus text format; supervisor/admin only (it shows load, not content)."""
     svc = services()
@@ -51,5 +54,6 @@ async def metrics() -> Response:
 
 @bp.get("/api/version")
 @authenticated()
+@operation("The server's version")
 async def version() -> dict[str, Any]:
     return {"version": __version__}

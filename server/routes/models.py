@@ -7,8 +7,7 @@ from typing import Any
 from quart import Blueprint
 
 from ..context import authenticated, services
-from ..errors import ValidationError
-from ..validate import json_body, string
+from ..validate import Body, Text, operation
 
 bp = Blueprint("models", __name__)
 
@@ -16,8 +15,15 @@ TASK_TYPES = ("general", "code", "creative", "chat", "reasoning", "text")
 PRIORITIES = ("speed", "quality", "cost")
 
 
+RECOMMEND = Body(
+    {"taskType": Text(50, choices=TASK_TYPES), "priority": Text(20, choices=PRIORITIES)},
+    optional=True,
+)
+
+
 @bp.get("/api/models")
 @authenticated()
+@operation("The model catalog")
 async def list_models() -> dict[str, Any]:
     svc = services()
     return {"models": [m.public(svc.settings.provider) for m in svc.catalog]}
@@ -25,15 +31,11 @@ async def list_models() -> dict[str, Any]:
 
 @bp.post("/api/models/recommend")
 @authenticated()
-async def recommend() -> dict[str, Any]:
+@operation("The best model for a task and a priority", body=RECOMMEND)
+async def recommend(body: dict[str, Any]) -> dict[str, Any]:
     svc = services()
-    body = await json_body(allow_empty=True)
-    task = string(body, "taskType", max_len=50) or "general"
-    priority = string(body, "priority", max_len=20) or "quality"
-    if priority not in PRIORITIES:
-        raise ValidationError(f"'priority' must be one of {', '.join(PRIORITIES)}.")
-    if task not in TASK_TYPES:
-        raise ValidationError(f"'taskType' must be one of {', '.join(TASK_TYPES)}.")
+    task = body["taskType"] or "general"
+    priority = body["priority"] or "quality"
     best, alternatives, reason = svc.catalog.recommend(task, priority)
     provider = svc.settings.provider
     return {

@@ -22,6 +22,7 @@ from observation import Batch, ObservationManager, Stream
 from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
+from ..validate import EVENT_STREAM, Param, operation
 from .stream import paced
 
 bp = Blueprint("observe", __name__)
@@ -122,8 +123,22 @@ async def observer_items(
                 yield group
 
 
+WAIT = Param(
+    "wait",
+    {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT_S},
+    description="Seconds to wait for a stream to start, instead of 404.",
+)
+
+
 @bp.get("/api/chat/sessions/<session_id>/observe")
 @authenticated("supervisor")
+@operation(
+    "Watch a session's live stream: history, then the live tail (SSE)",
+    params=(WAIT,),
+    produces=EVENT_STREAM,
+    description="The same feed as one JSON text frame per event: WebSocket "
+    "/api/chat/sessions/{session_id}/observe/ws (?token= or Authorization).",
+)
 async def observe(session_id: str) -> Response:
     svc = services()
     wait = _wait_seconds(request.args)
@@ -188,6 +203,7 @@ def _ws_frames(item: Item) -> list[str]:
 
 @bp.get("/api/chat/streams/active")
 @authenticated("supervisor")
+@operation("The live streams")
 async def active_streams() -> dict[str, Any]:
     svc = services()
     return {

@@ -17,10 +17,58 @@ from ..models import resolve
 from ..providers.simulated import SCENARIOS
 from ..sse import CONNECTED, heartbeat, sse_response
 from ..streams import StreamRun
-from ..validate import integer, json_body, number, string
-from .chat import message_text, owned_session
+from ..validate import (
+    EVENT_STREAM,
+    MAX_INT,
+    Body,
+    Int,
+    Loose,
+    Num,
+    Param,
+    Text,
+    integer,
+    operation,
+)
+from .chat import MODEL_ID, message_text, owned_session
 
 bp = Blueprint("stream", __name__)
+
+
+SCENARIO = Param(
+    "X-Test-Scenario",
+    {"type": "string", "enum": sorted(SCENARIOS)},
+    where="header",
+    description="Simulated model only, when CHINWAG_TEST_SCENARIOS is on: force a fault.",
+)
+LAST_EVENT_ID = Param(
+    "Last-Event-ID",
+    {"type": "string", "pattern": "^[0-9]{0,12}$"},
+    where="header",
+    description="Replay the events after this id (or ?lastEventId=).",
+)
+RESUME_PARAMS = (
+    Param("streamingSessionId", {"type": "string", "maxLength": 200}),
+    Param("lastEventId", {"type": "string", "pattern": "^[0-9]{0,12}$"}),
+    LAST_EVENT_ID,
+)
+START = Body(
+    {
+        "message": message_text(),
+        "modelId": MODEL_ID,
+        "maxTokens": Int(1, MAX_INT, description="At most the model's maxTokens."),
+        "temperature": Num(0.0, 1.0),
+    }
+)
+UPDATE = Body(
+    {
+        "streamingSessionId": Loose(
+            "The X-Streaming-Session-Id of the stream; anything else is a 400 "
+            "STREAMING_SESSION_MISMATCH."
+        ),
+        "completeResponse": Text(1_000_000),
+        "tokensUsed": Int(0, 2**31),
+    }
+)
 
 
 def _scenario() -> str | None:
@@ -38,15 +86,19 @@ def _scenario() -> str | None:
 
 @bp.post("/api/chat/sessions/<session_id>/stream")
 @authenticated()
-async def start_stream(session_id: str) -> Response:
+@operation(
+    "Send a message and stream the answer (SSE: chunk, heartbeat, error, done)",
+    body=START,
+    params=(SCENARIO,),
+    produces=EVENT_STREAM,
+)
+async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
     svc = services()
     session = owned_session(session_id)
-    body = await json_body()
-    text = message_text(body)
-    assert text is not None
-    model = resolve(svc.catalog, body.get("modelId"), default=session["model_id"])
+    text: str = body["message"]
+    model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
     max_tokens = integer(body, "maxTokens", minimum=1, maximum=model.max_tokens)
-    temperature = number(body, "temperature", minimum=0.0, maximum=1.0)
+    temperature = body["temperature"]
     run = svc.hub.start(
         principal(),
         session,
@@ -117,6 +169,11 @@ def _last_event_id() -> int:
 
 @bp.get("/api/chat/sessions/<session_id>/stream")
 @authenticated()
+@operation(
+    "Resume a stream: replay after Last-Event-ID, then live",
+    params=RESUME_PARAMS,
+    produces=EVENT_STREAM,
+)
 async def resume_stream(session_id: str) -> Response:
     """Resume (SPEC §5.4): replay after Last-Event-ID from the ring, then live."""
     svc = services()
@@ -142,14 +199,12 @@ async def resume_stream(session_id: str) -> Response:
 
 @bp.post("/api/chat/sessions/<session_id>/update-stream")
 @authenticated()
-async def update_stream(session_id: str) -> dict[str, Any]:
+@operation("Finalize a stream: its message as the server stored it", body=UPDATE)
+async def update_stream(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Finalize (SPEC §5.3): the server's own record is authoritative; idempotent."""
     svc = services()
     owned_session(session_id)
-    body = await json_body()
-    stream_id = body.get("streamingSessionId")
-    string(body, "completeResponse", max_len=1_000_000)
-    integer(body, "tokensUsed", minimum=0, maximum=2**31)
+    stream_id = body["streamingSessionId"]
     message = (
         svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None
     )

@@ -8,14 +8,18 @@ from quart import Blueprint, request
 
 from ..context import authenticated, camel_session, services
 from ..errors import NotFound, session_not_found
-from ..validate import paginated, pagination
+from ..validate import PAGINATION, Param, operation, paginated, pagination
 from .chat import full_session
 
 bp = Blueprint("supervisor", __name__)
 
 
+SEARCH = (Param("q", {"type": "string"}, description="Part of a username or email."), *PAGINATION)
+
+
 @bp.get("/api/chat/users/search")
 @authenticated("supervisor")
+@operation("Find users, with their session counts", params=SEARCH)
 async def search_users() -> dict[str, Any]:
     q = request.args.get("q", "")[:100]
     page, limit, window = pagination()
@@ -42,6 +46,7 @@ def _user(user_id: str) -> dict[str, Any]:
 
 @bp.get("/api/chat/users/<user_id>/sessions")
 @authenticated("supervisor")
+@operation("A user's sessions", params=PAGINATION)
 async def user_sessions(user_id: str) -> dict[str, Any]:
     _user(user_id)
     page, limit, window = pagination()
@@ -51,6 +56,7 @@ async def user_sessions(user_id: str) -> dict[str, Any]:
 
 @bp.get("/api/chat/users/<user_id>/sessions/<session_id>")
 @authenticated("supervisor")
+@operation("One of a user's sessions, with its messages")
 async def user_session(user_id: str, session_id: str) -> dict[str, Any]:
     _user(user_id)
     row = services().store.get_session(session_id, user_id)
