@@ -65,45 +65,46 @@ not released), never because of speed.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import math
 import os
 import re
-import resource
 import select
-import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from array import array
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
+from benchlib import (
+    HOST,
+    Env,
+    Meter,
+    Server,
+    arg_parser,
+    create_session,
+    create_sessions,
+    finish,
+    http_json,
+    ms,
+    pct,
+    print_table,
+    proc_sample,
+    raise_fd_limit,
+    request_bytes,
+)
+from benchlib import fmt as fmt_number
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PY = ROOT / ".venv" / "bin" / "python"
-PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
-HOST = "127.0.0.1"
 ENDUSER, SUPERVISOR, PASSWORD = "obs-client", "obs-supervisor", "bench-password"
 MODEL = "amazon.nova-micro-v1:0"  # maxTokens 5000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RECV_SIZE = 262144
 WAITING_MARK = b'event: observer\ndata: {"status":"waiting"'
 BODY_END = b"\r\n0\r\n\r\n"  # the last chunk of a chunked body (no trailers)
 TAIL = max(len(WAITING_MARK), len(BODY_END))
 NAN = math.nan
-
-SERVER_START_TIMEOUT_S = 30.0
-SERVER_STOP_TIMEOUT_S = 20.0
-CLI_TIMEOUT_S = 60.0
 
 #: Targets (1,000 observers) and what peers measured on this machine.
 TARGETS = {
@@ -116,282 +117,28 @@ TARGETS = {
 PEERS = "FastAPI lag p99 45 ms / join p50 653 ms; Fastify 16.7 ms / 74 ms"
 
 
-# -- small helpers ---------------------------------------------------------------------
-
-
-def pct(values: Any, p: float) -> float:
-    """The p-th percentile (nearest rank); nan for no values."""
-    if not len(values):
-        return NAN
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return float(ordered[rank - 1])
-
-
-def ms(seconds: float) -> float:
-    return NAN if seconds is None or math.isnan(seconds) else round(seconds * 1000, 3)
-
-
-def raise_fd_limit(want: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-@dataclass
-class ProcSample:
-    cpu_s: float  # user + system seconds
-    rss_kb: int
-
-
-def proc_sample(pid: int) -> ProcSample:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields_ = f.read().rsplit(b")", 1)[1].split()
-    cpu = (int(fields_[11]) + int(fields_[12])) / CLK_TCK  # utime, stime
-    rss_kb = 0
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmRSS:"):
-                rss_kb = int(line.split()[1])
-                break
-    return ProcSample(cpu, rss_kb)
-
-
-class Meter:
-    """CPU of the server (from /proc) and of this process over one measurement."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.t0 = time.perf_counter()
-        self.s0 = proc_sample(pid)
-        self.c0 = time.process_time()
-
-    def result(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.t0
-        s1 = proc_sample(self.pid)
-        client = time.process_time() - self.c0
-        server = s1.cpu_s - self.s0.cpu_s
-        return {
-            "wallS": round(wall, 3),
-            "serverCpuS": round(server, 3),
-            "serverCpuPct": round(100 * server / wall, 1) if wall > 0 else None,
-            "loadgenCpuS": round(client, 3),
-            "loadgenCpuPct": round(100 * client / wall, 1) if wall > 0 else None,
-            "serverRssKb": s1.rss_kb,
-        }
+def fmt(v: Any, unit: str = "") -> str:
+    return fmt_number(v, unit, places=2)
 
 
 # -- processes: CLI, server -------------------------------------------------------------
 
 
-class Env:
+class ObserveEnv(Env):
     """The temp dir, the DB and the two users shared by every server this run starts."""
 
     def __init__(self, keep: bool) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="chinwag-bench-observe-"))
-        self.keep = keep
-        self.db = self.dir / "chinwag.db"
+        super().__init__(
+            keep,
+            "chinwag-bench-observe-",
+            {"CHINWAG_SIM_TTFT_MS": "0", "CHINWAG_SSE_HEARTBEAT_MS": "60000"},
+        )
         self.user_token = ""
         self.sup_token = ""
-        self.servers: list[Server] = []
-
-    def base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-        env.update(
-            {
-                "CHINWAG_DB": str(self.db),
-                "CHINWAG_HOST": HOST,
-                "CHINWAG_PORT": "0",
-                "CHINWAG_RATE_LIMIT": "1000000",
-                "CHINWAG_MAX_STREAMS_PER_USER": "100000",
-                "CHINWAG_SIM_TTFT_MS": "0",
-                "CHINWAG_SSE_HEARTBEAT_MS": "60000",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            [PY, "-m", "server.cli", *args],
-            cwd=ROOT,
-            env=self.base_env(),
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-        )
-        if out.returncode != 0:
-            raise SystemExit(f"chinwag {' '.join(args[:2])} failed: {out.stderr.strip()}")
-        return out.stdout.strip()
 
     def create_users(self) -> None:
-        self.cli("user", "add", ENDUSER, "--password", PASSWORD, "--role", "enduser")
-        self.cli("user", "add", SUPERVISOR, "--password", PASSWORD, "--role", "supervisor")
-        self.cli("credits", "allocate", ENDUSER, "1000000000")
-        self.user_token = self.cli("token", ENDUSER).splitlines()[-1].strip()
-        self.sup_token = self.cli("token", SUPERVISOR).splitlines()[-1].strip()
-
-    def cleanup(self) -> None:
-        for server in self.servers:
-            server.stop()
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Server:
-    """``chinwag serve`` as a child process; it prints ``chinwag listening on http://…:PORT``."""
-
-    def __init__(self, env: Env, name: str, extra_env: dict[str, str]) -> None:
-        self.name = name
-        self.settings = extra_env
-        self.out_path = env.dir / f"{name}.out"
-        self.err_path = env.dir / f"{name}.err"
-        # Open for the child's whole life; closed in stop().
-        self._out = open(self.out_path, "wb")  # noqa: SIM115
-        self._err = open(self.err_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [PY, "-m", "server.cli", "serve"],
-            cwd=ROOT,
-            env={**env.base_env(), **extra_env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=self._err,
-        )
-        env.servers.append(self)
-        self.port = self._wait_ready()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _wait_ready(self) -> int:
-        pattern = re.compile(r"chinwag listening on http://127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            m = pattern.search(self.out_path.read_text(errors="replace"))
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        err = self.err_path.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{self.name} did not start (exit {self.proc.returncode}):\n{err}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if not self._out.closed:
-            self._out.close()
-            self._err.close()
-
-    def stderr_tail(self, n: int = 1500) -> str:
-        try:
-            return self.err_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
-# -- plain HTTP requests (setup, /streams/active) ------------------------------------------
-
-
-def request_bytes(
-    method: str, path: str, token: str | None, body: Any = None, close: bool = False
-) -> bytes:
-    payload = b"" if body is None else json.dumps(body).encode()
-    head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", "Accept: */*"]
-    if token:
-        head.append(f"Authorization: Bearer {token}")
-    if body is not None:
-        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-    if close:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-
-
-def dechunk_all(body: bytes) -> bytes:
-    out, pos = bytearray(), 0
-    while True:
-        eol = body.find(b"\r\n", pos)
-        if eol < 0:
-            return bytes(out)
-        size = int(body[pos:eol].split(b";")[0] or b"0", 16)
-        if size == 0:
-            return bytes(out)
-        out += body[eol + 2 : eol + 2 + size]
-        pos = eol + 2 + size + 2
-
-
-def response_complete(raw: bytes) -> bool:
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return False
-    head = raw[:end].lower()
-    if b"transfer-encoding: chunked" in head:
-        return raw.endswith(b"0\r\n\r\n")
-    m = re.search(rb"content-length:\s*(\d+)", head)
-    return m is None or len(raw) - end - 4 >= int(m.group(1))
-
-
-async def http_json(
-    port: int,
-    method: str,
-    path: str,
-    token: str | None = None,
-    body: Any = None,
-    limit_s: float = 10.0,
-) -> tuple[int, Any]:
-    """One request on its own connection (``Connection: close``), read to the message end."""
-    with trio.fail_after(limit_s):
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        try:
-            await sock.connect((HOST, port))
-            data = request_bytes(method, path, token, body, close=True)
-            view = memoryview(data)
-            while view:
-                view = view[await sock.send(view) :]
-            raw = b""
-            while not response_complete(raw):
-                chunk = await sock.recv(65536)
-                if not chunk:
-                    break
-                raw += chunk
-        finally:
-            sock.close()
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in head.lower():
-        payload = dechunk_all(payload)
-    return status, (json.loads(payload) if payload else None)
-
-
-async def create_session(port: int, token: str, title: str) -> str:
-    status, body = await http_json(port, "POST", "/api/chat/sessions", token, {"title": title})
-    if status != 201:
-        raise RuntimeError(f"POST /api/chat/sessions -> {status} {body}")
-    return str(body["sessionId"])
-
-
-async def create_sessions(port: int, token: str, n: int, parallel: int = 8) -> list[str]:
-    ids = [""] * n
-    limit = trio.Semaphore(parallel)
-
-    async def one(i: int) -> None:
-        async with limit:
-            ids[i] = await create_session(port, token, f"observe bench {i}")
-
-    with trio.fail_after(30 + n * 0.05):
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(one, i)
-    return ids
+        self.user_token = self.add_user(ENDUSER, PASSWORD, "enduser", 1_000_000_000)
+        self.sup_token = self.add_user(SUPERVISOR, PASSWORD, "supervisor")
 
 
 # -- the load generator: raw sockets read from one epoll set -----------------------------------
@@ -885,7 +632,7 @@ async def bench_fanout(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reactor.run)
             nursery.start_soon(sample_rss, pid, rss)
-            meter = Meter(pid)
+            meter = Meter(pid, "loadgen")
             t_first_obs = NAN
             if mode == "wait":
                 req = observe_req(sid, sup, 30)
@@ -1029,7 +776,7 @@ async def bench_late_join(
     failures: list[str] = []
     lagged_joins = skipped = 0
     heads: list[float] = []
-    meter = Meter(pid)
+    meter = Meter(pid, "loadgen")
     for sid in sids:
         client, obs = Conn("client", tokens + 4), Conn("late", tokens + 4, deferred=True)
         reactor = Reactor()
@@ -1105,7 +852,7 @@ async def bench_replay_ended(
             await open_conn(reactor, port, client, stream_req(sid, user, tokens))
             await wait_all([client], 60)
             failures += check_client(client, tokens)
-            meter = Meter(pid)
+            meter = Meter(pid, "loadgen")
             for i in range(repeats if not failures else 0):
                 obs = Conn(f"replay{i}", tokens + 4, deferred=True)
                 sock = await tcp_connect(port)
@@ -1168,7 +915,7 @@ async def memory_round(
     samples: list[tuple[float, int, int]] = []  # t, rss, live clients
     reactor = Reactor()
     active_during: Any = None
-    meter = Meter(pid)
+    meter = Meter(pid, "loadgen")
 
     def live_clients() -> int:
         return sum(1 for c in clients if c.t_headers == c.t_headers and not c.finished.is_set())
@@ -1315,16 +1062,6 @@ async def bench_memory(
 
 
 # -- report ----------------------------------------------------------------------------------
-
-
-def fmt(v: Any, unit: str = "") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float):
-        v = f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
-    elif isinstance(v, int):
-        v = f"{v:,}"
-    return f"{v}{unit}"
 
 
 def verdict(value: Any, target: float) -> str:
@@ -1474,10 +1211,7 @@ def report(results: dict[str, Any]) -> None:
         ]
     print()
     print(f"chinwag observation benchmark (peers: {PEERS})")
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    for name, value, note in rows:
-        print(f"  {name:<{w0}}  {value:>{w1}}  {note}")
+    print_table(rows)
 
 
 def functional_failures(results: dict[str, Any]) -> list[str]:
@@ -1496,11 +1230,7 @@ def functional_failures(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CI), well under 30 s")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p = arg_parser(__doc__, "tiny sizes (CI), well under 30 s")
     p.add_argument("--observers", default="10,100,1000", help="comma-separated observer counts")
     p.add_argument("--modes", default="wait,join", help="comma-separated: wait, join")
     p.add_argument("--tokens", type=int, default=500, help="chunks in the fan-out stream")
@@ -1538,7 +1268,7 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_fd_limit(
         max(max(levels, default=0), args.mem_streams * (1 + args.mem_observers)) * 2 + 4096
     )
-    env = Env(keep=args.keep)
+    env = ObserveEnv(keep=args.keep)
     results: dict[str, Any] = {
         "machine": {"nproc": os.cpu_count(), "python": sys.version.split()[0], "fdLimit": nofile},
         "args": vars(args),
@@ -1662,15 +1392,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv.stop()
     finally:
         env.cleanup()
-    results["totalS"] = round(time.perf_counter() - t0, 1)
-    report(results)
-    print(f"  (total {results['totalS']} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    bad = functional_failures(results)
-    for line in bad:
-        print(f"FAILED: {line}", file=sys.stderr)
-    return 1 if bad else 0
+    return finish(results, t0, report, functional_failures, args.json)
 
 
 if __name__ == "__main__":

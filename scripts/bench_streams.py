@@ -46,42 +46,44 @@ events, a disconnect that never reached the upstream), never because of speed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_PY = ROOT / ".venv" / "bin" / "python"
+import trio
+from benchlib import (
+    HOST,
+    Env,
+    Meter,
+    Server,
+    arg_parser,
+    connect,
+    cpu_model,
+    create_sessions,
+    finish,
+    fmt,
+    git_commit,
+    http_json,
+    ms,
+    pct,
+    print_table,
+    proc_sample,
+    raise_fd_limit,
+    request_bytes,
+    send_all,
+)
 
-try:
-    import trio
-except ImportError:  # run with a python that lacks the venv: re-run under the venv's
-    if VENV_PY.exists() and Path(sys.executable).resolve() != VENV_PY.resolve():
-        os.execv(str(VENV_PY), [str(VENV_PY), *sys.argv])
-    raise
-
-PY = str(VENV_PY) if VENV_PY.exists() else sys.executable
-HOST = "127.0.0.1"
 USER, PASSWORD = "bench", "bench-password"
 BENCH_MODEL = "bench.unpaced"
 DEFAULT_MODEL = "amazon.nova-micro-v1:0"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 CHUNK_MARK = b"event: chunk\n"
 DONE_MARK = b"event: done\n"
@@ -90,123 +92,18 @@ TAIL = len(CHUNK_MARK) - 1  # bytes kept between reads: a marker may straddle tw
 END_OF_BODY = b"\r\n0\r\n\r\n"
 FINISH_RE = re.compile(rb'"finishReason":"([a-z_]+)"')
 
-SERVER_START_TIMEOUT_S = 30.0
 #: A paced stream that has not ended this long after its nominal duration is a failure.
 STREAM_SLACK_S = 120.0
-SERVER_STOP_TIMEOUT_S = 20.0
-CLI_TIMEOUT_S = 60.0
-
-
-# -- small helpers ---------------------------------------------------------------------
-
-
-def pct(values: list[float] | array, p: float) -> float:
-    """The p-th percentile (nearest rank); nan for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def git_commit() -> str | None:
-    try:  # read-only
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def raise_fd_limit(want: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-@dataclass
-class ProcSample:
-    cpu_s: float  # user + system seconds
-    rss_kb: int
-
-
-def proc_sample(pid: int) -> ProcSample:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields_ = f.read().rsplit(b")", 1)[1].split()
-    cpu = (int(fields_[11]) + int(fields_[12])) / CLK_TCK  # utime, stime
-    rss_kb = 0
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmRSS:"):
-                rss_kb = int(line.split()[1])
-                break
-    return ProcSample(cpu, rss_kb)
-
-
-class Meter:
-    """CPU of the server (from /proc) and of this process over one measurement."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.t0 = time.perf_counter()
-        self.s0 = proc_sample(pid)
-        self.c0 = time.process_time()
-
-    def result(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.t0
-        s1 = proc_sample(self.pid)
-        client = time.process_time() - self.c0
-        server = s1.cpu_s - self.s0.cpu_s
-        return {
-            "wallS": round(wall, 3),
-            "serverCpuS": round(server, 3),
-            "serverCpuPct": round(100 * server / wall, 1) if wall > 0 else None,
-            "clientCpuS": round(client, 3),
-            "clientCpuPct": round(100 * client / wall, 1) if wall > 0 else None,
-            "serverRssKb": s1.rss_kb,
-        }
 
 
 # -- processes: CLI, server, fake-bedrock ----------------------------------------------
 
 
-class Env:
-    """The temp dir, the DB and the user shared by every server this run starts."""
+class BenchEnv(Env):
+    """The temp dir, the DB, the bench model and the user shared by every server."""
 
     def __init__(self, keep: bool) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="chinwag-bench-"))
-        self.keep = keep
-        self.db = self.dir / "chinwag.db"
+        super().__init__(keep, "chinwag-bench-")
         self.models_file = self.dir / "models.json"
         self.models_file.write_text(
             json.dumps(
@@ -221,222 +118,15 @@ class Env:
                 ]
             )
         )
+        self.settings["CHINWAG_MODELS_FILE"] = str(self.models_file)
         self.token = ""
-        self.servers: list[Server] = []
-
-    def base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-        env.update(
-            {
-                "CHINWAG_DB": str(self.db),
-                "CHINWAG_HOST": HOST,
-                "CHINWAG_PORT": "0",
-                "CHINWAG_MODELS_FILE": str(self.models_file),
-                "CHINWAG_RATE_LIMIT": "1000000",
-                "CHINWAG_MAX_STREAMS_PER_USER": "100000",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            [PY, "-m", "server.cli", *args],
-            cwd=ROOT,
-            env=self.base_env(),
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-        )
-        if out.returncode != 0:
-            raise SystemExit(f"chinwag {' '.join(args[:2])} failed: {out.stderr.strip()}")
-        return out.stdout.strip()
 
     def create_user(self) -> None:
-        self.cli("user", "add", USER, "--password", PASSWORD, "--role", "enduser")
-        self.cli("credits", "allocate", USER, "1000000000")
-        self.token = self.cli("token", USER).splitlines()[-1].strip()
-
-    def cleanup(self) -> None:
-        for server in self.servers:
-            server.stop()
-        if not self.keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Server:
-    """A child process that prints ``... listening on http://127.0.0.1:PORT`` on stdout."""
-
-    def __init__(
-        self, env: Env, name: str, argv: list[str], extra_env: dict[str, str], ready: str
-    ) -> None:
-        self.name = name
-        self.out_path = env.dir / f"{name}.out"
-        self.err_path = env.dir / f"{name}.err"
-        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [PY, "-m", "server.cli", *argv],
-            cwd=ROOT,
-            env={**env.base_env(), **extra_env},
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=self._err,
-        )
-        env.servers.append(self)
-        self.port = self._wait_ready(ready)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _wait_ready(self, ready: str) -> int:
-        pattern = re.compile(re.escape(ready) + r" http://127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            m = pattern.search(self.out_path.read_text(errors="replace"))
-            if m:
-                return int(m.group(1))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        err = self.err_path.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"{self.name} did not start (exit {self.proc.returncode}):\n{err}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._out.close()
-        self._err.close()
+        self.token = self.add_user(USER, PASSWORD, "enduser", 1_000_000_000)
 
 
 def start_chinwag(env: Env, name: str, **settings: str) -> Server:
-    return Server(env, name, ["serve"], settings, "chinwag listening on")
-
-
-# -- HTTP/1.1 on raw trio sockets ----------------------------------------------------------
-
-
-async def connect(port: int) -> trio.socket.SocketType:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-        await sock.connect((HOST, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view)
-        view = view[sent:]
-
-
-def request_bytes(
-    method: str, path: str, port: int, token: str | None, body: Any = None, close: bool = False
-) -> bytes:
-    payload = b"" if body is None else json.dumps(body).encode()
-    head = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Accept: */*"]
-    if token:
-        head.append(f"Authorization: Bearer {token}")
-    if body is not None:
-        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
-    if close:
-        head.append("Connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
-
-
-def dechunk(body: bytes) -> bytes:
-    out, pos = bytearray(), 0
-    while True:
-        eol = body.find(b"\r\n", pos)
-        if eol < 0:
-            return bytes(out)
-        size = int(body[pos:eol].split(b";")[0] or b"0", 16)
-        if size == 0:
-            return bytes(out)
-        out += body[eol + 2 : eol + 2 + size]
-        pos = eol + 2 + size + 2
-
-
-def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = dechunk(body)
-    return status, headers, body
-
-
-def response_complete(raw: bytes) -> bool:
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return False
-    head = raw[:end].lower()
-    if b"transfer-encoding: chunked" in head:
-        return raw.endswith(b"0\r\n\r\n")
-    m = re.search(rb"content-length:\s*(\d+)", head)
-    return m is None or len(raw) - end - 4 >= int(m.group(1))
-
-
-async def http_json(
-    port: int,
-    method: str,
-    path: str,
-    token: str | None = None,
-    body: Any = None,
-    limit_s: float = 10.0,
-) -> tuple[int, Any]:
-    """One request on its own connection (``Connection: close``), read to EOF."""
-    with trio.fail_after(limit_s):
-        sock = await connect(port)
-        try:
-            await send_all(sock, request_bytes(method, path, port, token, body, close=True))
-            raw = b""
-            # Read to the end of the message (Hypercorn answers ``Connection: close``
-            # but does not always close promptly, so EOF is not awaited).
-            while not response_complete(raw):
-                data = await sock.recv(65536)
-                if not data:
-                    break
-                raw += data
-        finally:
-            sock.close()
-    status, _, payload = split_response(raw)
-    return status, (json.loads(payload) if payload else None)
-
-
-async def create_sessions(port: int, token: str, n: int, parallel: int = 8) -> list[str]:
-    ids: list[str] = [""] * n
-    limit = trio.Semaphore(parallel)
-
-    async def one(i: int) -> None:
-        async with limit:
-            status, body = await http_json(
-                port, "POST", "/api/chat/sessions", token, {"title": f"bench {i}"}
-            )
-        if status != 201:
-            raise RuntimeError(f"POST /api/chat/sessions -> {status} {body}")
-        ids[i] = body["sessionId"]
-
-    with trio.fail_after(30 + n * 0.05):
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(one, i)
-    return ids
+    return Server(env, name, settings)
 
 
 # -- one SSE stream --------------------------------------------------------------------------
@@ -488,7 +178,7 @@ async def run_stream(
     """POST .../stream and read it to ``done`` (or close after ``stop_after`` chunks)."""
     res = StreamResult(session_id)
     path = f"/api/chat/sessions/{session_id}/stream"
-    req = request_bytes("POST", path, port, token, body)
+    req = request_bytes("POST", path, token, body, port=port)
     perf = time.perf_counter
     interval = shared.interval
     late = shared.lateness
@@ -855,23 +545,6 @@ def run_phase(fn: Callable[..., Any], *args: Any) -> Any:
     return trio.run(fn, *args)
 
 
-def fmt(v: Any, unit: str = "") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float):
-        v = f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:,.0f}"
-    elif isinstance(v, int):
-        v = f"{v:,}"
-    return f"{v}{unit}"
-
-
-def print_table(rows: list[tuple[str, str, str]]) -> None:
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    for name, value, note in rows:
-        print(f"  {name:<{w0}}  {value:>{w1}}  {note}")
-
-
 def report(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str]] = []
     if fb := results.get("firstByte"):
@@ -995,11 +668,7 @@ def functional_failures(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CI), well under 60 s")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p = arg_parser(__doc__, "tiny sizes (CI), well under 60 s")
     p.add_argument("--sequential", type=int, default=500, help="streams for first byte")
     p.add_argument("--unpaced-events", type=int, default=200_000)
     p.add_argument("--unpaced-runs", type=int, default=3)
@@ -1030,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     if levels and max(levels) * 2 + 256 > nofile:
         print(f"warning: fd limit {nofile} is low for {max(levels)} streams", file=sys.stderr)
 
-    env = Env(keep=args.keep)
+    env = BenchEnv(keep=args.keep)
     results: dict[str, Any] = {
         "machine": {
             "nproc": os.cpu_count(),
@@ -1107,9 +776,9 @@ def main(argv: list[str] | None = None) -> int:
             fake = Server(
                 env,
                 "fake-bedrock",
-                ["fake-bedrock", "--port", "0"],
                 {},
-                "fake-bedrock listening on",
+                argv=["fake-bedrock", "--port", "0"],
+                ready="fake-bedrock listening on",
             )
             try:
                 srv = start_chinwag(
@@ -1134,15 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                 fake.stop()
     finally:
         env.cleanup()
-    results["totalS"] = round(time.perf_counter() - t0, 1)
-    report(results)
-    print(f"  (total {results['totalS']} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    bad = functional_failures(results)
-    for line in bad:
-        print(f"FAILED: {line}", file=sys.stderr)
-    return 1 if bad else 0
+    return finish(results, t0, report, functional_failures, args.json)
 
 
 if __name__ == "__main__":
