@@ -156,7 +156,7 @@ class Shared:
     """Counters every stream of one measurement adds to (one trio thread: no locks)."""
 
     interval: float = 0.0  # the paced schedule, seconds per chunk (0 = no lateness)
-    lateness: array = field(default_factory=lambda: array("d"))
+    lateness: array[float] = field(default_factory=lambda: array("d"))
     chunks: int = 0
     live: int = 0
     max_live: int = 0
@@ -204,7 +204,7 @@ async def run_stream(
                     res.t_first_byte = perf()
                 buf += data
             res.t_headers = perf()
-            if gate_held:
+            if gate_held and open_gate is not None:
                 open_gate.release()
                 gate_held = False
             res.status = int(buf[: buf.find(b"\r\n")].split(b" ", 2)[1])
@@ -270,7 +270,7 @@ async def run_stream(
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             res.failure = f"{type(exc).__name__}: {exc}"
         finally:
-            if gate_held:
+            if gate_held and open_gate is not None:
                 open_gate.release()
             if sock is not None:
                 sock.close()
@@ -342,7 +342,7 @@ async def bench_unpaced(port: int, pid: int, token: str, events: int, runs: int)
     body = {"message": "Tell me everything", "modelId": BENCH_MODEL, "maxTokens": events}
     # warm-up (small)
     await run_stream(port, token, sessions[0], {**body, "maxTokens": 200}, Shared(), limit_s=30)
-    out_runs = []
+    out_runs: list[dict[str, Any]] = []
     failures: list[str] = []
     for sid in sessions[1:]:
         meter = Meter(pid)
