@@ -175,6 +175,13 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
                 }
             },
         )
+        if not getattr(g, "body_read", False) and (
+            request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "")
+        ):
+            # Refused (401, 404, 413...) before its body was read: close, or
+            # the unread rest of it would stall the next request on this
+            # keep-alive connection.
+            response.headers["Connection"] = "close"
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from quart import request
+from quart import g, request
 
 from .errors import ValidationError
 from .store import Page
@@ -31,6 +31,7 @@ MAX_INT = 2**53
 async def json_body(*, allow_empty: bool = False) -> dict[str, Any]:
     """The request's JSON object; malformed JSON or a non-object → 400."""
     raw = await request.get_data(as_text=False)
+    g.body_read = True
     if not raw.strip():
         if allow_empty:
             return {}

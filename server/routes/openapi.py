@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 
 from .. import __version__
 from ..context import authenticated
-from ..validate import JSON, Operation, operation
+from ..validate import EVENT_STREAM, JSON, Operation, operation
 
 bp = Blueprint("openapi", __name__)
 
@@ -29,6 +29,24 @@ ERROR = {
         "details": {"type": "array"},
     },
     "required": ["message", "errorCode"],
+}
+SSE_EVENT = {
+    "type": "object",
+    "description": "One Server-Sent Event; data is JSON text (SPEC §5, §6).",
+    "properties": {
+        "event": {"type": "string"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event"],
+}
+ERRORS = {
+    "400": "Invalid input (VALIDATION_ERROR, or a code of SPEC §2).",
+    "401": "No valid bearer token.",
+    "403": "The role is not enough.",
+    "404": "No such thing, or not the caller's.",
+    "413": "The body is too large.",
+    "429": "Rate limited; see Retry-After.",
 }
 _ARG = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -77,22 +95,24 @@ def _operation(
         | ({"description": p.description} if p.description else {})
         for p in op.params
     ]
-    success: dict[str, Any] = {"description": "OK"}
-    success["content"] = {
-        op.produces: {"schema": {"type": "object"} if op.produces == JSON else {"type": "string"}}
+    schema = {"type": "object"} if op.produces == JSON else SSE_EVENT
+    if op.produces not in (JSON, EVENT_STREAM):
+        schema = {"type": "string"}
+    error = {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}
+    responses: dict[str, Any] = {
+        str(op.status): {"description": "OK", "content": {op.produces: {"schema": schema}}}
+    }
+    responses |= {code: {"description": text, "content": error} for code, text in ERRORS.items()}
+    responses["default"] = {
+        "description": "Any other error: the same JSON shape.",
+        "content": error,
     }
     out: dict[str, Any] = {
         "operationId": endpoint.replace(".", "_"),
         "summary": op.summary,
         "tags": [endpoint.split(".")[0]],
         "parameters": params,
-        "responses": {
-            str(op.status): success,
-            "default": {
-                "description": "An error: always this JSON shape.",
-                "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
-            },
-        },
+        "responses": responses,
     }
     if op.description:
         out["description"] = op.description

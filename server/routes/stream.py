@@ -38,7 +38,8 @@ SCENARIO = Param(
     "X-Test-Scenario",
     {"type": "string", "enum": sorted(SCENARIOS)},
     where="header",
-    description="Simulated model only, when CHINWAG_TEST_SCENARIOS is on: force a fault.",
+    description="Force a fault (simulated model, CHINWAG_TEST_SCENARIOS on; "
+    "otherwise checked and ignored).",
 )
 LAST_EVENT_ID = Param(
     "Last-Event-ID",
@@ -72,16 +73,15 @@ UPDATE = Body(
 
 
 def _scenario() -> str | None:
-    if not services().settings.test_scenarios:
-        return None
-    value = request.headers.get("X-Test-Scenario", "").strip().lower()
-    if not value:
+    """The forced fault: checked always, acted on only with CHINWAG_TEST_SCENARIOS on."""
+    value = request.headers.get("X-Test-Scenario")
+    if value is None:
         return None
     if value not in SCENARIOS:
         raise ValidationError(
             f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}."
         )
-    return value
+    return value if services().settings.test_scenarios else None
 
 
 @bp.post("/api/chat/sessions/<session_id>/stream")

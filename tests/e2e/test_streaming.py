@@ -290,6 +290,13 @@ async def test_scenarios_are_ignored_when_off(live):
     ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
+    # An unknown one is refused all the same: the contract does not depend on the setting.
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "x"},
+        headers={**alice["headers"], "X-Test-Scenario": "SERVER_ERROR"},
+    )
+    assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
 
 
 async def test_hang_scenario_keeps_heartbeating_until_the_client_leaves(live_factory, settings):
