@@ -142,20 +142,18 @@ class SimulatedProvider:
         for i, token in enumerate(simulated_text(prompt, n)):
             if scenario == "drop_midway" and i == max(1, n // 2):
                 raise UpstreamFailure("simulated stream broken mid-way")
-            if interval:
-                # Pace on an absolute schedule so lateness does not accumulate.
-                deadline += interval
-                if deadline > trio.current_time() or behind >= CATCH_UP_MAX:
-                    behind = 0
-                    await trio.sleep_until(deadline)
-                else:
-                    # Already due: a real upstream's tokens wait in the socket
-                    # buffer while the loop is busy and are read together. So
-                    # hand them over without a checkpoint each (a bounded run),
-                    # or a busy loop (1,000 observers) would pace the model.
-                    behind += 1
+            # Pace on an absolute schedule so lateness does not accumulate.
+            # Tokens already due (unpaced: all of them) are handed over in a
+            # bounded run without a checkpoint each, as a real upstream's
+            # wait in the socket buffer while the loop is busy and are read
+            # together; else a busy loop (1,000 observers) would pace the
+            # model, and an unpaced stream would cost one write per token.
+            deadline += interval
+            if behind < CATCH_UP_MAX and deadline <= trio.current_time():
+                behind += 1
             else:
-                await trio.lowlevel.checkpoint()
+                behind = 0
+                await trio.sleep_until(deadline)
             yield TextDelta(token)
         yield Usage(input_tokens=input_tokens, output_tokens=n)
         yield Stop("length" if n >= request.max_tokens and n < self.answer_tokens else "stop")

@@ -48,3 +48,24 @@ async def test_tokens_already_due_are_handed_over_together() -> None:
         # 64 due tokens took about 64 / CATCH_UP_MAX scheduler passes, not 64.
         assert passes - before <= 64 // CATCH_UP_MAX + 1
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unpaced_model_yields_in_bounded_runs() -> None:
+    model = SimulatedProvider(ttft_ms=0, tokens_per_s=0, answer_tokens=500)
+    passes = 0
+
+    async def other_task() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery, model.stream(_request(500)) as events:
+        nursery.start_soon(other_task)
+        await events.__anext__()  # Started
+        before = passes
+        for _ in range(4 * CATCH_UP_MAX):
+            assert isinstance(await events.__anext__(), TextDelta)
+        # Runs of CATCH_UP_MAX tokens, then a checkpoint: others still get the loop.
+        assert 3 <= passes - before <= 5
+        nursery.cancel_scope.cancel()
