@@ -65,6 +65,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     test_scenarios: bool = False
     models_file: Path | None = None
+    memory_top_k: int = 5
+    memory_token_budget: int = 500
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +123,10 @@ class Settings:
             cors_origins=origins or ("*",),
             test_scenarios=_bool(env, "CHINWAG_TEST_SCENARIOS"),
             models_file=Path(models_file) if models_file else None,
+            memory_top_k=_int(env, "CHINWAG_MEMORY_TOP_K", d.memory_top_k, minimum=1),
+            memory_token_budget=_int(
+                env, "CHINWAG_MEMORY_TOKEN_BUDGET", d.memory_token_budget, minimum=1
+            ),
         )
 
     def with_secret(self) -> Settings:

@@ -12,6 +12,8 @@ tables in the same file.
 
 from __future__ import annotations
 
+import logging
+import re
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +25,9 @@ from typing import Any
 
 from sqlite_utils import Database
 
-__all__ = ["Store", "UsernameTaken", "now_iso"]
+__all__ = ["Store", "UsernameTaken", "now_iso", "search_terms"]
+
+log = logging.getLogger("chinwag.store")
 
 
 class UsernameTaken(Exception):
@@ -98,7 +102,97 @@ def _m2(db: Database) -> None:
     db.table("telemetry_events").create_index(["type", "created_at"])
 
 
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2)
+def _m3(db: Database) -> None:
+    """Full-text index over messages' content, for memory search (issue 9).
+
+    An external-content FTS5 table: it stores only the index, the text stays
+    in ``messages``, and triggers keep the two in step. The update trigger
+    matters: an assistant message is inserted empty and finished with its
+    content. ``user_id`` is indexed too, so a search narrows to one user's
+    messages inside the index (``user_id:"…" AND content:(…)``) instead of
+    ranking every user's matches; it weighs nothing in the rank. Rows that
+    already exist are indexed by the ``rebuild``.
+
+    Without FTS5 in this SQLite build the migration logs a warning and adds
+    nothing; :meth:`Store.search_messages` then falls back to a substring scan.
+    Caveats: once indexed, the file needs an SQLite with FTS5 to write messages
+    (the triggers use it); and the index is keyed by ``messages.rowid``, which
+    a ``VACUUM`` may renumber (the table has a TEXT key), so after one run
+    ``INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')``.
+    """
+    try:
+        db.execute(
+            """CREATE VIRTUAL TABLE messages_fts USING fts5(
+                   content, user_id,
+                   content='messages', content_rowid='rowid',
+                   tokenize='porter unicode61 remove_diacritics 2')"""
+        )
+        db.execute(
+            "INSERT INTO messages_fts (messages_fts, rank) VALUES ('rank', 'bm25(1.0, 0.0)')"
+        )
+    except sqlite3.OperationalError as exc:
+        if "fts5" not in str(exc).lower():
+            raise
+        log.warning("SQLite has no FTS5 (%s): memory search falls back to a substring scan", exc)
+        return
+    db.execute(
+        """CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN
+               INSERT INTO messages_fts (rowid, content, user_id)
+               VALUES (new.rowid, new.content, new.user_id);
+           END"""
+    )
+    db.execute(
+        """CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN
+               INSERT INTO messages_fts (messages_fts, rowid, content, user_id)
+               VALUES ('delete', old.rowid, old.content, old.user_id);
+           END"""
+    )
+    db.execute(
+        """CREATE TRIGGER messages_fts_au AFTER UPDATE OF content, user_id ON messages BEGIN
+               INSERT INTO messages_fts (messages_fts, rowid, content, user_id)
+               VALUES ('delete', old.rowid, old.content, old.user_id);
+               INSERT INTO messages_fts (rowid, content, user_id)
+               VALUES (new.rowid, new.content, new.user_id);
+           END"""
+    )
+    db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+
+
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2, _m3)
+
+#: At most this many words of a query are searched for (the longest ones).
+MAX_SEARCH_TERMS = 16
+_MAX_TERM_CHARS = 64
+_WORD = re.compile(r"[^\W_]+")  # letters and digits: what FTS5's unicode61 calls a token
+_STOP_WORDS = frozenset(
+    """about after again all also am an and any are as at be been before being but by can
+    could did do does doing done for from had has have having he her here hers him his how
+    if in into is it its just me more most my no nor not now of off on once only or other
+    our ours out over own same she should so some such than that the their theirs them then
+    there these they this those through to too under until up very was we were what when
+    where which while who whom why will with would you your yours""".split()  # noqa: SIM905
+)
+
+
+def search_terms(text: str) -> list[str]:
+    """The words of free text worth searching for, lower-cased, distinct.
+
+    Letters and digits only, so no FTS (or tsquery) syntax survives; words
+    shorter than two characters and common English stop words are dropped;
+    at most :data:`MAX_SEARCH_TERMS`, preferring the longest (usually the most
+    specific), in the order they appear.
+    """
+    seen: dict[str, int] = {}
+    for i, match in enumerate(_WORD.finditer(text.lower())):
+        word = match.group()
+        if len(word) < 2 or len(word) > _MAX_TERM_CHARS or word in _STOP_WORDS:
+            continue
+        seen.setdefault(word, i)
+    keep = sorted(seen, key=lambda w: (-len(w), seen[w]))[:MAX_SEARCH_TERMS]
+    return sorted(keep, key=seen.__getitem__)
+
+
+_warned_no_fts = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +461,80 @@ class Store:
         )
         rows.reverse()
         return rows
+
+    def search_messages(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        limit: int,
+        exclude_session: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """``user_id``'s own finished messages that match ``query``, best first.
+
+        Rows ``{id, session_id, role, content, created_at, rank}``; ``rank`` is
+        higher for a better match (FTS5's bm25, negated). Only user and
+        assistant messages with content that are not still ``streaming``; none
+        from ``exclude_session``. Any text is a valid query: it is reduced to
+        :func:`search_terms`, each quoted and OR-ed, so it can never be an FTS
+        syntax error; with no terms left the answer is ``[]``.
+
+        A PostgreSQL store answers the same question with a generated
+        ``tsvector`` column (``to_tsvector('english', content)``) under a GIN
+        index, ``WHERE user_id = $1 AND tsv @@ to_tsquery('english', 'w1 | w2')``
+        (the same terms; or ``websearch_to_tsquery`` of the raw text), ordered
+        by ``ts_rank(tsv, query) DESC``.
+
+        Without an FTS5 index (an SQLite built without it) the fallback is a
+        substring test per term over the user's messages (a scan; unstemmed,
+        ASCII case-folding), ranked by how many terms matched, newest first:
+        slower and cruder, but the same answer shape.
+        """
+        terms = search_terms(query)
+        if not terms or limit < 1:
+            return []
+        # ``m.user_id = ?`` is the guard; the index's own user filter only narrows.
+        scope = (
+            "m.user_id = ? AND m.role IN ('user', 'assistant') AND m.status != 'streaming'"
+            " AND m.content != '' AND (? IS NULL OR m.session_id != ?)"
+        )
+        scope_params = (user_id, exclude_session, exclude_session)
+        if self._has_fts():
+            match = "content : (" + " OR ".join(f'"{t}"' for t in terms) + ")"
+            # Only an id with a token to filter on, and no NUL (which ends FTS5's string).
+            if _WORD.search(user_id) and "\x00" not in user_id:
+                match = 'user_id : "' + user_id.replace('"', '""') + '" AND ' + match
+            return self._rows(
+                f"""SELECT m.id, m.session_id, m.role, m.content, m.created_at,
+                           -messages_fts.rank AS rank
+                    FROM messages_fts JOIN messages m ON m.rowid = messages_fts.rowid
+                    WHERE messages_fts MATCH ? AND {scope}
+                    ORDER BY messages_fts.rank LIMIT ?""",
+                (match, *scope_params, limit),
+            )
+        global _warned_no_fts
+        if not _warned_no_fts:
+            _warned_no_fts = True
+            log.warning("no FTS5 index on messages: memory search uses a substring scan")
+        hits = " + ".join("(instr(lower(m.content), ?) > 0)" for _ in terms)
+        return self._rows(
+            f"""SELECT * FROM (
+                    SELECT m.id, m.session_id, m.role, m.content, m.created_at,
+                           {hits} AS rank
+                    FROM messages m
+                    WHERE m.session_id IN (SELECT id FROM chat_sessions WHERE user_id = ?)
+                      AND {scope})
+                WHERE rank > 0 ORDER BY rank DESC, created_at DESC LIMIT ?""",
+            (*terms, user_id, *scope_params, limit),
+        )
+
+    def _has_fts(self) -> bool:
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages_fts'"
+            ).fetchone()
+            is not None
+        )
 
     def message_by_stream(self, streaming_session_id: str) -> dict[str, Any] | None:
         return self._one(
