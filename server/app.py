@@ -34,7 +34,7 @@ from .models import Catalog
 from .providers import open_provider
 from .retention import run_retention
 from .settings import Settings
-from .sse import encode_event
+from .sse import encode_event, quiet_resets
 from .store import Store
 from .streams import StreamHub
 from .telemetry import Telemetry
@@ -53,6 +53,7 @@ _HTTP_CODES = {
 
 def create_app(settings: Settings) -> QuartTrio:
     settings = settings.with_secret()
+    quiet_resets(logging.getLogger("hypercorn.error"))  # reset_midway is not an error
     app = QuartTrio("chinwag")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -183,12 +184,13 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
             # keep-alive connection.
             response.headers["Connection"] = "close"
         origin = request.headers.get("Origin")
-        if origin and ("*" in origins or origin in origins):
+        # With "*" every response says so, Origin or not (as seed 002's clients expect).
+        if "*" in origins or (origin and origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
             if "*" not in origins:
                 response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Expose-Headers"] = (
-                "X-Streaming-Session-Id, X-Request-Id"
+                "X-Streaming-Session-Id, X-Request-Id, X-Chat-Session-Id"
             )
             if request.method == "OPTIONS":
                 response.headers["Access-Control-Allow-Methods"] = (

@@ -32,6 +32,19 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise SettingsError(f"{name} must be a non-negative number, got {raw!r}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -65,6 +78,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     test_scenarios: bool = False
     models_file: Path | None = None
+    #: What one credit is worth in US dollars: ``cost_usd`` of /api/v1/chat's usage event.
+    credit_usd: float = 0.00001
     memory_top_k: int = 5
     memory_token_budget: int = 500
 
@@ -123,6 +138,7 @@ class Settings:
             cors_origins=origins or ("*",),
             test_scenarios=_bool(env, "CHINWAG_TEST_SCENARIOS"),
             models_file=Path(models_file) if models_file else None,
+            credit_usd=_float(env, "CHINWAG_CREDIT_USD", d.credit_usd),
             memory_top_k=_int(env, "CHINWAG_MEMORY_TOP_K", d.memory_top_k, minimum=1),
             memory_token_budget=_int(
                 env, "CHINWAG_MEMORY_TOKEN_BUDGET", d.memory_token_budget, minimum=1

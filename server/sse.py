@@ -7,9 +7,11 @@ concatenate and write bytes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
+import trio
 from quart import Response
 
 SSE_HEADERS = {
@@ -20,6 +22,46 @@ SSE_HEADERS = {
 }
 
 CONNECTED = b": connected\n\n"
+
+
+class ConnectionReset(Exception):
+    """Raised by a response body to cut its connection with no terminating chunk.
+
+    Hypercorn closes the connection when a body fails after the headers went
+    out; that is exactly what ``X-Test-Scenario: reset_midway`` (SPEC §8)
+    wants. It is not an error: :class:`QuietResets` keeps it out of the log.
+    """
+
+
+class QuietResets(logging.Filter):
+    """Drops Hypercorn's "Error in ASGI Framework" record for a deliberate reset."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not _is_reset(exc)
+
+
+def _is_reset(exc: BaseException | None) -> bool:
+    """A reset, or a group of resets (and the cancellations they caused)."""
+    if isinstance(exc, ConnectionReset):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        resets, rest = exc.split(lambda e: isinstance(e, ConnectionReset | trio.Cancelled))
+        return rest is None and resets is not None and _has_reset(resets)
+    return False
+
+
+def _has_reset(group: BaseExceptionGroup[BaseException]) -> bool:
+    return any(
+        isinstance(e, ConnectionReset) or (isinstance(e, BaseExceptionGroup) and _has_reset(e))
+        for e in group.exceptions
+    )
+
+
+def quiet_resets(logger: logging.Logger) -> None:
+    """Install :class:`QuietResets` on ``logger`` once."""
+    if not any(isinstance(f, QuietResets) for f in logger.filters):
+        logger.addFilter(QuietResets())
 
 
 def encode_event(event_id: int | None, name: str, data: str) -> bytes:

@@ -158,7 +158,20 @@ def _m3(db: Database) -> None:
     db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
 
 
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2, _m3)
+def _m4(db: Database) -> None:
+    """A supervisor's reason kept with the message they stopped (SPEC §6.1), and
+    the client's own name for a session (``/api/v1/chat``'s ``sessionId``),
+    unique per user so one user's names never collide with, or reveal,
+    another's."""
+    db.execute("ALTER TABLE messages ADD COLUMN cancel_reason TEXT")
+    db.execute("ALTER TABLE chat_sessions ADD COLUMN client_key TEXT")
+    db.execute(
+        "CREATE UNIQUE INDEX chat_sessions_client_key ON chat_sessions (user_id, client_key)"
+        " WHERE client_key IS NOT NULL"
+    )
+
+
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2, _m3, _m4)
 
 #: At most this many words of a query are searched for (the longest ones).
 MAX_SEARCH_TERMS = 16
@@ -323,8 +336,10 @@ class Store:
         title: str,
         model_id: str,
         source: str,
+        client_key: str | None = None,
     ) -> dict[str, Any] | None:
-        """Insert a session; None if a client-chosen id is already taken."""
+        """Insert a session; None if a client-chosen id (or this user's
+        ``client_key``) is already taken."""
         now = now_iso()
         row = {
             "id": session_id or str(uuid.uuid4()),
@@ -334,6 +349,7 @@ class Store:
             "source": source,
             "created_at": now,
             "updated_at": now,
+            "client_key": client_key,
         }
         try:
             with self._tx():
@@ -348,6 +364,13 @@ class Store:
         if row is None or (user_id is not None and row["user_id"] != user_id):
             return None
         return row
+
+    def session_by_key(self, user_id: str, client_key: str) -> dict[str, Any] | None:
+        """``user_id``'s session that the client named ``client_key``, if any."""
+        return self._one(
+            "SELECT * FROM chat_sessions WHERE user_id = ? AND client_key = ?",
+            (user_id, client_key),
+        )
 
     def list_sessions(self, user_id: str, page: Page) -> tuple[list[dict[str, Any]], int]:
         total = self.conn.execute(
@@ -423,10 +446,12 @@ class Store:
         output_tokens: int,
         credits_charged: int,
         finish_reason: str,
+        cancel_reason: str | None = None,
     ) -> None:
         self.conn.execute(
             """UPDATE messages SET content = ?, status = ?, input_tokens = ?, output_tokens = ?,
-                   tokens_used = ?, credits_charged = ?, finish_reason = ? WHERE id = ?""",
+                   tokens_used = ?, credits_charged = ?, finish_reason = ?, cancel_reason = ?
+               WHERE id = ?""",
             (
                 content,
                 status,
@@ -435,6 +460,7 @@ class Store:
                 input_tokens + output_tokens,
                 credits_charged,
                 finish_reason,
+                cancel_reason,
                 message_id,
             ),
         )

@@ -20,7 +20,6 @@ in the app nursery). Every model call — streaming or not — is a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,18 +33,20 @@ import ledger
 from observation import ObservationManager, Stream
 
 from .auth import Principal
+from .dialects import CHAT, Dialect, Ending
 from .errors import ApiError, Conflict, TooMany
 from .models import ModelInfo
 from .providers.base import (
     ChatTurn,
     ModelRequest,
+    Pace,
     Provider,
     ProviderError,
     Started,
     Stop,
     TextDelta,
     Usage,
-    estimate_tokens,
+    request_tokens,
 )
 from .settings import Settings
 from .store import Store
@@ -65,10 +66,6 @@ def new_stream_id() -> str:
     return f"stream-{int(time.time() * 1000)}-{uuid.uuid4()}"
 
 
-def _dumps(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 class ServerShutdown(ProviderError):
     """Told to readers of a stream the server ended because it is stopping."""
 
@@ -76,11 +73,27 @@ class ServerShutdown(ProviderError):
     user_message = "The server is shutting down, please reconnect shortly."
 
 
+class StreamCancelled(ProviderError):
+    """Told to every reader of a stream a supervisor stopped (SPEC §6.1)."""
+
+    error_code = "STREAM_CANCELLED"
+    user_message = "This answer was stopped by a supervisor."
+
+
 class InternalFailure(ProviderError):
     """A bug ended this stream; it is logged, the client sees only this."""
 
     error_code = "INTERNAL_ERROR"
     user_message = "Internal server error."
+
+
+#: The stored message status for each way a run ends (anything else: interrupted).
+_STATUS = {"stop": "complete", "length": "complete", "error": "error", "cancelled": "cancelled"}
+#: Endings the server chose, told to every reader as an error event before ``done``.
+_TOLD: dict[str, type[ProviderError]] = {
+    "shutdown": ServerShutdown,
+    "cancelled": StreamCancelled,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +126,7 @@ class StreamRun:
         assistant_message: dict[str, Any],
         stream: Stream,
         streaming: bool,
+        dialect: Dialect = CHAT,
     ) -> None:
         self.hub = hub
         self.stream_id = stream.stream_id
@@ -124,11 +138,14 @@ class StreamRun:
         self.user_message = user_message
         self.assistant_message = assistant_message
         self.stream = stream
+        self.dialect = dialect
         self.started_at = time.time()
         self._t0 = trio.current_time()
         self.first_token_at: float | None = None
         self.cancel_scope = trio.CancelScope()
         self.cancel_reason = "client_disconnected"
+        #: A supervisor's words when they stopped it (SPEC §6.1), kept with the message.
+        self.cancel_note: str | None = None
         self.outcome: Outcome | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
@@ -154,9 +171,11 @@ class StreamRun:
             self.cancel_reason = "client_disconnected"
             self.cancel_scope.deadline = trio.current_time() + grace
 
-    def cancel(self, reason: str) -> None:
-        if not self._done.is_set():
+    def cancel(self, reason: str, note: str | None = None) -> None:
+        """End the run now as ``reason`` (the first reason given wins)."""
+        if not self._done.is_set() and not self.cancel_scope.cancel_called:
             self.cancel_reason = reason
+            self.cancel_note = note
             self.cancel_scope.cancel()
 
     @property
@@ -196,7 +215,7 @@ class StreamRun:
                             if not parts:
                                 self.first_token_at = trio.current_time()
                             parts.append(event.text)
-                            await self._publish("chunk", _dumps({"text": event.text}))
+                            await self._publish(*self.dialect.chunk(event.text))
                         elif isinstance(event, Usage):
                             usage = event
                         elif isinstance(event, Stop):
@@ -263,9 +282,7 @@ class StreamRun:
             charge = self.model.price.cost(input_tokens, output_tokens) if output_tokens else 0
             if not output_tokens:
                 input_tokens = 0
-            status = {"stop": "complete", "length": "complete", "error": "error"}.get(
-                finish_reason, "interrupted"
-            )
+            status = _STATUS.get(finish_reason, "interrupted")
             hub.store.finish_message(
                 self.assistant_message["id"],
                 content=content,
@@ -274,6 +291,7 @@ class StreamRun:
                 output_tokens=output_tokens,
                 credits_charged=charge,
                 finish_reason=finish_reason,
+                cancel_reason=self.cancel_note,
             )
             settlement = hub.ledger.settle(
                 self.reservation.id,
@@ -322,26 +340,21 @@ class StreamRun:
                 retries,
                 error,
             )
-            if error is None and finish_reason == "shutdown":
-                error = ServerShutdown()
-            if error is not None:
-                await self._publish_final(
-                    "error", _dumps({"message": error.user_message, "errorCode": error.error_code})
-                )
-            await self._publish_final(
-                "done",
-                _dumps(
-                    {
-                        "streamingSessionId": self.stream_id,
-                        "messageId": self.assistant_message["id"],
-                        "tokensUsed": input_tokens + output_tokens,
-                        "inputTokens": input_tokens,
-                        "outputTokens": output_tokens,
-                        "creditsCharged": charged,
-                        "finishReason": finish_reason,
-                    }
-                ),
+            if error is None and finish_reason in _TOLD:
+                error = _TOLD[finish_reason]()
+            ending = Ending(
+                stream_id=self.stream_id,
+                message_id=self.assistant_message["id"],
+                model_id=self.model.id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                credits_charged=charged,
+                cost_usd=round(charged * hub.settings.credit_usd, 8),
+                finish_reason=finish_reason,
+                error=error,
             )
+            for name, data in self.dialect.ending(ending):
+                await self._publish_final(name, data)
         finally:
             self.stream.close()
             hub._forget(self)
@@ -357,7 +370,7 @@ class StreamRun:
 
     @property
     def reservation_input(self) -> int:
-        return sum(estimate_tokens(t.text) for t in self.request.messages)
+        return request_tokens(self.request)
 
 
 class StreamHub:
@@ -412,13 +425,17 @@ class StreamHub:
         max_tokens: int | None,
         temperature: float | None,
         scenario: str | None,
+        pace: Pace | None = None,
         streaming: bool = False,
+        dialect: Dialect = CHAT,
+        context: str | None = None,
     ) -> StreamRun:
         """Check, reserve, store the user turn and start the run.
 
         Everything that can refuse the call happens here, before anything is
         stored, and fails as a plain :class:`ApiError`; nothing is charged or
-        written for a refused call.
+        written for a refused call. ``context`` (recalled memory, say) goes
+        to the model as its system text and is reserved for like the input.
         """
         if self._nursery is None or self.provider is None or not self.accepting:
             raise ApiError(
@@ -451,9 +468,11 @@ class StreamHub:
             messages=self._history(session_id, text),
             max_tokens=max_tokens,
             temperature=temperature,
+            system=context,
             scenario=scenario,
+            pace=pace,
         )
-        input_estimate = sum(estimate_tokens(t.text) for t in request.messages)
+        input_estimate = request_tokens(request)
         self.ledger.open_account(who.user_id)
         stream_id = new_stream_id()
         reservation = self.ledger.reserve(
@@ -475,7 +494,7 @@ class StreamHub:
                 status="streaming",
                 streaming_session_id=stream_id,
             )
-            stream = self.observations.open_stream(stream_id, group=session_id)
+            stream = self.observations.open_stream(stream_id, group=session_id, info=dialect)
         except BaseException:
             self.ledger.release(reservation.id)
             raise
@@ -490,6 +509,7 @@ class StreamHub:
             assistant_message=assistant_msg,
             stream=stream,
             streaming=streaming,
+            dialect=dialect,
         )
         self._by_session[session_id] = run
         self._by_stream[stream_id] = run
@@ -533,6 +553,20 @@ class StreamHub:
         if run is not None:
             run.cancel("client_disconnected")
             await run.wait_done()
+
+    async def stop(self, stream_id: str, note: str | None) -> str | None:
+        """A supervisor's stop (SPEC §6.1): end the run as ``cancelled``, wait until settled.
+
+        None if no run with that id is live. The answer is how the run really
+        ended: ``cancelled``, unless it had already ended on its own first.
+        The stop stands even if the caller is cancelled while waiting.
+        """
+        run = self._by_stream.get(stream_id)
+        if run is None:
+            return None
+        run.cancel("cancelled", note)
+        await run.wait_done()
+        return run.outcome.finish_reason if run.outcome else run.cancel_reason
 
     async def shutdown(self) -> None:
         """Stop every run (``finishReason: shutdown``) and wait until all are settled."""

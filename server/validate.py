@@ -211,6 +211,25 @@ class Num:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A JSON boolean (absent or null: ``default``)."""
+
+    default: bool = False
+    required: bool = False
+
+    def parse(self, body: Mapping[str, Any], name: str) -> bool:
+        value = body.get(name)
+        if value is None:
+            return self.default
+        if not isinstance(value, bool):
+            raise ValidationError(f"'{name}' must be true or false.", details=[{"field": name}])
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return _nullable({"type": "boolean"}, self.required)
+
+
+@dataclass(frozen=True)
 class Loose:
     """Any JSON value: the handler checks it itself (an id that must match, say)."""
 

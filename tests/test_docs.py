@@ -18,10 +18,13 @@ def test_every_setting_is_documented():
 
 
 def test_every_sse_event_is_documented():
+    from server.dialects import CHAT, V1
+
     source = "".join(p.read_text() for p in (ROOT / "server").rglob("*.py"))
     published = set(re.findall(r'(?:publish|_publish_final|_publish)\(\s*"([a-z-]+)"', source))
+    published |= {*CHAT.events, *V1.events}
     controls = set(re.findall(r'\("(observer|history-start|history-end|lagged)"', source))
-    assert {"chunk", "error", "done"} <= published
+    assert {"chunk", "error", "done", "token", "usage"} <= published
     for name in published | controls:
         assert f"`{name}`" in README, name
 

@@ -37,6 +37,16 @@ class ChatTurn:
 
 
 @dataclass(frozen=True, slots=True)
+class Pace:
+    """A request's own timing for the simulated model (SPEC §8 ``X-Sim-*``)."""
+
+    #: Tokens per second; 0 = as fast as the reader takes them. None: the setting.
+    tokens_per_s: int | None = None
+    #: Time to first token in milliseconds. None: the setting.
+    ttft_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRequest:
     model_id: str
     messages: tuple[ChatTurn, ...]
@@ -45,6 +55,8 @@ class ModelRequest:
     system: str | None = None
     #: ``X-Test-Scenario`` value (SPEC §8), honoured by the simulated model only.
     scenario: str | None = None
+    #: ``X-Sim-Tokens-Per-S`` / ``X-Sim-Ttft-Ms`` (SPEC §8), honoured by the simulated model only.
+    pace: Pace | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +138,10 @@ class Provider(Protocol):
 def estimate_tokens(text: str) -> int:
     """A model-like token count for ``text`` (about four characters a token)."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def request_tokens(request: ModelRequest) -> int:
+    """The input a request sends: its turns and its system text, estimated."""
+    return sum(estimate_tokens(t.text) for t in request.messages) + estimate_tokens(
+        request.system or ""
+    )

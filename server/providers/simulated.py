@@ -3,8 +3,9 @@
 The answer is derived from the prompt (same prompt → same text), is
 ``answer_tokens`` tokens long (capped by ``max_tokens``), and arrives after
 ``ttft_ms`` at ``tokens_per_s`` (0 = no delay: as fast as the reader takes
-it). Fault scenarios (SPEC §8, ``X-Test-Scenario``) make it misbehave on
-purpose so clients can test their error, heartbeat and disconnect handling.
+it); a request's ``Pace`` overrides both. Fault scenarios (SPEC §8,
+``X-Test-Scenario``) make it misbehave on purpose so clients can test their
+error, heartbeat and disconnect handling.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from .base import (
     estimate_tokens,
 )
 
-SCENARIOS = frozenset({"timeout", "rate_limit", "server_error", "slow", "hang", "drop_midway"})
+#: Faults the model itself acts out. ``reset_midway`` is the client connection's
+#: own (see :mod:`server.routes.stream`): the model answers normally.
+SCENARIOS = frozenset(
+    {"timeout", "rate_limit", "server_error", "slow", "hang", "drop_midway", "reset_midway"}
+)
 
 _WORDS = [
     "the",
@@ -125,6 +130,12 @@ class SimulatedProvider:
         input_tokens = estimate_tokens(prompt) + estimate_tokens(request.system or "")
         n = min(self.answer_tokens, request.max_tokens)
         ttft, interval = self.ttft_s, self.interval_s
+        if request.pace is not None:  # this request's own timing (X-Sim-*)
+            if request.pace.ttft_ms is not None:
+                ttft = request.pace.ttft_ms / 1000
+            if request.pace.tokens_per_s is not None:
+                rate = request.pace.tokens_per_s
+                interval = 1 / rate if rate > 0 else 0.0
         if scenario == "slow":
             ttft, interval = max(ttft, 0.2) * 10, max(interval, 0.02) * 10
         await trio.sleep(ttft)

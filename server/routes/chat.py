@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from quart import Blueprint
@@ -16,9 +17,17 @@ bp = Blueprint("chat", __name__)
 MESSAGE_MAX = 4000
 
 
+#: A session's name in the v1 API (``/api/v1/chat``'s ``sessionId``), kept per user.
+SESSION_KEY = re.compile(r"^session-[0-9]{8}-[0-9]{6}-[A-Za-z0-9]{4}$")
+
+
 def owned_session(session_id: str) -> dict[str, Any]:
-    """The caller's session, or 404 SESSION_NOT_FOUND (also for others' sessions)."""
-    row = services().store.get_session(session_id, principal().user_id)
+    """The caller's session — by id, or by its v1 name — or 404 SESSION_NOT_FOUND
+    (also for others' sessions)."""
+    store, user_id = services().store, principal().user_id
+    row = store.get_session(session_id, user_id)
+    if row is None and SESSION_KEY.match(session_id):
+        row = store.session_by_key(user_id, session_id)
     if row is None:
         raise session_not_found()
     return row
@@ -78,9 +87,14 @@ async def list_sessions() -> dict[str, Any]:
     return paginated("sessions", [camel_session(r) for r in rows], total, page, limit)
 
 
-def full_session(row: dict[str, Any]) -> dict[str, Any]:
+def full_session(row: dict[str, Any], *, staff: bool = False) -> dict[str, Any]:
+    """The session with its messages; staff also see why a supervisor stopped one."""
     messages, _ = services().store.list_messages(row["id"])
-    return {**camel_session(row), "messages": [camel_message(m) for m in messages]}
+    out = [camel_message(m) for m in messages]
+    if staff:
+        for shown, m in zip(out, messages, strict=True):
+            shown["cancelReason"] = m.get("cancel_reason")
+    return {**camel_session(row), "messages": out}
 
 
 @bp.get("/api/chat/sessions/<session_id>")
@@ -95,7 +109,7 @@ async def get_session(session_id: str) -> dict[str, Any]:
 @operation("Delete a session (a live stream on it ends first)")
 async def delete_session(session_id: str) -> dict[str, Any]:
     svc = services()
-    owned_session(session_id)
+    session_id = owned_session(session_id)["id"]
     # A live stream on it ends first (persisted and settled), then the rows go.
     await svc.hub.end_session_streams(session_id)
     svc.store.delete_session(session_id)
@@ -106,7 +120,7 @@ async def delete_session(session_id: str) -> dict[str, Any]:
 @authenticated()
 @operation("A session's messages, oldest first", params=PAGINATION)
 async def list_messages(session_id: str) -> dict[str, Any]:
-    owned_session(session_id)
+    session_id = owned_session(session_id)["id"]
     page, limit, window = pagination()
     rows, total = services().store.list_messages(session_id, window)
     return paginated("messages", [camel_message(r) for r in rows], total, page, limit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -14,8 +15,9 @@ from observation import Batch, Reader, Stream
 from ..context import authenticated, camel_message, principal, services
 from ..errors import ApiError, Conflict, NotFound, ValidationError
 from ..models import resolve
+from ..providers.base import Pace
 from ..providers.simulated import SCENARIOS
-from ..sse import CONNECTED, heartbeat, sse_response
+from ..sse import CONNECTED, ConnectionReset, heartbeat, sse_response
 from ..streams import StreamRun
 from ..validate import (
     EVENT_STREAM,
@@ -39,8 +41,27 @@ SCENARIO = Param(
     {"type": "string", "enum": sorted(SCENARIOS)},
     where="header",
     description="Force a fault (simulated model, CHINWAG_TEST_SCENARIOS on; "
-    "otherwise checked and ignored).",
+    "otherwise checked and ignored). reset_midway cuts the connection after "
+    "half the answer, without done.",
 )
+MAX_SIM_RATE = 100_000
+MAX_SIM_TTFT_MS = 600_000
+SIM_RATE = Param(
+    "X-Sim-Tokens-Per-S",
+    {"type": "string", "pattern": "^[0-9]{1,6}$"},
+    where="header",
+    description=f"The simulated model's token rate for this request, 0-{MAX_SIM_RATE} "
+    "(0 = as fast as possible); CHINWAG_TEST_SCENARIOS on, otherwise checked and ignored.",
+)
+SIM_TTFT = Param(
+    "X-Sim-Ttft-Ms",
+    {"type": "string", "pattern": "^[0-9]{1,6}$"},
+    where="header",
+    description=f"The simulated model's time to first token for this request, 0-{MAX_SIM_TTFT_MS}"
+    " ms; CHINWAG_TEST_SCENARIOS on, otherwise checked and ignored.",
+)
+#: The test controls a stream request may carry (SPEC §8).
+TEST_CONTROLS = (SCENARIO, SIM_RATE, SIM_TTFT)
 LAST_EVENT_ID = Param(
     "Last-Event-ID",
     {"type": "string", "pattern": "^[0-9]{0,12}$"},
@@ -72,16 +93,60 @@ UPDATE = Body(
 )
 
 
-def _scenario() -> str | None:
-    """The forced fault: checked always, acted on only with CHINWAG_TEST_SCENARIOS on."""
-    value = request.headers.get("X-Test-Scenario")
-    if value is None:
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """What a request's test headers ask for, once checked (None/None when off)."""
+
+    scenario: str | None
+    pace: Pace | None
+
+
+def _header_int(name: str, maximum: int) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
         return None
-    if value not in SCENARIOS:
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 7 or int(raw) > maximum:
         raise ValidationError(
-            f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}."
+            f"{name} must be an integer from 0 to {maximum}.", details=[{"field": name}]
         )
-    return value if services().settings.test_scenarios else None
+    return int(raw)
+
+
+def read_controls() -> Controls:
+    """``X-Test-Scenario`` and ``X-Sim-*``: checked always, acted on only with
+    ``CHINWAG_TEST_SCENARIOS`` on (SPEC §8)."""
+    scenario = request.headers.get("X-Test-Scenario")
+    if scenario is not None and scenario not in SCENARIOS:
+        raise ValidationError(
+            f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}.",
+            details=[{"field": "X-Test-Scenario"}],
+        )
+    rate = _header_int("X-Sim-Tokens-Per-S", MAX_SIM_RATE)
+    ttft = _header_int("X-Sim-Ttft-Ms", MAX_SIM_TTFT_MS)
+    if not services().settings.test_scenarios:
+        return Controls(None, None)
+    pace = None if rate is None and ttft is None else Pace(tokens_per_s=rate, ttft_ms=ttft)
+    return Controls(scenario, pace)
+
+
+def stream_response(run: StreamRun, controls: Controls) -> Response:
+    """The SSE response of a new stream: its client is the run's primary reader."""
+    cut_after = None
+    if controls.scenario == "reset_midway":
+        # Half the answer: the simulated model's length, else maxTokens.
+        settings = services().settings
+        length = min(run.request.max_tokens, settings.sim_answer_tokens)
+        cut_after = max(1, length // 2)
+    feed = client_feed(
+        run,
+        run.stream,
+        after_id=0,
+        interval=services().settings.sse_heartbeat_ms / 1000,
+        connected=run.dialect.connected,
+        cut_after=cut_after,
+    )
+    return sse_response(feed, {"X-Streaming-Session-Id": run.stream_id})
 
 
 @bp.post("/api/chat/sessions/<session_id>/stream")
@@ -89,7 +154,7 @@ def _scenario() -> str | None:
 @operation(
     "Send a message and stream the answer (SSE: chunk, heartbeat, error, done)",
     body=START,
-    params=(SCENARIO,),
+    params=TEST_CONTROLS,
     produces=EVENT_STREAM,
 )
 async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
@@ -99,6 +164,7 @@ async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
     model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
     max_tokens = integer(body, "maxTokens", minimum=1, maximum=model.max_tokens)
     temperature = body["temperature"]
+    controls = read_controls()
     run = svc.hub.start(
         principal(),
         session,
@@ -106,17 +172,21 @@ async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
         model,
         max_tokens=max_tokens,
         temperature=temperature,
-        scenario=_scenario(),
+        scenario=controls.scenario,
+        pace=controls.pace,
         streaming=True,
     )
-    return sse_response(
-        client_feed(run, run.stream, after_id=0, interval=svc.settings.sse_heartbeat_ms / 1000),
-        {"X-Streaming-Session-Id": run.stream_id},
-    )
+    return stream_response(run, controls)
 
 
 async def client_feed(
-    run: StreamRun | None, stream: Stream, *, after_id: int, interval: float
+    run: StreamRun | None,
+    stream: Stream,
+    *,
+    after_id: int,
+    interval: float,
+    connected: bytes = CONNECTED,
+    cut_after: int | None = None,
 ) -> AsyncIterator[bytes]:
     """The client's own response: the run's primary reader, plus heartbeats.
 
@@ -124,16 +194,24 @@ async def client_feed(
     (the run waits for this reader to attach). Everything pending is written
     in one chunk per wake-up. When the client goes away Hypercorn cancels
     this generator; its ``finally`` detaches, which aborts the run (after the
-    disconnect grace, if any).
+    disconnect grace, if any). With ``cut_after`` (``reset_midway``), the
+    connection is cut right after that event, with no terminating chunk, as
+    a crashed proxy would: for the run that is a disconnect like any other.
     """
-    yield CONNECTED
+    yield connected
     try:
         with stream.reader(after_id, primary=True) as reader:
             if run is not None:
                 run.attach()
             async with aclosing(paced(reader, interval)) as batches:
                 async for batch in batches:
-                    yield heartbeat() if batch is None else batch.wire
+                    if batch is None:
+                        yield heartbeat()
+                    elif cut_after is not None and batch.events[-1].id >= cut_after:
+                        yield b"".join(e.wire for e in batch.events if e.id <= cut_after)
+                        raise ConnectionReset
+                    else:
+                        yield batch.wire
     finally:
         if run is not None:
             run.detach()
@@ -177,7 +255,7 @@ def _last_event_id() -> int:
 async def resume_stream(session_id: str) -> Response:
     """Resume (SPEC §5.4): replay after Last-Event-ID from the ring, then live."""
     svc = services()
-    owned_session(session_id)
+    session_id = owned_session(session_id)["id"]
     stream_id = request.args.get("streamingSessionId", "")
     after = _last_event_id()
     stream = svc.observations.get(stream_id) if stream_id else None
@@ -191,8 +269,9 @@ async def resume_stream(session_id: str) -> Response:
         )
     run = svc.hub.for_stream(stream_id)
     interval = svc.settings.sse_heartbeat_ms / 1000
+    connected = getattr(stream.info, "connected", CONNECTED)
     return sse_response(
-        client_feed(run, stream, after_id=after, interval=interval),
+        client_feed(run, stream, after_id=after, interval=interval, connected=connected),
         {"X-Streaming-Session-Id": stream_id},
     )
 
@@ -203,7 +282,7 @@ async def resume_stream(session_id: str) -> Response:
 async def update_stream(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Finalize (SPEC §5.3): the server's own record is authoritative; idempotent."""
     svc = services()
-    owned_session(session_id)
+    session_id = owned_session(session_id)["id"]
     stream_id = body["streamingSessionId"]
     message = (
         svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None

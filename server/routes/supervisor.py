@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from quart import Blueprint, request
 
-from ..context import authenticated, camel_session, services
+from ..context import authenticated, camel_session, principal, services
 from ..errors import NotFound, session_not_found
-from ..validate import PAGINATION, Param, operation, paginated, pagination
+from ..validate import PAGINATION, Body, Param, Text, operation, paginated, pagination
 from .chat import full_session
 
 bp = Blueprint("supervisor", __name__)
+log = logging.getLogger("chinwag.supervisor")
 
 
 SEARCH = (Param("q", {"type": "string"}, description="Part of a username or email."), *PAGINATION)
@@ -62,4 +64,33 @@ async def user_session(user_id: str, session_id: str) -> dict[str, Any]:
     row = services().store.get_session(session_id, user_id)
     if row is None:
         raise session_not_found()
-    return {**full_session(row), "userId": user_id}
+    return {**full_session(row, staff=True), "userId": user_id}
+
+
+STOP = Body(
+    {"reason": Text(200, description="Kept with the message and in the logs.")}, optional=True
+)
+
+
+@bp.post("/api/chat/streams/<stream_id>/cancel")
+@authenticated("supervisor")
+@operation(
+    "Stop a live stream: its client and every observer are told (SPEC §6.1)",
+    body=STOP,
+    description="Answers once the stream has ended, its message stored and its "
+    "charge settled. finishReason is how it really ended: cancelled, or what it "
+    "ended as on its own if it got there first.",
+)
+async def stop_stream(stream_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    who = principal()
+    reason: str | None = body["reason"]
+    log.info(
+        "stream %s stopped by %s",
+        stream_id,
+        who.username,
+        extra={"fields": {"streamingSessionId": stream_id, "by": who.user_id, "reason": reason}},
+    )
+    finish = await services().hub.stop(stream_id, reason)
+    if finish is None:
+        raise NotFound("No live stream with this id.", error_code="STREAM_NOT_FOUND")
+    return {"streamingSessionId": stream_id, "finishReason": finish}

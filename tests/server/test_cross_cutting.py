@@ -41,7 +41,12 @@ async def test_cors_preflight_and_exposed_headers(client):
     assert "POST" in r.headers["Access-Control-Allow-Methods"]
     assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
     r = await client.get("/api/health", headers={"Origin": "https://app.example"})
-    assert r.headers["Access-Control-Expose-Headers"] == "X-Streaming-Session-Id, X-Request-Id"
+    assert r.headers["Access-Control-Expose-Headers"] == (
+        "X-Streaming-Session-Id, X-Request-Id, X-Chat-Session-Id"
+    )
+    # With "*", even a request without Origin is told (seed 002's curl -I expects it).
+    r = await client.get("/api/health")
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
 
 
 async def test_cors_restricted_origins(settings):
@@ -55,6 +60,8 @@ async def test_cors_restricted_origins(settings):
         r = await client.get("/api/health", headers={"Origin": "https://good.example"})
         assert r.headers["Access-Control-Allow-Origin"] == "https://good.example"
         r = await client.get("/api/health", headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in r.headers
+        r = await client.get("/api/health")
         assert "Access-Control-Allow-Origin" not in r.headers
 
 
