@@ -76,24 +76,23 @@ def _settings_for_cli() -> Settings:
 def _user_add(args: argparse.Namespace) -> int:
     import ledger
 
-    from .auth import hash_password
-    from .store import Store, UsernameTaken
+    from .store import Store
+    from .users import InvalidUser, UserExists, add_user
 
     settings = _settings_for_cli()
     password = args.password or getpass.getpass("Password: ")
-    if len(password) < 8:
-        print("error: the password must be at least 8 characters", file=sys.stderr)
-        return 2
     store = Store(settings.db_path)
     try:
-        user = store.add_user(args.username, hash_password(password), args.role, args.email)
-    except UsernameTaken:
+        with ledger.Ledger(settings.db_path) as book:
+            user = add_user(store, book, args.username, password, args.role, args.email)
+    except InvalidUser as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except UserExists:
         print(f"error: user {args.username!r} already exists", file=sys.stderr)
         return 1
     finally:
         store.close()
-    with ledger.Ledger(settings.db_path) as book:
-        book.open_account(user["id"])
     print(f"created {args.role} {args.username} (id {user['id']})")
     return 0
 
