@@ -6,7 +6,31 @@ from quart_trio import QuartTrio
 
 
 def register(app: QuartTrio) -> None:
-    from . import auth, chat, credits, health, models, observe, openapi, stream, supervisor, v1
+    from . import (
+        auth,
+        chat,
+        credits,
+        health,
+        models,
+        observe,
+        openapi,
+        stream,
+        supervisor,
+        users,
+        v1,
+    )
 
-    for module in (auth, chat, credits, health, models, observe, openapi, stream, supervisor, v1):
+    for module in (
+        auth,
+        chat,
+        credits,
+        health,
+        models,
+        observe,
+        openapi,
+        stream,
+        supervisor,
+        users,
+        v1,
+    ):
         app.register_blueprint(module.bp)
