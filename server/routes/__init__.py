@@ -8,6 +8,7 @@ from quart_trio import QuartTrio
 def register(app: QuartTrio) -> None:
     from . import (
         auth,
+        batch,
         chat,
         credits,
         health,
@@ -22,6 +23,7 @@ def register(app: QuartTrio) -> None:
 
     for module in (
         auth,
+        batch,
         chat,
         credits,
         health,
