@@ -7,10 +7,12 @@ scripts' paths, resolve it the same way).
 - numbers: ``pct``, ``ms``, ``fmt``, ``print_table``; a script's
   ``arg_parser`` and ``finish`` (the report, the JSON, the exit status); the machine:
   ``cpu_model``, ``git_commit``, ``raise_fd_limit``; a process:
-  ``proc_sample`` (CPU and RSS from ``/proc``), ``Meter``;
+  ``proc_sample`` (CPU and RSS from ``/proc``), ``sched_wait_s`` (time spent
+  waiting for a CPU), ``Meter``;
 - processes: ``Env`` (a temp dir with the SQLite DB, the CLI, the users) and
-  ``Server`` (``python -m server.cli serve`` with ``CHINWAG_PORT=0``, the port
-  read from its ``... listening on`` line, stopped with SIGTERM);
+  ``Server`` (``python -m server.cli serve`` with ``CHINWAG_PORT=0``, or any
+  ``python COMMAND``; the port read from its ``... listening on`` line,
+  stopped with SIGTERM);
 - HTTP/1.1 on raw ``trio.socket`` sockets: ``connect``, ``send_all``,
   ``request_bytes``, ``split_response``, ``response_complete``, ``http_json``,
   ``create_session(s)``.
@@ -183,6 +185,27 @@ def proc_sample(pid: int) -> ProcSample:
     return ProcSample(cpu, rss_kb)
 
 
+def sched_wait_s(pid: int | str = "self") -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU; nan if unknown.
+
+    From ``/proc/PID/task/*/schedstat`` (its second field): on a busy machine
+    this is what the CPU figures cannot show, time a process wanted and did
+    not get. Threads that already exited are not counted.
+    """
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return math.nan
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 class Meter:
     """CPU of the server (from /proc) and of this process (``who``) over one measurement."""
 
@@ -273,7 +296,12 @@ class Env:
 
 
 class Server:
-    """A ``server.cli`` child process that prints ``<ready> http://127.0.0.1:PORT`` on stdout."""
+    """A ``server.cli`` child process that prints ``<ready> http://127.0.0.1:PORT`` on stdout.
+
+    ``command``, if given, replaces ``-m server.cli ARGV``: the child is
+    ``python COMMAND`` (e.g. a script's own server mode), with the same
+    environment, working directory and ready line.
+    """
 
     def __init__(
         self,
@@ -282,6 +310,7 @@ class Server:
         extra_env: dict[str, str],
         argv: Sequence[str] = ("serve",),
         ready: str = "chinwag listening on",
+        command: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.settings = extra_env
@@ -291,7 +320,7 @@ class Server:
         self._out = open(self.out_path, "wb")  # noqa: SIM115
         self._err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, "-m", "server.cli", *argv],
+            [PY, *command] if command is not None else [PY, "-m", "server.cli", *argv],
             cwd=ROOT,
             env={**env.base_env(), **extra_env},
             stdin=subprocess.DEVNULL,
