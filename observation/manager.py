@@ -10,7 +10,7 @@ import trio
 
 from .errors import StreamExists
 from .stats import ObservationStatistics, Tally
-from .stream import Encode, Stream
+from .stream import Encode, Stream, WakeupLotFactory
 
 
 class _Arrival:
@@ -45,6 +45,7 @@ class ObservationManager:
         ring_size: int = 4096,
         linger: float = 30.0,
         encode: Encode,
+        wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
     ) -> None:
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, not {ring_size}")
@@ -53,6 +54,7 @@ class ObservationManager:
         self._ring_size = ring_size
         self._linger = linger
         self._encode = encode
+        self._wakeup_lot = wakeup_lot
         self._tally = Tally()
         # Every registered stream (live or lingering), in open order.
         self._streams: dict[str, Stream] = {}
@@ -88,6 +90,7 @@ class ObservationManager:
             encode=self._encode,
             tally=self._tally,
             on_close=self._stream_closed,
+            wakeup_lot=self._wakeup_lot,
         )
         self._streams[stream_id] = stream
         self._groups.setdefault(group, []).append(stream)

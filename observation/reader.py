@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -11,6 +12,9 @@ from .events import Batch
 
 if TYPE_CHECKING:
     from .stream import Stream
+
+#: Parks the calling task on a stream's wake-up lot; False: gave up (no event).
+Park = Callable[[Any], Awaitable[bool]]
 
 
 class Reader:
@@ -148,6 +152,23 @@ class Reader:
         delivered, :class:`trio.BusyResourceError` if another task is
         already waiting on this reader.
         """
+        batch = await self._next(None)
+        assert batch is not None
+        return batch
+
+    async def next_batch_or(self, park: Park) -> Batch | None:
+        """As :meth:`next_batch`, but wait by ``await park(lot)`` on the stream's
+        wake-up lot; when that returns False (its deadline passed, say),
+        return None and leave the cursor where it was.
+
+        This is how a reader waits for "the next event or my heartbeat"
+        without entering a cancel scope per wait (``park`` can be a timer
+        service's ``park_until(lot, deadline)``). Same guarantees as
+        :meth:`next_batch`.
+        """
+        return await self._next(park)
+
+    async def _next(self, park: Park | None) -> Batch | None:
         if self._receiving:
             raise trio.BusyResourceError("another task is already reading this reader")
         self._receiving = True
@@ -160,9 +181,12 @@ class Reader:
             # All readers of the stream share one parking lot, unparked by
             # publish, close and release: one publish wakes them all. This
             # is the hot path, so no exception and no extra frame per wake-up.
-            park = self._stream._wakeup.park
+            lot = self._stream._wakeup
             while True:
-                await park()
+                if park is None:
+                    await lot.park()
+                elif not await park(lot):
+                    return None
                 batch = self._take()
                 if batch is not None:
                     return batch

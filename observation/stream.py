@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Protocol
 
 import trio
 
@@ -13,6 +14,20 @@ from .ring import Ring
 from .stats import Tally
 
 Encode = Callable[[int, str, str], bytes]
+
+
+class WakeupLot(Protocol):
+    """Where a stream's waiting readers park: :class:`trio.lowlevel.ParkingLot`,
+    or any lot with the same two methods (one whose waiters may also leave
+    at a deadline lets a reader wait for "the next event or my heartbeat"
+    without a cancel scope per wait: see :meth:`Reader.next_batch_or`)."""
+
+    def park(self) -> Awaitable[None]: ...
+
+    def unpark_all(self) -> object: ...
+
+
+WakeupLotFactory = Callable[[], WakeupLot]
 
 
 class Stream:
@@ -59,6 +74,7 @@ class Stream:
         encode: Encode,
         tally: Tally,
         on_close: Callable[[Stream], None],
+        wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
     ) -> None:
         self.stream_id = stream_id
         self.group = group
@@ -72,7 +88,7 @@ class Stream:
         self._observers = 0
         # Readers waiting for the next event (or the end) park here
         # (Reader.next_batch parks on it directly: it is the hot path).
-        self._wakeup = trio.lowlevel.ParkingLot()
+        self._wakeup = wakeup_lot()
         # The producer waiting for the primary reader to make room parks here.
         self._space = trio.lowlevel.ParkingLot()
         # The last batch built: readers woken by the same publish ask for the

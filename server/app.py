@@ -38,9 +38,13 @@ from .sse import encode_event, quiet_resets
 from .store import Store
 from .streams import StreamHub
 from .telemetry import Telemetry
+from .timers import Lot, Timers
 
 log = logging.getLogger("chinwag")
 access_log = logging.getLogger("chinwag.access")
+
+#: Timer deadlines are rounded up to this grid, so waiters due together wake in one pass.
+TIMER_GRID_S = 0.005
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -63,10 +67,14 @@ def create_app(settings: Settings) -> QuartTrio:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keys in the documented order
     store = Store(settings.db_path)
     book = ledger.Ledger(settings.db_path)
+    # One timer service paces every simulated stream and every reader's
+    # heartbeat: one heap, no cancel scope per wait (DESIGN.md §2).
+    timers = Timers(grid=TIMER_GRID_S)
     observations = ObservationManager(
         ring_size=settings.observe_ring,
         linger=settings.stream_buffer_ms / 1000,
         encode=encode_event,
+        wakeup_lot=Lot,
     )
     telemetry = Telemetry(store)
     svc = Services(
@@ -81,6 +89,7 @@ def create_app(settings: Settings) -> QuartTrio:
         observations=observations,
         hub=StreamHub(settings, store, book, observations, telemetry),
         telemetry=telemetry,
+        timers=timers,
     )
     app.extensions["chinwag"] = svc
 
@@ -92,7 +101,8 @@ def create_app(settings: Settings) -> QuartTrio:
         try:
             with services_scope:
                 async with trio.open_nursery() as nursery:
-                    svc.provider = await nursery.start(_provider_service, settings)
+                    await nursery.start(timers.run)
+                    svc.provider = await nursery.start(_provider_service, settings, timers)
                     svc.hub.provider = svc.provider
                     await nursery.start(observations.run)
                     await nursery.start(svc.hub.run)
@@ -135,10 +145,13 @@ def create_app(settings: Settings) -> QuartTrio:
 
 
 async def _provider_service(
-    settings: Settings, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    timers: Timers,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Owns the provider (for Bedrock: its one aiobotocore client) for the app's life."""
-    async with open_provider(settings) as provider:
+    async with open_provider(settings, timers) as provider:
         task_status.started(provider)
         await trio.sleep_forever()
 

@@ -25,6 +25,7 @@ from .providers.base import Provider
 from .settings import Settings
 from .store import Store
 from .telemetry import Telemetry
+from .timers import Timers
 
 if TYPE_CHECKING:
     from .streams import StreamHub
@@ -44,6 +45,7 @@ class Services:
     observations: ObservationManager
     hub: StreamHub
     telemetry: Telemetry
+    timers: Timers
     provider: Provider | None = None  # set once the provider service has started
 
 

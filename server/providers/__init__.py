@@ -7,12 +7,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..settings import Settings
+from ..timers import Timers
 from .base import Provider
 
 
 @asynccontextmanager
-async def open_provider(settings: Settings) -> AsyncIterator[Provider]:
-    """The configured provider, open for as long as the block runs."""
+async def open_provider(
+    settings: Settings, timers: Timers | None = None
+) -> AsyncIterator[Provider]:
+    """The configured provider, open for as long as the block runs.
+
+    ``timers``: the process's timer service, which paces the simulated model
+    (one heap for every stream's token deadlines, not a trio sleep each).
+    """
     if settings.provider == "bedrock":
         from .bedrock import BedrockProvider
 
@@ -31,4 +38,5 @@ async def open_provider(settings: Settings) -> AsyncIterator[Provider]:
             ttft_ms=settings.sim_ttft_ms,
             tokens_per_s=settings.sim_tokens_per_s,
             answer_tokens=settings.sim_answer_tokens,
+            timers=timers,
         )

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..timers import Timers
 from .base import (
     ModelEvent,
     ModelRequest,
@@ -111,10 +112,19 @@ CATCH_UP_MAX = 32
 class SimulatedProvider:
     name = "simulated"
 
-    def __init__(self, *, ttft_ms: int = 50, tokens_per_s: int = 50, answer_tokens: int = 200):
+    def __init__(
+        self,
+        *,
+        ttft_ms: int = 50,
+        tokens_per_s: int = 50,
+        answer_tokens: int = 200,
+        timers: Timers | None = None,
+    ):
         self.ttft_s = ttft_ms / 1000
         self.interval_s = 1 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.answer_tokens = answer_tokens
+        # Pacing waits on the process's timer service (None: plain trio sleeps).
+        self._sleep_until = timers.sleep_until if timers is not None else trio.sleep_until
 
     @asynccontextmanager
     async def stream(self, request: ModelRequest) -> AsyncIterator[AsyncIterator[ModelEvent]]:
@@ -138,7 +148,8 @@ class SimulatedProvider:
                 interval = 1 / rate if rate > 0 else 0.0
         if scenario == "slow":
             ttft, interval = max(ttft, 0.2) * 10, max(interval, 0.02) * 10
-        await trio.sleep(ttft)
+        sleep_until = self._sleep_until
+        await sleep_until(trio.current_time() + ttft)
         if scenario == "hang":
             await trio.sleep_forever()
         if scenario == "rate_limit":
@@ -164,7 +175,7 @@ class SimulatedProvider:
                 behind += 1
             else:
                 behind = 0
-                await trio.sleep_until(deadline)
+                await sleep_until(deadline)
             yield TextDelta(token)
         yield Usage(input_tokens=input_tokens, output_tokens=n)
         yield Stop("length" if n >= request.max_tokens and n < self.answer_tokens else "stop")

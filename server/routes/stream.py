@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from ..providers.base import Pace
 from ..providers.simulated import SCENARIOS
 from ..sse import CONNECTED, ConnectionReset, heartbeat, sse_response
 from ..streams import StreamRun
+from ..timers import Timers
 from ..validate import (
     EVENT_STREAM,
     MAX_INT,
@@ -145,6 +146,7 @@ def stream_response(run: StreamRun, controls: Controls) -> Response:
         interval=services().settings.sse_heartbeat_ms / 1000,
         connected=run.dialect.connected,
         cut_after=cut_after,
+        timers=services().timers,
     )
     return sse_response(feed, {"X-Streaming-Session-Id": run.stream_id})
 
@@ -187,6 +189,7 @@ async def client_feed(
     interval: float,
     connected: bytes = CONNECTED,
     cut_after: int | None = None,
+    timers: Timers | None = None,
 ) -> AsyncIterator[bytes]:
     """The client's own response: the run's primary reader, plus heartbeats.
 
@@ -203,7 +206,7 @@ async def client_feed(
         with stream.reader(after_id, primary=True) as reader:
             if run is not None:
                 run.attach()
-            async with aclosing(paced(reader, interval)) as batches:
+            async with aclosing(paced(reader, interval, timers)) as batches:
                 async for batch in batches:
                     if batch is None:
                         yield heartbeat()
@@ -217,22 +220,41 @@ async def client_feed(
             run.detach()
 
 
-async def paced(reader: Reader, interval: float) -> AsyncGenerator[Batch | None, None]:
+async def paced(
+    reader: Reader, interval: float, timers: Timers | None = None
+) -> AsyncGenerator[Batch | None, None]:
     """The reader's batches, and ``None`` whenever a heartbeat is due.
 
     Heartbeats keep a fixed period (every ``interval`` seconds) whether or not
     events flow. Waiting for a batch is cancel-safe: the cursor moves only
     when a batch is returned, so a heartbeat deadline never loses an event.
-    Ends when the stream has ended and everything was delivered.
+    With the process's ``timers``, a wait is "the next event or the next
+    heartbeat" in one park, without a cancel scope per wait. Ends when the
+    stream has ended and everything was delivered.
     """
     next_beat = trio.current_time() + interval
+    if timers is None:
+        while True:
+            batch = None
+            with trio.move_on_at(next_beat):
+                try:
+                    batch = await reader.next_batch()
+                except trio.EndOfChannel:
+                    return
+            if batch is None:
+                next_beat += interval
+            yield batch
+
+    park_until = timers.park_until
+
+    def park(lot: Any) -> Awaitable[bool]:
+        return park_until(lot, next_beat)
+
     while True:
-        batch = None
-        with trio.move_on_at(next_beat):
-            try:
-                batch = await reader.next_batch()
-            except trio.EndOfChannel:
-                return
+        try:
+            batch = await reader.next_batch_or(park)
+        except trio.EndOfChannel:
+            return
         if batch is None:
             next_beat += interval
         yield batch
@@ -271,7 +293,14 @@ async def resume_stream(session_id: str) -> Response:
     interval = svc.settings.sse_heartbeat_ms / 1000
     connected = getattr(stream.info, "connected", CONNECTED)
     return sse_response(
-        client_feed(run, stream, after_id=after, interval=interval, connected=connected),
+        client_feed(
+            run,
+            stream,
+            after_id=after,
+            interval=interval,
+            connected=connected,
+            timers=svc.timers,
+        ),
         {"X-Streaming-Session-Id": stream_id},
     )
 

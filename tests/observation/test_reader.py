@@ -184,3 +184,38 @@ async def test_only_one_primary_reader_at_a_time(manager: ObservationManager) ->
     with stream.reader(primary=True):
         assert stream.primary_attached
     assert manager.statistics().readers == 0
+
+
+async def test_next_batch_or_gives_up_when_park_says_so_and_loses_nothing(
+    encode: object, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``next_batch_or(park)``: None when ``park`` returns False (say, a heartbeat
+    deadline), the cursor unmoved; the batch when a publish wakes it."""
+    from server.timers import Lot, Timers
+
+    manager = ObservationManager(ring_size=8, encode=encode, wakeup_lot=Lot)  # type: ignore[arg-type]
+    timers = Timers(grid=0)
+    stream = manager.open_stream("s1", group="g")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        with stream.reader(0) as reader:
+            deadline = trio.current_time() + 1
+            assert await reader.next_batch_or(lambda lot: timers.park_until(lot, deadline)) is None
+            assert trio.current_time() == pytest.approx(deadline)
+            publish_many(stream, 2)
+            batch = await reader.next_batch_or(lambda lot: timers.park_until(lot, deadline + 1))
+            assert batch is not None and [e.id for e in batch.events] == [1, 2]
+
+            async def publish_later() -> None:
+                await trio.sleep(0.5)
+                publish_many(stream, 1)
+
+            nursery.start_soon(publish_later)
+            t0 = trio.current_time()
+            batch = await reader.next_batch_or(lambda lot: timers.park_until(lot, t0 + 10))
+            assert batch is not None and [e.id for e in batch.events] == [3]
+            assert trio.current_time() - t0 == pytest.approx(0.5)
+            stream.close()
+            with pytest.raises(trio.EndOfChannel):
+                await reader.next_batch_or(lambda lot: timers.park_until(lot, t0 + 20))
+        nursery.cancel_scope.cancel()
