@@ -8,8 +8,16 @@ SQLite file and the fast simulated model, makes an admin token with the CLI,
 downloads ``/api/openapi.json`` and runs ``st run`` against it. The checks:
 no 5xx, every response's status and content type documented, every error
 body ``{"message","errorCode"}``, schema-violating input rejected, and auth
-not ignored (``schemathesis.toml`` lists the rejection statuses). Then the
-server must have logged no error and must exit 0 on SIGTERM.
+not ignored (``schemathesis.toml`` lists the rejection statuses).
+
+Schemathesis only sends what a schema can describe. A second phase sends
+hand-made hostile bodies to every JSON operation of the document, whole and
+as the value of each declared field: nesting far deeper than a parser
+recurses, lone surrogate escapes (valid JSON syntax, not Unicode text),
+numbers past a float (``1e400``) or past Python's int conversion limit,
+``NaN``, very long strings. Each must get a documented refusal: no 5xx, a
+JSON ``{"message","errorCode"}`` body. Then the server must have logged no
+error and must exit 0 on SIGTERM.
 
 The observe routes are left out: with ``?wait=`` they hold the request open
 by design (tests/e2e/test_observe.py covers them over real sockets).
@@ -18,6 +26,7 @@ by design (tests/e2e/test_observe.py covers them over real sockets).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -28,6 +37,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = (
@@ -60,6 +70,117 @@ def get(url: str, token: str | None = None) -> bytes:
     with urllib.request.urlopen(req, timeout=5) as r:
         body: bytes = r.read()
         return body
+
+
+#: Nesting far deeper than json.loads can recurse, well under the body limit.
+DEEP = b"[" * 200_000 + b"]" * 200_000
+#: Sent as the whole body.
+HOSTILE_BODIES = {
+    "deep nesting": DEEP,
+    "deep nesting in a field": b'{"x":' + DEEP + b"}",
+    "a lone surrogate in a key": rb'{"\ud800":1}',
+    "NaN": b'{"x":NaN}',
+    "not UTF-8": b'{"x":"\xff"}',
+    "UTF-16": '{"x":"\u00e9"}'.encode("utf-16"),
+}
+#: Sent as the value of each declared field, one at a time.
+HOSTILE_VALUES = {
+    "nested 40 deep": b"[" * 40 + b"]" * 40,
+    "a lone high surrogate": rb'"a\ud800b"',
+    "a lone low surrogate": rb'"\udfff"',
+    "a reversed pair": rb'"\ude00\ud83d"',
+    "an encoded surrogate": b'"a\xed\xa0\x80b"',
+    "1e400": b"1e400",
+    "-1e400": b"-1e400",
+    "10**400": b"1" + b"0" * 400,
+    "a 5000-digit integer": b"1" + b"0" * 5000,
+    "Infinity": b"Infinity",
+    "a 500 kB string": b'"' + b"x" * 500_000 + b'"',
+    "a 100 kB string of escapes": b'"' + b"\\n" * 50_000 + b'"',
+}
+
+
+def json_operations(schema: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """Every operation that takes a JSON body: (method, path, declared fields)."""
+    out = []
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                out.append((method.upper(), path, sorted(body["schema"].get("properties", {}))))
+    return out
+
+
+def hostile_requests(schema: dict[str, Any]) -> list[tuple[str, str, str, bytes]]:
+    """(what, method, path template, body) for every JSON operation."""
+    out = []
+    for method, path, fields in json_operations(schema):
+        for what, body in HOSTILE_BODIES.items():
+            out.append((what, method, path, body))
+        for field in fields:
+            for what, value in HOSTILE_VALUES.items():
+                body = b'{"%s":%s}' % (field.encode(), value)
+                out.append((f"{what} as {field!r}", method, path, body))
+    return out
+
+
+def send(port: int, method: str, path: str, body: bytes, token: str) -> tuple[int, str, bytes]:
+    """One request on its own connection: status, content type, and a JSON body (else b"")."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(
+            method,
+            path,
+            body=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        r = conn.getresponse()
+        ctype = r.getheader("Content-Type", "")
+        # A stream (text/event-stream) is not read: only its status matters here.
+        return r.status, ctype, r.read() if ctype.startswith("application/json") else b""
+    finally:
+        conn.close()
+
+
+def problem(status: int, ctype: str, body: bytes) -> str | None:
+    """What is wrong with an answer to a hostile body, if anything."""
+    if status >= 500:
+        return f"{status} {body[:200]!r}"
+    if status < 400:
+        return None
+    if not ctype.startswith("application/json"):
+        return f"{status} with content type {ctype!r}"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return f"{status} with a body that is not JSON: {body[:200]!r}"
+    if not (
+        isinstance(answer, dict)
+        and isinstance(answer.get("message"), str)
+        and isinstance(answer.get("errorCode"), str)
+    ):
+        return f"{status} without {{message, errorCode}}: {body[:200]!r}"
+    return None
+
+
+def hostile_phase(port: int, schema: dict[str, Any], token: str, session_id: str) -> int:
+    """Send every hostile request; print each bad answer; return how many there were."""
+    requests = hostile_requests(schema)
+    statuses: dict[int, int] = {}
+    failures = 0
+    for what, method, template, body in requests:
+        path = template.replace("{session_id}", session_id).replace("{stream_id}", "stream-0-x")
+        status, ctype, answer = send(port, method, path, body, token)
+        statuses[status] = statuses.get(status, 0) + 1
+        wrong = problem(status, ctype, answer)
+        if wrong:
+            failures += 1
+            print(f"hostile body: {method} {template} with {what}: {wrong}", file=sys.stderr)
+    print(
+        f"hostile bodies: {len(requests)} requests to {len(json_operations(schema))} "
+        f"JSON operations, statuses {dict(sorted(statuses.items()))}, {failures} bad answers"
+    )
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(0.1)
                 schema = Path(tmp, "openapi.json")
                 schema.write_bytes(get(f"{base}/api/openapi.json", token))
-                operations = sum(len(v) for v in json.loads(schema.read_bytes())["paths"].values())
+                document = json.loads(schema.read_bytes())
+                operations = sum(len(v) for v in document["paths"].values())
+                _, _, created = send(port, "POST", "/api/chat/sessions", b"{}", token)
+                hostile = hostile_phase(port, document, token, json.loads(created)["sessionId"])
                 print(f"fuzzing {operations} operations of {base} ({args.examples} examples each)")
                 st = [
                     str(Path(sys.executable).with_name("st")),
@@ -144,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("server error log:", line.rstrip()[:500], file=sys.stderr)
             if code != 0:
                 print(f"the server exited {code} on SIGTERM", file=sys.stderr)
-            ok = status == 0 and not errors and code == 0
+            ok = status == 0 and not hostile and not errors and code == 0
             print(
                 f"contract fuzz: {'PASS' if ok else 'FAIL'} (schemathesis exit {status}, "
+                f"{hostile} bad answers to hostile bodies, "
                 f"{len(errors)} server error lines, server exit {code})"
             )
             return 0 if ok else 1
