@@ -17,13 +17,12 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request, websocket
 
-from observation import Batch, ObservationManager, Stream
+from observation import Batch, ObservationManager, Reader, Stream
 
 from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
 from ..validate import EVENT_STREAM, Param, operation
-from .stream import paced
 
 bp = Blueprint("observe", __name__)
 
@@ -68,6 +67,23 @@ def _find(session_id: str, wait: float | None) -> Stream | None:
     return stream
 
 
+class Beats:
+    """One response's heartbeat schedule: a beat due every ``interval`` seconds.
+
+    Fixed when the response opens and kept across the wait and the attach, so
+    the period stays steady whatever the observer is doing; a beat sent late
+    does not shift the ones after it.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.due = trio.current_time() + interval
+
+    def sent(self) -> None:
+        """A heartbeat went out: the next is due one period after this one was."""
+        self.due += self.interval
+
+
 async def observer_items(
     observations: ObservationManager,
     session_id: str,
@@ -78,49 +94,98 @@ async def observer_items(
     """Everything an observer is told, in order, until ``done`` (or the wait runs out).
 
     ``observer`` (waiting → connected), ``history-start``, the replay,
-    ``history-end``, the live tail. A reader that falls a whole ring behind
-    is told ``lagged {"skipped": N}`` and continues from the oldest buffered
-    event: it never slows the producer or any other reader. Each yielded
-    list is one wake-up's worth, to be written in one go.
+    ``history-end``, the live tail, and heartbeats (``None``) every
+    ``interval`` seconds from the first item on — also while waiting for a
+    stream to start. A reader that falls a whole ring behind is told
+    ``lagged {"skipped": N}`` and continues from the oldest buffered event: it
+    never slows the producer or any other reader. Each yielded list is one
+    wake-up's worth, to be written in one go.
     """
+    beats = Beats(interval)
     if stream is None:
         yield [("observer", {"status": "waiting", "sessionId": session_id})]
-        with trio.move_on_after(wait or 0):
-            stream = await observations.wait_for_stream(session_id)
-        if stream is None:
-            yield [("observer", {"status": "timeout", "sessionId": session_id})]
-            return
+        give_up = trio.current_time() + (wait or 0)
+        while True:
+            stream = await _next_stream(observations, session_id, min(beats.due, give_up))
+            if stream is not None:
+                break
+            if trio.current_time() >= give_up:
+                yield [("observer", {"status": "timeout", "sessionId": session_id})]
+                return
+            beats.sent()
+            yield [None]
     with stream.reader(0) as reader:
-        count, from_id = reader.backlog()
-        history_end = reader.history_end
-        head: list[Item] = [
-            (
-                "observer",
-                {
-                    "status": "connected",
-                    "sessionId": stream.group,
-                    "streamingSessionId": stream.stream_id,
-                    "observers": stream.observers,
-                },
-            ),
-            ("history-start", {"count": count, "fromId": from_id}),
-        ]
-        if history_end > 0:
-            # Take the history now, before anything can yield: the reader's
-            # first batch is exactly it, and a fast producer could otherwise
-            # overwrite announced events while the head is being written.
-            # (Nothing to take only if the ring was released already.)
-            with suppress(trio.WouldBlock, trio.EndOfChannel):
-                head.append(reader.next_batch_nowait())
-        head.append(("history-end", {"lastId": history_end}))
-        yield head
-        async with aclosing(paced(reader, interval)) as batches:
-            async for batch in batches:
-                group: list[Item] = []
-                if batch is not None and batch.skipped:
-                    group.append(("lagged", {"skipped": batch.skipped}))
-                group.append(batch)
+        yield _head(stream, reader)
+        async with aclosing(_tail(reader, beats)) as groups:
+            async for group in groups:
                 yield group
+
+
+async def _next_stream(
+    observations: ObservationManager, session_id: str, until: float
+) -> Stream | None:
+    """The session's stream once one has started; None if none has by ``until``.
+
+    A stream that started while the caller was away (writing a heartbeat)
+    counts: the session had none when the observer came, so any it has now
+    is new. Checking and waiting are synchronous up to the wait, so no
+    start can slip between them.
+    """
+    stream = observations.latest(session_id)
+    if stream is None:
+        with trio.move_on_at(until):
+            stream = await observations.wait_for_stream(session_id)
+    return stream
+
+
+def _head(stream: Stream, reader: Reader) -> list[Item]:
+    """``observer`` connected, ``history-start``, the replay and ``history-end``."""
+    count, from_id = reader.backlog()
+    history_end = reader.history_end
+    head: list[Item] = [
+        (
+            "observer",
+            {
+                "status": "connected",
+                "sessionId": stream.group,
+                "streamingSessionId": stream.stream_id,
+                "observers": stream.observers,
+            },
+        ),
+        ("history-start", {"count": count, "fromId": from_id}),
+    ]
+    if history_end > 0:
+        # Take the history now, before anything can yield: the reader's
+        # first batch is exactly it, and a fast producer could otherwise
+        # overwrite announced events while the head is being written.
+        # (Nothing to take only if the ring was released already.)
+        with suppress(trio.WouldBlock, trio.EndOfChannel):
+            head.append(reader.next_batch_nowait())
+    head.append(("history-end", {"lastId": history_end}))
+    return head
+
+
+async def _tail(reader: Reader, beats: Beats) -> AsyncGenerator[list[Item], None]:
+    """The live tail, one wake-up per group, with heartbeats on ``beats``' schedule.
+
+    Waiting for a batch is cancel-safe: the cursor moves only when a batch
+    is returned, so a heartbeat deadline never loses an event. Ends when the
+    stream has ended and everything was delivered.
+    """
+    while True:
+        batch = None
+        with trio.move_on_at(beats.due):
+            try:
+                batch = await reader.next_batch()
+            except trio.EndOfChannel:
+                return
+        if batch is None:
+            beats.sent()
+            yield [None]
+        elif batch.skipped:
+            yield [("lagged", {"skipped": batch.skipped}), batch]
+        else:
+            yield [batch]
 
 
 WAIT = Param(

@@ -103,6 +103,98 @@ async def test_wait_attaches_to_the_next_stream(slow_live):
     assert stream_events(observed) == stream_events(client)
 
 
+def beat_ms(msg: Msg) -> int:
+    """The server's epoch ms in a ``: heartbeat <epoch_ms>`` comment."""
+    assert msg.event is None and msg.comment is not None, msg
+    word, ms = msg.comment.split()
+    assert word == "heartbeat"
+    return int(ms)
+
+
+async def test_a_waiting_observer_gets_heartbeats_then_attaches(live_factory, settings):
+    """SPEC §6: heartbeats flow from the moment the response opens, also while it
+    waits; the schedule is the response's own, steady across the attach."""
+    period_ms = 400
+    live = await live_factory(
+        with_settings(
+            settings,
+            sse_heartbeat_ms=period_ms,
+            # The stream stays live for a few beats after the observer attaches.
+            sim_ttft_ms=3 * period_ms,
+            sim_answer_tokens=5,
+        )
+    )
+    alice = live.harness.user(credits=10_000)
+    sup = live.harness.user("supervisor")
+    sid = await new_session(live, alice)
+    async with live.http.stream(
+        "GET", f"/api/chat/sessions/{sid}/observe?wait=10", headers=sup["headers"]
+    ) as o:
+        feed = messages(o)
+        assert (await feed.__anext__()).comment == "connected"
+        first = await feed.__anext__()
+        assert (first.event, first.data) == ("observer", {"status": "waiting", "sessionId": sid})
+        with trio.fail_after(10 * period_ms / 1000):
+            waiting = [await feed.__anext__(), await feed.__anext__()]
+        beats = [beat_ms(m) for m in waiting]
+        # Start the stream mid-period: a schedule restarted at the attach would
+        # put the next beat 1.6 periods after the last one.
+        await trio.sleep(0.6 * period_ms / 1000)
+        async with live.http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "now"},
+            headers=alice["headers"],
+        ) as r:
+            client = await read_until_done(r)
+        observed = await read_until_done(o, feed)
+    assert observed[0].event == "observer" and observed[0].data["status"] == "connected"
+    assert [m.event for m in observed if m.event and m.id is None][1:3] == [
+        "history-start",
+        "history-end",
+    ]
+    assert stream_events(observed) == stream_events(client)
+    assert observed[-1].event == "done"
+    beats += [beat_ms(m) for m in observed if m.comment]
+    assert len(beats) >= 4
+    # One steady schedule from the response's opening: beat k is due k periods
+    # after the first, whether it was sent while waiting or after the attach.
+    drift = [b - beats[0] - k * period_ms for k, b in enumerate(beats)]
+    assert all(abs(d) < 0.3 * period_ms for d in drift), drift
+
+
+async def test_a_waiting_websocket_observer_gets_heartbeat_frames(live_factory, settings):
+    live = await live_factory(with_settings(settings, sse_heartbeat_ms=100))
+    alice = live.harness.user(credits=10_000)
+    sup = live.harness.user("supervisor")
+    sid = await new_session(live, alice)
+    ws_url = live.url.replace("http://", "ws://") + f"/api/chat/sessions/{sid}/observe/ws"
+    async with open_websocket_url(ws_url + f"?token={sup['token']}&wait=10") as ws:
+        first = json.loads(await ws.get_message())
+        assert first == {
+            "event": "observer",
+            "id": None,
+            "data": {"status": "waiting", "sessionId": sid},
+        }
+        with trio.fail_after(2):
+            waiting = [json.loads(await ws.get_message()) for _ in range(2)]
+        assert [f["event"] for f in waiting] == ["heartbeat", "heartbeat"]
+        async with live.http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "now"},
+            headers=alice["headers"],
+        ) as r:
+            client = await read_until_done(r)
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["event"] != "done":
+            frames.append(json.loads(await ws.get_message()))
+    controls = [f for f in frames if f["event"] not in ("heartbeat",) and f["id"] is None]
+    assert controls[0]["event"] == "observer" and controls[0]["data"]["status"] == "connected"
+    got = [(f["id"], f["event"], f["data"]) for f in frames if f["id"] is not None]
+    assert got == stream_events(client)
+
+
 async def test_twenty_observers_see_identical_streams(slow_live):
     live = slow_live
     alice = live.harness.user(credits=10_000)
