@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import math
 import signal
 import sys
 from functools import partial
@@ -21,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from hypercorn.trio import serve
 
     from .app import create_app
-    from .serving import hypercorn_config
+    from .serving import cut_connections, hypercorn_config
 
     settings = Settings.from_env()
     host = args.host or settings.host
@@ -29,8 +30,18 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     config = hypercorn_config(settings, host, port)
+    # Set when the drain ends: the streams are settled and Hypercorn's graceful
+    # period for what is left has passed (or the shutdown grace is used up).
+    drained = trio.Event()
+    drain_end = math.inf
 
     async def shutdown_trigger() -> None:
+        """Returns, so Hypercorn stops, once every stream is told, persisted and settled.
+
+        Bounded by ``CHINWAG_SHUTDOWN_GRACE_MS`` from the signal; Hypercorn's own
+        graceful period for the connections left fits inside that grace.
+        """
+        nonlocal drain_end
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -42,17 +53,39 @@ def _serve(args: argparse.Namespace) -> int:
         # What is left is short requests and idle keep-alive connections, which
         # Hypercorn would otherwise wait on for the whole graceful timeout.
         config.graceful_timeout = max(0.0, min(1.0, deadline - trio.current_time()))
+        drain_end = trio.current_time() + config.graceful_timeout
+        drained.set()
+
+    async def cut_stuck_connections() -> None:
+        """After the drain, abort the connections still open.
+
+        Hypercorn cancels its connection tasks when the drain ends, but a task
+        blocked writing to a client that stopped reading never sees that (its
+        write is shielded): it would hold the process until the kernel's
+        TCP_USER_TIMEOUT. By now the hub has ended their streams (or used up the
+        grace): only the sockets are left.
+        """
+        await drained.wait()
+        await trio.sleep_until(drain_end)
+        cut = cut_connections(config.bound_ports)
+        if cut:
+            log.warning("shutdown: cut %d connections whose clients stopped reading", cut)
 
     async def run_server() -> None:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(serve, app, config, shutdown_trigger=shutdown_trigger)
-            )
-            print(
-                f"chinwag listening on {' '.join(binds)} "
-                f"(provider={settings.provider}, db={settings.db_path})",
-                flush=True,
-            )
+            nursery.start_soon(cut_stuck_connections)
+            try:
+                async with trio.open_nursery() as serving:
+                    binds = await serving.start(
+                        partial(serve, app, config, shutdown_trigger=shutdown_trigger)
+                    )
+                    print(
+                        f"chinwag listening on {' '.join(binds)} "
+                        f"(provider={settings.provider}, db={settings.db_path})",
+                        flush=True,
+                    )
+            finally:
+                nursery.cancel_scope.cancel()  # served: nothing left to cut
 
     async def main() -> None:
         if settings.provider == "bedrock":

@@ -2,32 +2,55 @@
 
 Slow readers: a client that keeps its connection open but stops reading
 would pin its connection task forever (Hypercorn shields its writes and has
-no write timeout). The defence is the kernel's ``TCP_USER_TIMEOUT`` on the
-listening socket, inherited by every accepted socket: when data written to
-a client stays unacknowledged (a zero receive window included) for
-``CHINWAG_SLOW_CLIENT_TIMEOUT_MS``, the kernel aborts the connection, the
-blocked write fails, and the stream ends as a disconnect. The stream's own
-producer has the same bound (see :mod:`server.streams`).
+no write timeout). Two defences:
+
+- while serving, the kernel's ``TCP_USER_TIMEOUT`` on the listening socket,
+  inherited by every accepted socket: when data written to a client stays
+  unacknowledged (a zero receive window included) for
+  ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS``, the kernel aborts the connection, the
+  blocked write fails, and the stream ends as a disconnect. The stream's own
+  producer has the same bound (see :mod:`server.streams`);
+- at shutdown, once the streams are settled and the connections had their
+  drain time, :func:`cut_connections` aborts every connection still open:
+  a write blocked on a client that stopped reading is never reached by
+  Hypercorn's cancellation (the write is shielded), but shutting the socket
+  down wakes it with an error.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import stat
+import struct
+from collections.abc import Collection, Iterator
+from contextlib import closing
 
 from hypercorn.config import Config, Sockets
 
 from .settings import Settings
 
+#: Where the process's open file descriptors are listed (Linux; BSD and macOS).
+_FD_DIRS = ("/proc/self/fd", "/dev/fd")
+
 
 class ChinwagConfig(Config):
     user_timeout_ms: int = 30_000
+    #: The ports of the listening sockets, once :meth:`create_sockets` has bound them.
+    bound_ports: frozenset[int] = frozenset()
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
+        listening = sockets.insecure_sockets + sockets.secure_sockets
         if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
-            for sock in sockets.insecure_sockets + sockets.secure_sockets:
+            for sock in listening:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
+        self.bound_ports = frozenset(
+            sock.getsockname()[1]
+            for sock in listening
+            if sock.family in (socket.AF_INET, socket.AF_INET6)
+        )
         return sockets
 
 
@@ -45,3 +68,70 @@ def hypercorn_config(
     config.include_server_header = False
     config.user_timeout_ms = settings.slow_client_timeout_ms
     return config
+
+
+def cut_connections(ports: Collection[int]) -> int:
+    """Abort every connection this process accepted on ``ports``; return how many.
+
+    For the very end of a shutdown. Each accepted TCP socket whose local port
+    is one of ``ports`` is set to linger 0 and shut down both ways: a task
+    blocked writing to it (or reading from it) wakes at once with an error,
+    and when its owner closes it the kernel sends a reset and drops the
+    unsent data, instead of keeping an orphan that retries for minutes.
+    Listening sockets and this process's own outgoing connections are left
+    alone. Synchronous and never blocks; the sockets stay open (their owner,
+    Hypercorn, closes them). Where the process's descriptors cannot be listed
+    it cuts nothing (the kernel's ``TCP_USER_TIMEOUT`` is then the bound).
+    """
+    if not ports:
+        return 0
+    cut = 0
+    for fd in _open_fds():
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with closing(_duplicate(fd)) as sock:
+                if _accepted_on(sock, ports):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.shutdown(socket.SHUT_RDWR)
+                    cut += 1
+        except OSError:
+            continue  # closed meanwhile, or not a socket we can use: not ours to cut
+    return cut
+
+
+def _open_fds() -> Iterator[int]:
+    for fd_dir in _FD_DIRS:
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        yield from (int(name) for name in names if name.isdigit())
+        return
+
+
+def _duplicate(fd: int) -> socket.socket:
+    """A socket object on a duplicate of ``fd``.
+
+    Closing it never closes the owner's descriptor, while options and
+    ``shutdown`` act on the socket both descriptors share.
+    """
+    dup = os.dup(fd)
+    try:
+        return socket.socket(fileno=dup)
+    except BaseException:
+        os.close(dup)
+        raise
+
+
+def _accepted_on(sock: socket.socket, ports: Collection[int]) -> bool:
+    """A connected TCP socket whose local port is a listening port: a client's connection."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return False
+    if sock.getsockname()[1] not in ports:
+        return False
+    try:
+        sock.getpeername()
+    except OSError:  # the listening socket itself
+        return False
+    return True

@@ -3,13 +3,28 @@ persisted and settled, and the process exits 0 within the bound."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import sqlite3
+from contextlib import closing
+from urllib.parse import urlsplit
 
 import httpx
+import pytest
 import trio
+import trio.testing
 
+import ledger
+from server.serving import cut_connections
 from tests.e2e.test_cli import _run, start_server
 from tests.sse import events, messages
+
+#: CHINWAG_SHUTDOWN_GRACE_MS and CHINWAG_OBSERVE_RING at their defaults.
+GRACE_S = 10
+RING = 4096
+#: An answer far longer than a stuck client's kernel buffers can take.
+LONG = 8000
 
 
 async def test_sigterm_tells_streams_and_observers_then_exits_0(tmp_path, nursery):
@@ -74,3 +89,136 @@ async def test_sigterm_tells_streams_and_observers_then_exits_0(tmp_path, nurser
         server.proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
             assert await server.proc.wait() == 0
+
+
+async def test_cut_connections_wakes_a_shielded_write_to_a_client_that_stopped_reading():
+    """The mechanism: a write shielded from cancellation (as Hypercorn's are), blocked
+    on a client that reads nothing, wakes with an error when its socket is cut.
+    Only accepted connections are cut: not the listener, not outgoing sockets."""
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)  # never reads
+    accepted = await listener.accept()
+    outcome: list[str] = []
+
+    async def write_until_cut() -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                while True:
+                    await accepted.send_all(b"x" * 65536)
+            except trio.BrokenResourceError:
+                outcome.append("cut")
+
+    async with listener, client, accepted:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_until_cut)
+                await trio.testing.wait_all_tasks_blocked()  # the kernel buffers are full
+                assert cut_connections({port}) == 1
+        assert outcome == ["cut"]
+        assert cut_connections(set()) == 0
+        await accepted.aclose()  # its owner closes it: a reset, the unsent data dropped
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await _read_to_the_end(client)
+
+
+async def _read_to_the_end(stream: trio.SocketStream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
+async def _stuck_stream(url: str, token: str, session_id: str) -> trio.SocketStream:
+    """A client that asks for a long answer, reads the response head, then never reads again."""
+    parts = urlsplit(url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    body = json.dumps(
+        {"message": "flood me", "maxTokens": LONG, "modelId": "amazon.titan-text-express-v1"}
+    ).encode()
+    await stream.send_all(
+        f"POST /api/chat/sessions/{session_id}/stream HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    assert (await stream.receive_some(200)).startswith(b"HTTP/1.1 200")
+    return stream
+
+
+async def _wait_past_the_ring(http: httpx.AsyncClient, sup_token: str, session_id: str) -> None:
+    """Return once the stream has published more than a ring's worth of events.
+
+    Its client reads nothing (a 4 KB receive buffer), so it is then more than a
+    ring behind: the producer waits for it and the server's write to it is
+    blocked, with far more left to send than the kernel buffers can take.
+    """
+    async with http.stream(
+        "GET",
+        f"/api/chat/sessions/{session_id}/observe",
+        headers={"Authorization": f"Bearer {sup_token}"},
+    ) as o:
+        async for msg in messages(o):
+            assert msg.event != "done", "the stream ended: its client was not stuck"
+            if msg.id is not None and msg.id > RING:
+                return
+
+
+async def test_sigterm_cuts_clients_that_stopped_reading(tmp_path, nursery):
+    """Default grace (10 s) and slow-client timeout (30 s): two clients that stopped
+    reading do not hold the process; their streams end as ``shutdown``, persisted
+    and settled, and the process exits 0 within the grace."""
+    assert _run(tmp_path, "user", "add", "dee", "--password", "dee-password").returncode == 0
+    assert (
+        _run(
+            tmp_path, "user", "add", "sup", "--password", "sup-password", "--role", "supervisor"
+        ).returncode
+        == 0
+    )
+    assert _run(tmp_path, "credits", "allocate", "dee", "1000000").returncode == 0
+    token = _run(tmp_path, "token", "dee").stdout.strip()
+    sup_token = _run(tmp_path, "token", "sup").stdout.strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    server = await start_server(tmp_path, nursery, CHINWAG_SIM_ANSWER_TOKENS=str(LONG))
+    stuck: list[trio.SocketStream] = []
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            sids = [
+                (await http.post("/api/chat/sessions", json={}, headers=headers)).json()[
+                    "sessionId"
+                ]
+                for _ in range(2)
+            ]
+            stuck = [await _stuck_stream(server.url, token, sid) for sid in sids]
+            with trio.fail_after(10):
+                for sid in sids:
+                    await _wait_past_the_ring(http, sup_token, sid)
+        sent = trio.current_time()
+        server.proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(GRACE_S + 10):
+            await server.proc.wait()
+        took = trio.current_time() - sent
+    finally:
+        if server.proc.returncode is None:
+            server.proc.kill()
+            await server.proc.wait()
+        for stream in stuck:
+            await stream.aclose()
+    assert took < GRACE_S + 3, f"still running {took:.1f} s after SIGTERM"
+    assert server.proc.returncode == 0
+
+    db = tmp_path / "cli.db"
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT status, finish_reason, output_tokens FROM messages WHERE role = 'assistant'"
+        ).fetchall()
+    assert len(rows) == 2
+    for status, finish_reason, output_tokens in rows:
+        assert (status, finish_reason) == ("interrupted", "shutdown")
+        assert RING < output_tokens < LONG
+    with ledger.Ledger(db) as book:
+        stats = book.statistics()
+        assert stats.open_reservations == 0 and stats.reserved_credits == 0
+        assert stats.settled_total == 2
+        assert book.verify() == []
