@@ -22,6 +22,7 @@ from observation import Batch, ObservationManager, Reader, Stream
 from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
+from ..timers import Timers
 from ..validate import EVENT_STREAM, Param, operation
 
 bp = Blueprint("observe", __name__)
@@ -90,16 +91,18 @@ async def observer_items(
     stream: Stream | None,
     wait: float | None,
     interval: float,
+    timers: Timers | None = None,
 ) -> AsyncGenerator[list[Item], None]:
     """Everything an observer is told, in order, until ``done`` (or the wait runs out).
 
     ``observer`` (waiting → connected), ``history-start``, the replay,
     ``history-end``, the live tail, and heartbeats (``None``) every
     ``interval`` seconds from the first item on — also while waiting for a
-    stream to start. A reader that falls a whole ring behind is told
-    ``lagged {"skipped": N}`` and continues from the oldest buffered event: it
-    never slows the producer or any other reader. Each yielded list is one
-    wake-up's worth, to be written in one go.
+    stream to start (that wait is bounded by a cancel scope: one per
+    heartbeat, only until a stream starts). A reader that falls a whole ring
+    behind is told ``lagged {"skipped": N}`` and continues from the oldest
+    buffered event: it never slows the producer or any other reader. Each
+    yielded list is one wake-up's worth, to be written in one go.
     """
     beats = Beats(interval)
     if stream is None:
@@ -116,7 +119,7 @@ async def observer_items(
             yield [None]
     with stream.reader(0) as reader:
         yield _head(stream, reader)
-        async with aclosing(_tail(reader, beats)) as groups:
+        async with aclosing(_tail(reader, beats, timers)) as groups:
             async for group in groups:
                 yield group
 
@@ -165,20 +168,22 @@ def _head(stream: Stream, reader: Reader) -> list[Item]:
     return head
 
 
-async def _tail(reader: Reader, beats: Beats) -> AsyncGenerator[list[Item], None]:
+async def _tail(
+    reader: Reader, beats: Beats, timers: Timers | None
+) -> AsyncGenerator[list[Item], None]:
     """The live tail, one wake-up per group, with heartbeats on ``beats``' schedule.
 
     Waiting for a batch is cancel-safe: the cursor moves only when a batch
-    is returned, so a heartbeat deadline never loses an event. Ends when the
-    stream has ended and everything was delivered.
+    is returned, so a heartbeat never loses an event. With the process's
+    ``timers`` a wait is "the next event or the next heartbeat" in one park,
+    without a cancel scope per wait (as the client's own feed waits). Ends
+    when the stream has ended and everything was delivered.
     """
     while True:
-        batch = None
-        with trio.move_on_at(beats.due):
-            try:
-                batch = await reader.next_batch()
-            except trio.EndOfChannel:
-                return
+        try:
+            batch = await _next_batch(reader, beats.due, timers)
+        except trio.EndOfChannel:
+            return
         if batch is None:
             beats.sent()
             yield [None]
@@ -186,6 +191,15 @@ async def _tail(reader: Reader, beats: Beats) -> AsyncGenerator[list[Item], None
             yield [("lagged", {"skipped": batch.skipped}), batch]
         else:
             yield [batch]
+
+
+async def _next_batch(reader: Reader, until: float, timers: Timers | None) -> Batch | None:
+    """The reader's next batch, or None at ``until``; EndOfChannel once it is all read."""
+    if timers is not None:
+        return await reader.next_batch_or(lambda lot: timers.park_until(lot, until))
+    with trio.move_on_at(until):
+        return await reader.next_batch()
+    return None
 
 
 WAIT = Param(
@@ -209,7 +223,12 @@ async def observe(session_id: str) -> Response:
     wait = _wait_seconds(request.args)
     stream = _find(session_id, wait)
     items = observer_items(
-        svc.observations, session_id, stream, wait, svc.settings.sse_heartbeat_ms / 1000
+        svc.observations,
+        session_id,
+        stream,
+        wait,
+        svc.settings.sse_heartbeat_ms / 1000,
+        timers=svc.timers,
     )
     return sse_response(_as_sse(items))
 
@@ -245,7 +264,12 @@ async def observe_ws(session_id: str) -> None:
     stream = _find(session_id, wait)
     await websocket.accept()
     items = observer_items(
-        svc.observations, session_id, stream, wait, svc.settings.sse_heartbeat_ms / 1000
+        svc.observations,
+        session_id,
+        stream,
+        wait,
+        svc.settings.sse_heartbeat_ms / 1000,
+        timers=svc.timers,
     )
     async with aclosing(items) as groups:
         async for group in groups:
