@@ -56,6 +56,8 @@ log = logging.getLogger("chinwag.streams")
 
 #: Bound on the shielded ending of a run (persist, settle, tell readers).
 CLEANUP_TIMEOUT_S = 5.0
+#: How long the closing events wait, together, for a client a whole ring behind.
+FINAL_WAIT_S = 1.0
 #: How long a streaming run waits for its client's response to start reading.
 ATTACH_TIMEOUT_S = 10.0
 DEFAULT_MAX_TOKENS = 1024
@@ -353,20 +355,21 @@ class StreamRun:
                 finish_reason=finish_reason,
                 error=error,
             )
-            for name, data in self.dialect.ending(ending):
-                await self._publish_final(name, data)
+            await self._publish_final(self.dialect.ending(ending))
         finally:
             self.stream.close()
             hub._forget(self)
             self._done.set()
 
-    async def _publish_final(self, name: str, data: str) -> None:
-        """The closing events: a client that stalled gets them if it catches up in time."""
-        try:
-            self.stream.publish_nowait(name, data)
-        except trio.WouldBlock:
-            with trio.move_on_after(1.0):
-                await self.stream.publish(name, data)
+    async def _publish_final(self, events: list[tuple[str, str]]) -> None:
+        """The closing events: a client that stalled gets them if it catches up
+        within :data:`FINAL_WAIT_S` (one bound for all of them, not one each)."""
+        with trio.move_on_after(FINAL_WAIT_S):
+            for name, data in events:
+                try:
+                    self.stream.publish_nowait(name, data)
+                except trio.WouldBlock:
+                    await self.stream.publish(name, data)
 
     @property
     def reservation_input(self) -> int:
