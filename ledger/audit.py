@@ -2,20 +2,22 @@
 
 The accounts table caches ``balance`` and ``reserved`` for fast reads; these
 queries recompute both from ``ledger_entries`` and ``ledger_reservations`` and
-report every disagreement. Callers run them inside one read transaction, so
-the whole report describes a single committed state.
+report every disagreement. Callers run them inside one read transaction (a
+snapshot: ``BEGIN`` on SQLite, ``REPEATABLE READ READ ONLY`` on PostgreSQL),
+so the whole report describes a single committed state. The SQL is shared by
+both backends (see :mod:`ledger.tx`); sums are converted with ``int()``
+because PostgreSQL's ``SUM(bigint)`` is a ``numeric``.
 """
 
 from __future__ import annotations
 
-import sqlite3
-
+from .tx import Tx
 from .values import LedgerStatistics
 
 __all__ = ["collect_statistics", "find_problems"]
 
 
-def find_problems(conn: sqlite3.Connection) -> list[str]:
+def find_problems(conn: Tx) -> list[str]:
     """Every broken invariant as a human-readable line; ``[]`` when all hold."""
     problems: list[str] = []
     # Invariant: balance == sum(entries.amount); reserved == sum(open reservations).
@@ -29,7 +31,8 @@ def find_problems(conn: sqlite3.Connection) -> list[str]:
           FROM ledger_accounts a ORDER BY a.account_id
         """
     ).fetchall()
-    for account_id, balance, reserved, entries_sum, open_sum in rows:
+    for account_id, balance, reserved, entries_total, open_total in rows:
+        entries_sum, open_sum = int(entries_total), int(open_total)
         if balance != entries_sum:
             problems.append(
                 f"account {account_id!r}: balance {balance} != sum of entries {entries_sum}"
@@ -52,7 +55,7 @@ def find_problems(conn: sqlite3.Connection) -> list[str]:
           JOIN ledger_entries e ON e.reservation_id = r.id
          WHERE r.status <> 'settled'
         """
-    ):
+    ).fetchall():
         problems.append(f"reservation {reservation_id!r} is {status} but has a charge entry")
     # Invariant: a settled reservation's charge entry is exactly -charged.
     for reservation_id, charged, entry_amount in conn.execute(
@@ -61,13 +64,13 @@ def find_problems(conn: sqlite3.Connection) -> list[str]:
           LEFT JOIN ledger_entries e ON e.reservation_id = r.id
          WHERE r.status = 'settled' AND COALESCE(-e.amount, 0) <> r.charged
         """
-    ):
+    ).fetchall():
         problems.append(
             f"reservation {reservation_id!r}: charged {charged} but its entry is {entry_amount}"
         )
     for reservation_id, amount, charged in conn.execute(
         "SELECT id, amount, charged FROM ledger_reservations WHERE charged > amount"
-    ):
+    ).fetchall():
         problems.append(
             f"reservation {reservation_id!r}: charged {charged} exceeds its amount {amount}"
         )
@@ -81,7 +84,7 @@ def find_problems(conn: sqlite3.Connection) -> list[str]:
     return problems
 
 
-def collect_statistics(conn: sqlite3.Connection) -> LedgerStatistics:
+def collect_statistics(conn: Tx) -> LedgerStatistics:
     """Counts and credit totals across every account."""
     (accounts,) = conn.execute("SELECT COUNT(*) FROM ledger_accounts").fetchone()
     entries, allocations, charges, refunds = conn.execute(
@@ -95,21 +98,21 @@ def collect_statistics(conn: sqlite3.Connection) -> LedgerStatistics:
     ).fetchone()
     open_count, reserved, settled, released = conn.execute(
         """
-        SELECT COALESCE(SUM(status = 'open'), 0),
+        SELECT COALESCE(SUM(CASE WHEN status = 'open' THEN 1 ELSE 0 END), 0),
                COALESCE(SUM(CASE WHEN status = 'open' THEN amount END), 0),
-               COALESCE(SUM(status = 'settled'), 0),
-               COALESCE(SUM(status = 'released'), 0)
+               COALESCE(SUM(CASE WHEN status = 'settled' THEN 1 ELSE 0 END), 0),
+               COALESCE(SUM(CASE WHEN status = 'released' THEN 1 ELSE 0 END), 0)
           FROM ledger_reservations
         """
     ).fetchone()
     return LedgerStatistics(
-        accounts=accounts,
-        entries=entries,
-        open_reservations=open_count,
-        reserved_credits=reserved,
-        allocations_total=allocations,
-        charges_total=charges,
-        settled_total=settled,
-        released_total=released,
-        refunds_total=refunds,
+        accounts=int(accounts),
+        entries=int(entries),
+        open_reservations=int(open_count),
+        reserved_credits=int(reserved),
+        allocations_total=int(allocations),
+        charges_total=int(charges),
+        settled_total=int(settled),
+        released_total=int(released),
+        refunds_total=int(refunds),
     )

@@ -1,20 +1,19 @@
-"""The ledger's error family, and the one place SQLite's integrity errors are mapped.
+"""The ledger's error family. No database driver is imported here.
 
 Every error the ledger raises on purpose is a :class:`LedgerError`. Each class
 has a stable ``code`` (an UPPER_SNAKE string) so the HTTP layer can translate
 the whole family in one place. Each error carries its context as attributes
 and as its constructor arguments, so it pickles and ``str(exc)`` is a plain
-human sentence with no internal detail.
+human sentence with no internal detail (never a password).
 
 A rejected operation never changes the ledger: every error is raised before
-(or rolls back) the transaction that would have moved credits.
+(or rolls back) the transaction that would have moved credits. Each backend
+translates its driver's errors into this family at its own boundary
+(:mod:`ledger.sqlite`, :mod:`ledger.postgres`), with ``raise … from exc``.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar
 
 __all__ = [
@@ -22,10 +21,11 @@ __all__ = [
     "InsufficientCredits",
     "InvalidAmount",
     "LedgerError",
+    "LedgerUnavailable",
     "ReservationClosed",
+    "SchemaTooNew",
     "UnknownAccount",
     "UnknownReservation",
-    "map_integrity_errors",
 ]
 
 
@@ -121,16 +121,44 @@ class InvalidAmount(LedgerError):
         return self.message
 
 
-@contextmanager
-def map_integrity_errors() -> Iterator[None]:
-    """Translate :class:`sqlite3.IntegrityError` into :class:`LedgerError`.
+class LedgerUnavailable(LedgerError):
+    """The ledger's database cannot be used right now; retry later (HTTP 503).
 
-    The ledger checks every rule itself before writing; the schema's CHECK,
-    UNIQUE and FOREIGN KEY constraints are the second line of defence. If one
-    fires, the caller's transaction rolls back and the caller sees a
-    ``LedgerError`` (code ``INTERNAL_ERROR``), never a raw ``sqlite3`` error.
+    Raised by the PostgreSQL backend when the database is unreachable, the
+    connection was lost during the call, no pooled connection came free within
+    the pool's timeout, or a row lock was not granted within the lock timeout.
+    The call's transaction did not commit, with one exception stated by the
+    backend: a connection lost *during* ``COMMIT`` leaves the outcome unknown
+    (the transaction is then either wholly applied or wholly absent, never half).
+    The message names the database by its masked URL, never its password.
     """
-    try:
-        yield
-    except sqlite3.IntegrityError as exc:
-        raise LedgerError(f"ledger integrity constraint refused the write: {exc}") from exc
+
+    code: ClassVar[str] = "SERVICE_UNAVAILABLE"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SchemaTooNew(LedgerError):
+    """The database's ledger schema is newer than this code: refuse to touch it.
+
+    Raised at open, before anything is read or written: an older release must
+    not write rows a newer schema may interpret differently. Upgrade the code.
+    """
+
+    code: ClassVar[str] = "SCHEMA_TOO_NEW"
+
+    def __init__(self, found: int, supported: int) -> None:
+        super().__init__(found, supported)
+        self.found = found
+        self.supported = supported
+
+    def __str__(self) -> str:
+        return (
+            f"ledger schema version {self.found} is newer than this code ({self.supported}):"
+            " refusing to open it; upgrade chinwag"
+        )

@@ -1,4 +1,4 @@
-"""The ledger's tables (all prefixed ``ledger_``), its connection, and its migrations.
+"""SQLite's ledger tables (all prefixed ``ledger_``), its connection, and its migrations.
 
 The ledger shares its SQLite file with the server's store but never touches
 the store's tables, and keeps its own schema version in ``ledger_meta``.
@@ -7,7 +7,10 @@ transaction, and idempotent: opening the same file from several connections
 or processes at once applies each migration exactly once.
 
 The schema repeats the ledger's rules as constraints (CHECK, UNIQUE, FOREIGN
-KEY), a second line of defence behind the checks in :mod:`ledger.ledger`.
+KEY), a second line of defence behind the checks in :mod:`ledger.core`.
+PostgreSQL's DDL (:mod:`ledger.postgres_schema`) is numbered the same way:
+migration N is the same change on both, each in its own dialect, and
+:data:`SCHEMA_VERSION` is the one version both backends speak.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import sqlite3
 import time
 
-from .errors import LedgerError
+from .errors import SchemaTooNew
 
 __all__ = ["SCHEMA_VERSION", "connect", "migrate"]
 
@@ -165,9 +168,7 @@ def migrate(conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'").fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"ledger schema version {version} is newer than this code ({SCHEMA_VERSION})"
-            )
+            raise SchemaTooNew(version, SCHEMA_VERSION)
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
                 conn.execute(statement)

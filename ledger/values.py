@@ -8,7 +8,7 @@ millisecond precision and a ``Z`` suffix, the same format as the server's store.
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast
@@ -119,7 +119,7 @@ class LedgerStatistics:
     refunds_total: int = 0
 
 
-# Column lists matching the converters below; the ledger selects exactly these.
+# Column lists matching the converters below; both backends select exactly these.
 ENTRY_COLUMNS = (
     "id, account_id, kind, amount, model_id, streaming_session_id, reason,"
     " input_tokens, output_tokens, created_at, reservation_id"
@@ -129,7 +129,7 @@ RESERVATION_COLUMNS = (
 )
 
 
-def entry_from_row(row: sqlite3.Row | tuple[object, ...]) -> Entry:
+def entry_from_row(row: Sequence[object]) -> Entry:
     """Build an :class:`Entry` from a row selected with :data:`ENTRY_COLUMNS`."""
     (
         id_,
@@ -159,7 +159,7 @@ def entry_from_row(row: sqlite3.Row | tuple[object, ...]) -> Entry:
     )
 
 
-def reservation_from_row(row: sqlite3.Row | tuple[object, ...]) -> Reservation:
+def reservation_from_row(row: Sequence[object]) -> Reservation:
     """Build a :class:`Reservation` from a row selected with :data:`RESERVATION_COLUMNS`."""
     id_, account_id, amount, model_id, streaming_session_id, status, created_at, holder = tuple(row)
     return Reservation(

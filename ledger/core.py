@@ -1,21 +1,35 @@
-"""The :class:`Ledger`: accounts, reservations and entries in one SQLite file.
+"""The ledger's operations, written once over :class:`~ledger.tx.Tx`; backends add transactions.
 
-Guarantees, for every method:
+:class:`SqlLedger` holds every public method of the ledger. A backend
+(:class:`ledger.sqlite.SqliteLedger`, :class:`ledger.postgres.PostgresLedger`)
+supplies only how a unit of work runs:
 
-* **Synchronous and short.** Each call is one transaction of a few
-  sub-millisecond statements; nothing awaits, so a Trio caller can call it
-  on the Trio thread and it is atomic with respect to cancellation. It blocks
-  only while another connection holds SQLite's write lock (at most
-  ``busy_timeout`` = 5 s, then ``sqlite3.OperationalError``).
-* **One writer.** Every method that moves credits runs inside one
-  ``BEGIN IMMEDIATE … COMMIT``: the write lock is taken *before* the balance
-  is read, so two connections (threads, processes) racing for the same
-  credits are serialised and cannot both pass the balance check. Any
-  exception rolls the whole transaction back: a rejected call changes nothing.
-* **Exactly once.** A reservation closes (settle or release) once; an
-  idempotency key allocates once per account.
+* :meth:`SqlLedger._write` runs ``work(tx)`` in one read-write transaction
+  that serialises writers of the same account — ``BEGIN IMMEDIATE`` on
+  SQLite (the file's one write lock, taken before anything is read), row
+  locks under READ COMMITTED on PostgreSQL (the account row is locked by the
+  first statement that writes it or reads it ``FOR NO KEY UPDATE``, and every later
+  statement of the transaction sees the rows other writers committed first).
+  It commits when ``work`` returns and rolls back when it raises: a rejected
+  call changes nothing.
+* :meth:`SqlLedger._read` runs ``work(tx)`` reading only; with
+  ``snapshot=True`` every statement sees one committed state.
 
-Invariants, checked by :meth:`Ledger.verify`, for every account::
+Guarantees, for every backend and every interleaving of callers (threads,
+connections, processes):
+
+* **No overdraft.** A reservation is one conditional statement
+  (:func:`ledger.statements.hold`): it passes only if ``available >= credits``
+  on the latest committed row, under that row's write lock.
+* **Nothing lost.** Each operation is one transaction; the cached
+  ``balance``/``reserved`` columns move in the same transaction as the entry
+  or reservation that justifies them.
+* **Exactly once.** A reservation closes (settle or release) once
+  (:func:`ledger.statements.close_reservation`); an idempotency key allocates
+  once per account (the account row is locked while the key is looked up,
+  and a UNIQUE index backs it).
+
+Invariants, checked by :meth:`SqlLedger.verify`, for every account::
 
     balance   == sum(entries.amount)
     reserved  == sum(amount of open reservations)
@@ -24,31 +38,24 @@ Invariants, checked by :meth:`Ledger.verify`, for every account::
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from .audit import collect_statistics, find_problems
-from .errors import (
-    IdempotencyConflict,
-    InsufficientCredits,
-    InvalidAmount,
-    UnknownAccount,
-    map_integrity_errors,
-)
-from .schema import connect
+from .errors import IdempotencyConflict, InvalidAmount, UnknownAccount
 from .statements import (
     close_reservation,
     credit,
+    hold,
     insert_entry,
-    load_open_reservation,
+    insert_reservation,
     read_balance,
+    return_hold,
 )
+from .tx import Tx, first
 from .validation import require_count, require_credits, require_id
 from .values import (
     ENTRY_COLUMNS,
@@ -63,34 +70,30 @@ from .values import (
     reservation_from_row,
 )
 
-__all__ = ["Ledger"]
+__all__ = ["SqlLedger"]
+
+T = TypeVar("T")
 
 
-class Ledger:
-    """The credits ledger over one SQLite file (``":memory:"`` for tests).
+class SqlLedger(ABC):
+    """Every ledger operation; subclasses decide how a transaction runs.
 
-    Owns one connection, opened here and closed by :meth:`close` (or by
-    leaving a ``with`` block). Calls from several threads on one ``Ledger``
-    are serialised by an internal lock; several ``Ledger`` objects (or
-    processes) on the same file are serialised by SQLite's write lock.
+    Each method is synchronous and blocks for its transaction's round trips
+    (SQLite: sub-millisecond local I/O; PostgreSQL: network). See the
+    backend's docstring for where to call it from.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-        self._closed = False
+    @abstractmethod
+    def _write(self, work: Callable[[Tx], T]) -> T:
+        """Run ``work`` in one read-write transaction (see the module docstring)."""
 
-    @classmethod
-    def memory(cls) -> Self:
-        """A private in-memory ledger (gone when closed)."""
-        return cls(":memory:")
+    @abstractmethod
+    def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
+        """Run ``work`` reading only; ``snapshot=True`` when it runs several statements."""
 
+    @abstractmethod
     def close(self) -> None:
-        """Close the connection. Idempotent. Open reservations stay open (see :meth:`recover`)."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
+        """Release the backend's connections. Idempotent. Open reservations stay open."""
 
     def __enter__(self) -> Self:
         return self
@@ -103,74 +106,46 @@ class Ledger:
     ) -> None:
         self.close()
 
-    # -- transactions --------------------------------------------------------
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._conn
-            # BEGIN IMMEDIATE: take the write lock before reading the balance.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                with map_integrity_errors():
-                    yield conn
-                    conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        # A deferred transaction: every SELECT inside sees one committed snapshot.
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
     # -- accounts ------------------------------------------------------------
 
     def open_account(self, account_id: str) -> Balance:
         """Create the account with balance 0 if missing; return its balance. Idempotent."""
         require_id("account_id", account_id)
         # Fast path, no write lock: the server calls this before every stream.
-        with self._read() as conn:
-            try:
-                return read_balance(conn, account_id)
-            except UnknownAccount:
-                pass
-        with self._write() as conn:
-            conn.execute(
+        try:
+            return self._read(lambda tx: read_balance(tx, account_id))
+        except UnknownAccount:
+            pass
+
+        def work(tx: Tx) -> Balance:
+            tx.execute(
                 "INSERT INTO ledger_accounts (account_id, created_at) VALUES (?, ?)"
                 " ON CONFLICT (account_id) DO NOTHING",
                 (account_id, now_iso()),
             )
-            return read_balance(conn, account_id)
+            return read_balance(tx, account_id)
+
+        return self._write(work)
 
     def has_account(self, account_id: str) -> bool:
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT 1 FROM ledger_accounts WHERE account_id = ?", (account_id,)
-            ).fetchone()
-            return row is not None
+        return self._read(
+            lambda tx: (
+                first(
+                    tx.execute("SELECT 1 FROM ledger_accounts WHERE account_id = ?", (account_id,))
+                )
+                is not None
+            )
+        )
 
     def balance(self, account_id: str) -> Balance:
         """The account's balance, reserved and available credits, or :class:`UnknownAccount`."""
-        with self._read() as conn:
-            return read_balance(conn, account_id)
+        return self._read(lambda tx: read_balance(tx, account_id))
 
     def check(self, account_id: str, required: int) -> tuple[bool, int]:
         """``(available >= required, available)``. Reserves nothing: a later
         :meth:`reserve` may still fail. Use the reservation itself as the check."""
         require_count("required", required)
-        with self._read() as conn:
-            available = read_balance(conn, account_id).available
+        available = self._read(lambda tx: read_balance(tx, account_id)).available
         return available >= required, available
 
     # -- money in ------------------------------------------------------------
@@ -193,28 +168,35 @@ class Ledger:
         pass 2**53.
         """
         require_credits("credits", credits)
-        with self._write() as conn:
-            current = read_balance(conn, account_id)
+
+        def work(tx: Tx) -> Balance:
+            # Locked first: racing replays of one key serialise here, and the
+            # second sees the first's committed entry below.
+            current = read_balance(tx, account_id, lock=True)
             if idempotency_key is not None:
-                row = conn.execute(
-                    "SELECT amount FROM ledger_entries"
-                    " WHERE account_id = ? AND idempotency_key = ?",
-                    (account_id, idempotency_key),
-                ).fetchone()
+                row = first(
+                    tx.execute(
+                        "SELECT amount FROM ledger_entries"
+                        " WHERE account_id = ? AND idempotency_key = ?",
+                        (account_id, idempotency_key),
+                    )
+                )
                 if row is not None:
-                    if row[0] != credits:
+                    if int(row[0]) != credits:
                         raise IdempotencyConflict(idempotency_key)
                     return current
-            credit(conn, current, credits)
+            after = credit(tx, current, credits)
             insert_entry(
-                conn,
+                tx,
                 account_id,
                 "allocation",
                 credits,
                 reason=reason,
                 idempotency_key=idempotency_key,
             )
-            return read_balance(conn, account_id)
+            return after
+
+        return self._write(work)
 
     def refund(
         self,
@@ -226,16 +208,19 @@ class Ledger:
     ) -> Entry:
         """Give ``credits`` (an int in ``(0, 2**53]``) back as a ``refund`` entry."""
         require_credits("credits", credits)
-        with self._write() as conn:
-            credit(conn, read_balance(conn, account_id), credits)
+
+        def work(tx: Tx) -> Entry:
+            credit(tx, read_balance(tx, account_id, lock=True), credits)
             return insert_entry(
-                conn,
+                tx,
                 account_id,
                 "refund",
                 credits,
                 reason=reason,
                 streaming_session_id=streaming_session_id,
             )
+
+        return self._write(work)
 
     # -- reservations --------------------------------------------------------
 
@@ -256,10 +241,8 @@ class Ledger:
         :meth:`recover`.
         """
         require_credits("credits", credits, allow_zero=True)
-        with self._write() as conn:
-            current = read_balance(conn, account_id)
-            if current.available < credits:
-                raise InsufficientCredits(credits, current.available)
+
+        def work(tx: Tx) -> Reservation:
             reservation = Reservation(
                 id=f"res_{uuid.uuid4().hex}",
                 account_id=account_id,
@@ -270,26 +253,11 @@ class Ledger:
                 created_at=now_iso(),
                 holder=holder,
             )
-            conn.execute(
-                f"INSERT INTO ledger_reservations ({RESERVATION_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    reservation.id,
-                    account_id,
-                    credits,
-                    model_id,
-                    streaming_session_id,
-                    "open",
-                    reservation.created_at,
-                    holder,
-                ),
-            )
-            # Invariant: reserved == sum(open reservations), so available >= 0.
-            conn.execute(
-                "UPDATE ledger_accounts SET reserved = reserved + ? WHERE account_id = ?",
-                (credits, account_id),
-            )
+            insert_reservation(tx, reservation)
+            hold(tx, account_id, credits)
             return reservation
+
+        return self._write(work)
 
     def settle(
         self,
@@ -317,37 +285,39 @@ class Ledger:
             raise InvalidAmount(f"charge must be a non-negative integer, got {charge!r}")
         require_count("input_tokens", input_tokens)
         require_count("output_tokens", output_tokens)
-        with self._write() as conn:
-            reservation = load_open_reservation(conn, reservation_id)
-            charged = min(charge, reservation.amount)
-            released = reservation.amount - charged
-            close_reservation(conn, reservation, "settled", charged)
+
+        def work(tx: Tx) -> Settlement:
+            closed = close_reservation(tx, reservation_id, "settled", charge)
             entry = None
-            if charged:
+            if closed.charged:
                 entry = insert_entry(
-                    conn,
-                    reservation.account_id,
+                    tx,
+                    closed.account_id,
                     "charge",
-                    -charged,
-                    model_id=model_id if model_id is not None else reservation.model_id,
+                    -closed.charged,
+                    model_id=model_id if model_id is not None else closed.model_id,
                     streaming_session_id=(
                         streaming_session_id
                         if streaming_session_id is not None
-                        else reservation.streaming_session_id
+                        else closed.streaming_session_id
                     ),
                     input_tokens=input_tokens,
                     output_tokens=output_tokens,
-                    reservation_id=reservation.id,
+                    reservation_id=closed.id,
                 )
-            return Settlement(reservation.id, charged, released, entry)
+            return_hold(tx, closed)
+            return Settlement(closed.id, closed.charged, closed.amount - closed.charged, entry)
+
+        return self._write(work)
 
     def release(self, reservation_id: str) -> None:
         """Close the reservation as ``released``: nothing charged, all returned.
 
         Raises :class:`ReservationClosed` if already closed (exactly once).
         """
-        with self._write() as conn:
-            close_reservation(conn, load_open_reservation(conn, reservation_id), "released", 0)
+        self._write(
+            lambda tx: return_hold(tx, close_reservation(tx, reservation_id, "released", 0))
+        )
 
     def open_reservations(self, account_id: str | None = None) -> list[Reservation]:
         """Open reservations, oldest first (one account's, or everyone's)."""
@@ -356,8 +326,10 @@ class Ledger:
         if account_id is not None:
             sql += " AND account_id = ?"
             params = (account_id,)
-        with self._read() as conn:
-            rows = conn.execute(sql + " ORDER BY created_at, rowid", params).fetchall()
+        # rowid: insertion order (SQLite's implicit column; an identity column on PostgreSQL).
+        rows = self._read(
+            lambda tx: tx.execute(sql + " ORDER BY created_at, rowid", params).fetchall()
+        )
         return [reservation_from_row(row) for row in rows]
 
     def recover(self, holder: str | None = None) -> int:
@@ -368,19 +340,26 @@ class Ledger:
         those made with no holder. Call it at start-up, before serving: nothing
         is charged (a stream cut by a crash is never charged twice, nor at all)
         and nothing stays reserved. Only safe while no *other* live process
-        holds reservations in this file: theirs would be released too, and
+        holds reservations in this database: theirs would be released too, and
         their later settle would raise :class:`ReservationClosed`.
         """
-        sql = f"SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE status = 'open'"
+        sql = "SELECT id FROM ledger_reservations WHERE status = 'open'"
         params: tuple[str, ...] = ()
         if holder is not None:
-            sql += " AND holder IS NOT ?"
+            sql += " AND (holder IS NULL OR holder <> ?)"
             params = (holder,)
-        with self._write() as conn:
-            stale = [reservation_from_row(row) for row in conn.execute(sql, params)]
-            for reservation in stale:
-                close_reservation(conn, reservation, "released", 0)
+
+        def work(tx: Tx) -> int:
+            # Lock every stale reservation first, in id order, and only then
+            # their accounts: the same order as settle (reservation, then
+            # account), so a concurrent settle cannot deadlock with this.
+            rows = tx.execute(sql + " ORDER BY id" + tx.lock_rows, params).fetchall()
+            stale = [row[0] for row in rows]
+            for reservation_id in stale:
+                return_hold(tx, close_reservation(tx, reservation_id, "released", 0))
             return len(stale)
+
+        return self._write(work)
 
     # -- history -------------------------------------------------------------
 
@@ -390,37 +369,44 @@ class Ledger:
         """One page of the account's entries, newest first, and the total count."""
         require_count("offset", offset)
         require_count("limit", limit)
-        with self._read() as conn:
-            read_balance(conn, account_id)  # UnknownAccount for an unknown id
-            rows = conn.execute(
+
+        def work(tx: Tx) -> tuple[list[Entry], int]:
+            read_balance(tx, account_id)  # UnknownAccount for an unknown id
+            rows = tx.execute(
                 f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE account_id = ?"
                 " ORDER BY id DESC LIMIT ? OFFSET ?",
                 (account_id, limit, offset),
             ).fetchall()
-            (total,) = conn.execute(
+            (total,) = tx.execute(
                 "SELECT COUNT(*) FROM ledger_entries WHERE account_id = ?", (account_id,)
             ).fetchone()
-        return [entry_from_row(row) for row in rows], total
+            return [entry_from_row(row) for row in rows], int(total)
+
+        return self._read(work, snapshot=True)
 
     def usage_by_model(self, account_id: str) -> dict[str, int]:
         """Credits charged to the account per model (positive); ``""`` for no model."""
-        with self._read() as conn:
-            rows = conn.execute(
+        rows = self._read(
+            lambda tx: tx.execute(
                 "SELECT COALESCE(model_id, ''), -SUM(amount) FROM ledger_entries"
                 " WHERE account_id = ? AND kind = 'charge' GROUP BY 1 ORDER BY 1",
                 (account_id,),
             ).fetchall()
-        return {model: total for model, total in rows}
+        )
+        return {model: int(total) for model, total in rows}
 
     def charges_for_stream(self, streaming_session_id: str) -> int:
         """Credits charged for one stream (positive; 0 when none)."""
-        with self._read() as conn:
-            (total,) = conn.execute(
-                "SELECT COALESCE(-SUM(amount), 0) FROM ledger_entries"
-                " WHERE streaming_session_id = ? AND kind = 'charge'",
-                (streaming_session_id,),
-            ).fetchone()
-        return int(total)
+        row = self._read(
+            lambda tx: first(
+                tx.execute(
+                    "SELECT COALESCE(-SUM(amount), 0) FROM ledger_entries"
+                    " WHERE streaming_session_id = ? AND kind = 'charge'",
+                    (streaming_session_id,),
+                )
+            )
+        )
+        return int(row[0])
 
     # -- audit ---------------------------------------------------------------
 
@@ -429,10 +415,8 @@ class Ledger:
 
         ``[]`` means every invariant holds in one committed snapshot.
         """
-        with self._read() as conn:
-            return find_problems(conn)
+        return self._read(find_problems, snapshot=True)
 
     def statistics(self) -> LedgerStatistics:
         """A consistent snapshot of counts and credit totals."""
-        with self._read() as conn:
-            return collect_statistics(conn)
+        return self._read(collect_statistics, snapshot=True)

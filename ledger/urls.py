@@ -1,0 +1,71 @@
+"""Database targets: which backend a string names, and how to print one safely.
+
+No driver is imported here: deciding that ``postgresql://…`` means PostgreSQL
+must not cost the SQLite default an import of psycopg.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+__all__ = ["is_postgres_url", "mask_url", "password_of", "scrub"]
+
+_SCHEMES = ("postgresql://", "postgres://")
+_MASK = "***"
+
+
+def is_postgres_url(target: str | os.PathLike[str]) -> bool:
+    """True for ``postgresql://…`` (or ``postgres://…``); anything else is a SQLite path."""
+    return isinstance(target, str) and target.lower().startswith(_SCHEMES)
+
+
+def password_of(url: str) -> str | None:
+    """The password a URL carries (in its user info or a ``password=`` parameter), if any."""
+    parts = urlsplit(url)
+    if parts.password:
+        return unquote(parts.password)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "password" and value:
+            return value
+    return None
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: the only form ever printed or logged.
+
+    ``postgresql://chinwag:s3cret@db:5432/chinwag`` becomes
+    ``postgresql://chinwag:***@db:5432/chinwag``; a ``password=`` query
+    parameter is masked the same way. Never raises: a URL that does not parse
+    is reduced to its scheme.
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, has_password, _ = userinfo.partition(":")
+            netloc = f"{user}:{_MASK}@{hostport}" if has_password else f"{user}@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, _MASK if k == "password" else v) for k, v in pairs],
+                quote_via=lambda value, *_: quote(value, safe="*"),
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return url.split(":", 1)[0] + "://" + _MASK
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with every occurrence of the URL's password (raw or %-encoded) masked.
+
+    For driver messages that might echo a connection string back.
+    """
+    password = password_of(url)
+    if not password:
+        return text
+    for form in {password, quote(password, safe="")}:
+        text = text.replace(form, _MASK)
+    return text
