@@ -18,11 +18,18 @@ from ledger import (
     InsufficientCredits,
     InvalidAmount,
     Ledger,
+    LedgerBackend,
     LedgerError,
     LedgerStatistics,
+    LedgerUnavailable,
     ReservationClosed,
+    SchemaTooNew,
+    SqliteLedger,
     UnknownAccount,
+    open_ledger,
 )
+
+from .conftest import Target
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 BAD_CREDITS = [0, -1, 2**53 + 1, True, 1.0, "5", None]
@@ -74,31 +81,50 @@ def test_file_ledger_reopens_with_its_data(db_path: Path) -> None:
     conn = sqlite3.connect(db_path)
     try:
         (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
-        (version,) = conn.execute(
-            "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
-        ).fetchone()
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     finally:
         conn.close()
     assert mode == "wal"
-    assert int(version) == ledger_pkg.SCHEMA_VERSION
     assert all(t.startswith("ledger_") or t.startswith("sqlite_") for t in tables)
 
 
-def test_a_newer_schema_is_refused(db_path: Path) -> None:
-    Ledger(db_path).close()
-    conn = sqlite3.connect(db_path)
-    with conn:
-        conn.execute("UPDATE ledger_meta SET value = '999' WHERE key = 'schema_version'")
-    conn.close()
-    with pytest.raises(LedgerError, match="newer"):
-        Ledger(db_path)
+def test_a_ledger_reopens_with_its_data_and_version(target: Target) -> None:
+    with target.open() as book:
+        book.open_account("alice")
+        book.allocate("alice", 42)
+    with target.open() as book:  # opening again migrates nothing and loses nothing
+        assert book.balance("alice").balance == 42
+        assert book.verify() == []
+    ((version,),) = target.sql("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
+    assert int(version) == ledger_pkg.SCHEMA_VERSION
 
 
-def test_close_is_idempotent(db_path: Path) -> None:
-    book = Ledger(db_path)
+def test_open_ledger_picks_the_backend(target: Target) -> None:
+    with open_ledger(target.url) as book:
+        expected = SqliteLedger if target.backend == "sqlite" else ledger_pkg.PostgresLedger
+        assert type(book) is expected
+        assert isinstance(book, LedgerBackend)
+
+
+def test_a_newer_schema_is_refused(target: Target) -> None:
+    target.open().close()
+    target.sql("UPDATE ledger_meta SET value = '999' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaTooNew, match="newer") as info:
+        target.open()
+    assert (info.value.found, info.value.supported) == (999, ledger_pkg.SCHEMA_VERSION)
+    assert isinstance(info.value, LedgerError)
+
+
+def test_close_is_idempotent(target: Target) -> None:
+    book = target.open()
     book.close()
     book.close()
+
+
+def test_postgres_and_sqlite_migrations_are_numbered_alike() -> None:
+    from ledger import postgres_schema, schema
+
+    assert len(postgres_schema.MIGRATIONS) == schema.SCHEMA_VERSION == ledger_pkg.SCHEMA_VERSION
 
 
 # -- allocate ----------------------------------------------------------------
@@ -277,6 +303,8 @@ def test_errors_carry_context_codes_and_pickle() -> None:
         ReservationClosed("r", "settled"),
         InvalidAmount("credits must be positive"),
         ledger_pkg.UnknownReservation("r"),
+        LedgerUnavailable("the ledger database at postgresql://u:***@h/db failed"),
+        SchemaTooNew(3, 1),
     ]
     codes = {type(e).__name__: e.code for e in errors}
     assert codes == {
@@ -286,6 +314,8 @@ def test_errors_carry_context_codes_and_pickle() -> None:
         "ReservationClosed": "RESERVATION_CLOSED",
         "InvalidAmount": "VALIDATION_ERROR",
         "UnknownReservation": "RESERVATION_NOT_FOUND",
+        "LedgerUnavailable": "SERVICE_UNAVAILABLE",
+        "SchemaTooNew": "SCHEMA_TOO_NEW",
     }
     assert LedgerError.code == "INTERNAL_ERROR"
     for error in errors:
@@ -301,6 +331,8 @@ def test_public_api_is_reexported() -> None:
         *("Ledger", "Price", "Balance", "Entry", "Reservation", "Settlement"),
         *("LedgerStatistics", "LedgerError", "InsufficientCredits", "UnknownAccount"),
         *("IdempotencyConflict", "ReservationClosed", "InvalidAmount"),
+        *("LedgerUnavailable", "SchemaTooNew", "SqliteLedger", "PostgresLedger"),
+        *("LedgerBackend", "open_ledger", "PostgresPool", "mask_url", "is_postgres_url"),
     ]
     for name in names:
         assert getattr(ledger_pkg, name).__module__.startswith("ledger.")
@@ -309,7 +341,8 @@ def test_public_api_is_reexported() -> None:
 def test_ledger_imports_neither_server_nor_observation() -> None:
     code = (
         "import sys, ledger; bad = [m for m in sys.modules"
-        " if m.split('.')[0] in ('server', 'observation', 'quart', 'trio')]; print(bad)"
+        " if m.split('.')[0] in ('server', 'observation', 'quart', 'trio', 'psycopg')];"
+        " print(bad)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -1,14 +1,17 @@
-"""Random sequences of ledger operations against a plain-Python model.
+"""Random sequences of ledger operations against a plain-Python model, on both backends.
 
 After every step: ``verify() == []`` (the stored columns agree with the
 entries and reservations, available >= 0) and every account's balance and
-reservations equal the model's.
+reservations equal the model's. On PostgreSQL one ledger serves every
+example of a test, emptied between examples (``TRUNCATE``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -21,15 +24,18 @@ from hypothesis.stateful import (
     multiple,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from ledger import (
     IdempotencyConflict,
     InsufficientCredits,
     InvalidAmount,
-    Ledger,
+    LedgerBackend,
     ReservationClosed,
+    SqliteLedger,
     UnknownAccount,
+    open_ledger,
 )
 
 ACCOUNTS = st.sampled_from(["alice", "bob", "carol"])
@@ -48,16 +54,17 @@ class OpenHold:
 class LedgerMachine(RuleBasedStateMachine):
     reservations = Bundle("reservations")
 
-    def __init__(self) -> None:
+    def __init__(self, book: LedgerBackend, done: Callable[[], None]) -> None:
         super().__init__()
-        self.book = Ledger.memory()
+        self.book = book
+        self.done = done
         self.balances: dict[str, int] = {}
         self.holds: dict[str, OpenHold] = {}
         self.closed: set[str] = set()
         self.keys: dict[tuple[str, str], int] = {}
 
     def teardown(self) -> None:
-        self.book.close()
+        self.done()
 
     @initialize(account=ACCOUNTS)
     def first_account(self, account: str) -> None:
@@ -174,11 +181,37 @@ class LedgerMachine(RuleBasedStateMachine):
         assert {r.id for r in self.book.open_reservations()} == set(self.holds)
 
 
-LedgerMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=75,
     stateful_step_count=40,
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-TestLedgerMachine = LedgerMachine.TestCase
+
+
+@pytest.fixture
+def machines(backend: str, request: pytest.FixtureRequest) -> Iterator[Callable[[], LedgerMachine]]:
+    """Makes one state machine per example, each on an empty ledger of ``backend``."""
+    if backend == "sqlite":
+
+        def fresh() -> LedgerMachine:
+            book = SqliteLedger.memory()
+            return LedgerMachine(book, book.close)
+
+        yield fresh
+        return
+    url = request.getfixturevalue("pg_url")
+    with open_ledger(url) as book, psycopg.connect(url, autocommit=True) as raw:
+
+        def empty() -> LedgerMachine:
+            raw.execute(
+                "TRUNCATE ledger_entries, ledger_reservations, ledger_accounts RESTART IDENTITY"
+            )
+            return LedgerMachine(book, lambda: None)
+
+        yield empty
+
+
+def test_the_ledger_agrees_with_a_model(machines: Callable[[], LedgerMachine]) -> None:
+    run_state_machine_as_test(machines, settings=SETTINGS)

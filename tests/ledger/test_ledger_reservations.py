@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
+import psycopg
 import pytest
 
 from ledger import (
@@ -18,6 +18,8 @@ from ledger import (
     UnknownAccount,
     UnknownReservation,
 )
+
+from .conftest import Target
 
 
 def test_reserve_holds_credits(funded: Ledger) -> None:
@@ -201,20 +203,17 @@ def test_recover_releases_other_holders(funded: Ledger) -> None:
     assert funded.verify() == []
 
 
-def test_an_integrity_error_is_mapped_and_rolled_back(db_path: Path) -> None:
-    with Ledger(db_path) as book:
+def test_an_integrity_error_is_mapped_and_rolled_back(target: Target) -> None:
+    with target.open() as book:
         book.open_account("alice")
         book.allocate("alice", 100)
         res = book.reserve("alice", 40)
         # A foreign writer plants a charge for the open reservation behind our back.
-        raw = sqlite3.connect(db_path)
-        with raw:
-            raw.execute(
-                "INSERT INTO ledger_entries (account_id, kind, amount, reservation_id, created_at)"
-                " VALUES ('alice', 'charge', -1, ?, 'x')",
-                (res.id,),
-            )
-        raw.close()
+        target.sql(
+            "INSERT INTO ledger_entries (account_id, kind, amount, reservation_id, created_at)"
+            " VALUES ('alice', 'charge', -1, ?, 'x')",
+            (res.id,),
+        )
         problems = book.verify()
         assert any("has a charge entry" in p for p in problems)
         assert any("sum of entries" in p for p in problems)
@@ -222,22 +221,29 @@ def test_an_integrity_error_is_mapped_and_rolled_back(db_path: Path) -> None:
             book.settle(res.id, 10)
         assert type(info.value) is LedgerError
         assert info.value.code == "INTERNAL_ERROR"
-        assert isinstance(info.value.__cause__, sqlite3.IntegrityError)
+        assert isinstance(info.value.__cause__, (sqlite3.IntegrityError, psycopg.IntegrityError))
         # Rolled back: the reservation is still open, nothing moved.
         assert book.balance("alice") == Balance("alice", 100, 40, 60)
         assert [r.id for r in book.open_reservations()] == [res.id]
 
 
-def test_verify_reports_tampered_columns(db_path: Path) -> None:
-    with Ledger(db_path) as book:
+def test_verify_reports_tampered_columns(target: Target) -> None:
+    with target.open() as book:
         book.open_account("alice")
         book.allocate("alice", 100)
         book.reserve("alice", 40)
-        raw = sqlite3.connect(db_path)
-        with raw:
-            raw.execute("UPDATE ledger_accounts SET balance = 90, reserved = 30")
-        raw.close()
+        target.sql("UPDATE ledger_accounts SET balance = 90, reserved = 30")
         problems = book.verify()
     assert len(problems) == 2
     assert "balance 90 != sum of entries 100" in problems[0]
     assert "reserved 30 != sum of open reservations 40" in problems[1]
+
+
+def test_a_constraint_refuses_what_the_checks_missed(target: Target) -> None:
+    # The schema's CHECK (balance - reserved >= 0) is the second line of defence.
+    with target.open() as book:
+        book.open_account("alice")
+        book.allocate("alice", 10)
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+            target.sql("UPDATE ledger_accounts SET reserved = 11")
+        assert book.balance("alice") == Balance("alice", 10, 0, 10)
