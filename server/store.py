@@ -1,217 +1,50 @@
-"""Users, chat sessions and messages in SQLite (WAL), through sqlite-utils.
+"""The SQLite store: users, chat sessions, messages and telemetry in one file (WAL).
 
-Every method is synchronous: statements take well under a millisecond, so
-the server calls them on the Trio thread (DESIGN.md §3) rather than paying a
-thread hop. Each write is one transaction; a multi-row change (deleting a
-session with its messages) is atomic.
+This is the embedded backend of the store seam (:mod:`server.storage`;
+PostgreSQL's is :class:`server.storage.postgres.PostgresStore`, with the
+same methods, rows and errors). Every method is synchronous: statements
+take well under a millisecond, so the server may call them on the Trio
+thread (DESIGN.md §3) rather than paying a thread hop. Each write is one
+transaction; a multi-row change (deleting a session with its messages) is
+atomic.
 
-Schema changes are numbered migrations applied at start-up, idempotently
-(``store_meta.schema_version``). The ledger keeps its own ``ledger_*``
-tables in the same file.
+Schema changes are numbered migrations (:mod:`server.storage.sqlite_schema`)
+applied at open, idempotently (``store_meta.schema_version``); a file whose
+version is newer than this code is refused (:class:`SchemaTooNew`). The
+ledger keeps its own ``ledger_*`` tables in the same file.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from sqlite_utils import Database
 
-__all__ = ["Store", "UsernameTaken", "now_iso", "search_terms"]
+from .storage.base import MAX_SEARCH_TERMS as MAX_SEARCH_TERMS
+from .storage.base import WORD as _WORD
+from .storage.base import Page as Page
+from .storage.base import SchemaTooNew
+from .storage.base import UsernameTaken as UsernameTaken
+from .storage.base import now_iso as now_iso
+from .storage.base import search_terms as search_terms
+from .storage.sqlite_schema import MIGRATIONS as MIGRATIONS
+from .storage.sqlite_schema import _m1 as _m1
+from .storage.sqlite_schema import _m2 as _m2
+from .storage.sqlite_schema import _m3 as _m3
+from .storage.sqlite_schema import _m4 as _m4
+
+__all__ = ["MIGRATIONS", "Page", "Store", "UsernameTaken", "now_iso", "search_terms"]
 
 log = logging.getLogger("chinwag.store")
 
-
-class UsernameTaken(Exception):
-    pass
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _m1(db: Database) -> None:
-    db.table("users").create(
-        {
-            "id": str,
-            "username": str,
-            "email": str,
-            "role": str,
-            "password_hash": str,
-            "created_at": str,
-        },
-        pk="id",
-        not_null={"username", "role", "password_hash", "created_at"},
-    )
-    db.table("users").create_index(["username"], unique=True)
-    db.table("chat_sessions").create(
-        {
-            "id": str,
-            "user_id": str,
-            "title": str,
-            "model_id": str,
-            "source": str,
-            "created_at": str,
-            "updated_at": str,
-        },
-        pk="id",
-        foreign_keys=[("user_id", "users", "id")],
-        not_null={"user_id", "created_at", "updated_at"},
-    )
-    db.table("chat_sessions").create_index(["user_id", "updated_at"])
-    db.table("messages").create(
-        {
-            "id": str,
-            "session_id": str,
-            "user_id": str,
-            "role": str,
-            "content": str,
-            "model_id": str,
-            "status": str,
-            "input_tokens": int,
-            "output_tokens": int,
-            "tokens_used": int,
-            "credits_charged": int,
-            "finish_reason": str,
-            "streaming_session_id": str,
-            "seq": int,
-            "created_at": str,
-        },
-        pk="id",
-        foreign_keys=[("session_id", "chat_sessions", "id")],
-        not_null={"session_id", "role", "content", "status", "created_at"},
-    )
-    db.table("messages").create_index(["session_id", "seq"])
-    db.table("messages").create_index(["streaming_session_id"])
-
-
-def _m2(db: Database) -> None:
-    db.table("telemetry_events").create(
-        {"id": int, "type": str, "payload": str, "created_at": str},
-        pk="id",
-        not_null={"type", "payload", "created_at"},
-    )
-    db.table("telemetry_events").create_index(["type", "created_at"])
-
-
-def _m3(db: Database) -> None:
-    """Full-text index over messages' content, for memory search (issue 9).
-
-    An external-content FTS5 table: it stores only the index, the text stays
-    in ``messages``, and triggers keep the two in step. The update trigger
-    matters: an assistant message is inserted empty and finished with its
-    content. ``user_id`` is indexed too, so a search narrows to one user's
-    messages inside the index (``user_id:"…" AND content:(…)``) instead of
-    ranking every user's matches; it weighs nothing in the rank. Rows that
-    already exist are indexed by the ``rebuild``.
-
-    Without FTS5 in this SQLite build the migration logs a warning and adds
-    nothing; :meth:`Store.search_messages` then falls back to a substring scan.
-    Caveats: once indexed, the file needs an SQLite with FTS5 to write messages
-    (the triggers use it); and the index is keyed by ``messages.rowid``, which
-    a ``VACUUM`` may renumber (the table has a TEXT key), so after one run
-    ``INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')``.
-    """
-    try:
-        db.execute(
-            """CREATE VIRTUAL TABLE messages_fts USING fts5(
-                   content, user_id,
-                   content='messages', content_rowid='rowid',
-                   tokenize='porter unicode61 remove_diacritics 2')"""
-        )
-        db.execute(
-            "INSERT INTO messages_fts (messages_fts, rank) VALUES ('rank', 'bm25(1.0, 0.0)')"
-        )
-    except sqlite3.OperationalError as exc:
-        if "fts5" not in str(exc).lower():
-            raise
-        log.warning("SQLite has no FTS5 (%s): memory search falls back to a substring scan", exc)
-        return
-    db.execute(
-        """CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN
-               INSERT INTO messages_fts (rowid, content, user_id)
-               VALUES (new.rowid, new.content, new.user_id);
-           END"""
-    )
-    db.execute(
-        """CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN
-               INSERT INTO messages_fts (messages_fts, rowid, content, user_id)
-               VALUES ('delete', old.rowid, old.content, old.user_id);
-           END"""
-    )
-    db.execute(
-        """CREATE TRIGGER messages_fts_au AFTER UPDATE OF content, user_id ON messages BEGIN
-               INSERT INTO messages_fts (messages_fts, rowid, content, user_id)
-               VALUES ('delete', old.rowid, old.content, old.user_id);
-               INSERT INTO messages_fts (rowid, content, user_id)
-               VALUES (new.rowid, new.content, new.user_id);
-           END"""
-    )
-    db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-
-
-def _m4(db: Database) -> None:
-    """A supervisor's reason kept with the message they stopped (SPEC §6.1), and
-    the client's own name for a session (``/api/v1/chat``'s ``sessionId``),
-    unique per user so one user's names never collide with, or reveal,
-    another's."""
-    db.execute("ALTER TABLE messages ADD COLUMN cancel_reason TEXT")
-    db.execute("ALTER TABLE chat_sessions ADD COLUMN client_key TEXT")
-    db.execute(
-        "CREATE UNIQUE INDEX chat_sessions_client_key ON chat_sessions (user_id, client_key)"
-        " WHERE client_key IS NOT NULL"
-    )
-
-
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_m1, _m2, _m3, _m4)
-
-#: At most this many words of a query are searched for (the longest ones).
-MAX_SEARCH_TERMS = 16
-_MAX_TERM_CHARS = 64
-_WORD = re.compile(r"[^\W_]+")  # letters and digits: what FTS5's unicode61 calls a token
-_STOP_WORDS = frozenset(
-    """about after again all also am an and any are as at be been before being but by can
-    could did do does doing done for from had has have having he her here hers him his how
-    if in into is it its just me more most my no nor not now of off on once only or other
-    our ours out over own same she should so some such than that the their theirs them then
-    there these they this those through to too under until up very was we were what when
-    where which while who whom why will with would you your yours""".split()  # noqa: SIM905
-)
-
-
-def search_terms(text: str) -> list[str]:
-    """The words of free text worth searching for, lower-cased, distinct.
-
-    Letters and digits only, so no FTS (or tsquery) syntax survives; words
-    shorter than two characters and common English stop words are dropped;
-    at most :data:`MAX_SEARCH_TERMS`, preferring the longest (usually the most
-    specific), in the order they appear.
-    """
-    seen: dict[str, int] = {}
-    for i, match in enumerate(_WORD.finditer(text.lower())):
-        word = match.group()
-        if len(word) < 2 or len(word) > _MAX_TERM_CHARS or word in _STOP_WORDS:
-            continue
-        seen.setdefault(word, i)
-    keep = sorted(seen, key=lambda w: (-len(w), seen[w]))[:MAX_SEARCH_TERMS]
-    return sorted(keep, key=seen.__getitem__)
-
-
 _warned_no_fts = False
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    offset: int
-    limit: int
 
 
 class Store:
@@ -237,6 +70,8 @@ class Store:
                 "SELECT value FROM store_meta WHERE key = 'schema_version'"
             ).fetchone()
             version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(version, len(MIGRATIONS))
             for i, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 migration(self.db)
                 self.conn.execute(
@@ -253,6 +88,17 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def ping(self) -> None:
         """Raise ``sqlite3.Error`` if the database cannot be read."""
@@ -587,8 +433,16 @@ class Store:
             (type_, payload_json, now_iso()),
         )
 
+    def recent_telemetry(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest ``limit`` telemetry rows, newest first (``payload`` as stored: JSON text)."""
+        return self._rows("SELECT * FROM telemetry_events ORDER BY id DESC LIMIT ?", (limit,))
+
     def recover_streaming(self) -> int:
-        """Mark assistant messages cut by a crash (still ``streaming``) as interrupted."""
+        """Mark assistant messages cut by a crash (still ``streaming``) as interrupted.
+
+        Every such message in the database: safe at start-up of the only
+        process using it (cluster mode needs a per-node owner first).
+        """
         cur = self.conn.execute(
             "UPDATE messages SET status = 'interrupted', finish_reason = 'server_restart' "
             "WHERE status = 'streaming'"

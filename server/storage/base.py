@@ -1,0 +1,230 @@
+"""The store's seam: :class:`StoreBackend`, its values and errors, shared by both backends.
+
+Two backends implement it: ``server.store.Store`` (SQLite, the embedded
+default) and :class:`server.storage.postgres.PostgresStore`. Every method is
+synchronous and each write is one transaction, so a half-done change is
+never visible or stored. Where a Trio caller may call them from:
+
+* SQLite: statements take well under a millisecond of local I/O; calling
+  on the Trio thread is fine (DESIGN.md §3) and atomic with respect to
+  cancellation.
+* PostgreSQL: every call is one or more network round trips. Call it
+  through ``trio.to_thread.run_sync(fn, limiter=limiter)`` with one
+  ``CapacityLimiter`` no larger than the store's pool; never on the Trio
+  thread. A thread is not cancellable: an abandoned call still commits or
+  rolls back whole.
+
+Errors: ``UsernameTaken`` (``add_user``); ``None`` answers for "taken" in
+``create_session``; :class:`StoreUnavailable` (PostgreSQL: unreachable, lost
+mid-call, pool exhausted; answer 503); :class:`SchemaTooNew` at open. SQLite
+raises ``sqlite3.Error`` for a database it cannot use, as it always has.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Protocol, Self, runtime_checkable
+
+__all__ = [
+    "MAX_SEARCH_TERMS",
+    "Page",
+    "SchemaTooNew",
+    "StoreBackend",
+    "StoreError",
+    "StoreUnavailable",
+    "UsernameTaken",
+    "now_iso",
+    "search_terms",
+]
+
+
+class UsernameTaken(Exception):
+    pass
+
+
+class StoreError(Exception):
+    """Base of the store's own errors (beyond ``UsernameTaken``)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's database cannot be used right now; retry later (HTTP 503).
+
+    Nothing of the failed call was committed, except that a connection lost
+    during ``COMMIT`` leaves it applied wholly or not at all. The message
+    names the database by its masked URL, never its password.
+    """
+
+
+class SchemaTooNew(StoreError):
+    """The database's store schema is newer than this code: refused at open."""
+
+    def __init__(self, found: int, supported: int) -> None:
+        super().__init__(found, supported)
+        self.found = found
+        self.supported = supported
+
+    def __str__(self) -> str:
+        return (
+            f"store schema version {self.found} is newer than this code ({self.supported}):"
+            " refusing to open it; upgrade chinwag"
+        )
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    offset: int
+    limit: int
+
+
+#: At most this many words of a query are searched for (the longest ones).
+MAX_SEARCH_TERMS = 16
+_MAX_TERM_CHARS = 64
+WORD = re.compile(r"[^\W_]+")  # letters and digits: what FTS5's unicode61 calls a token
+_STOP_WORDS = frozenset(
+    """about after again all also am an and any are as at be been before being but by can
+    could did do does doing done for from had has have having he her here hers him his how
+    if in into is it its just me more most my no nor not now of off on once only or other
+    our ours out over own same she should so some such than that the their theirs them then
+    there these they this those through to too under until up very was we were what when
+    where which while who whom why will with would you your yours""".split()  # noqa: SIM905
+)
+
+
+def search_terms(text: str) -> list[str]:
+    """The words of free text worth searching for, lower-cased, distinct.
+
+    Letters and digits only, so no FTS (or tsquery) syntax survives; words
+    shorter than two characters and common English stop words are dropped;
+    at most :data:`MAX_SEARCH_TERMS`, preferring the longest (usually the most
+    specific), in the order they appear.
+    """
+    seen: dict[str, int] = {}
+    for i, match in enumerate(WORD.finditer(text.lower())):
+        word = match.group()
+        if len(word) < 2 or len(word) > _MAX_TERM_CHARS or word in _STOP_WORDS:
+            continue
+        seen.setdefault(word, i)
+    keep = sorted(seen, key=lambda w: (-len(w), seen[w]))[:MAX_SEARCH_TERMS]
+    return sorted(keep, key=seen.__getitem__)
+
+
+Row = dict[str, Any]
+
+
+@runtime_checkable
+class StoreBackend(Protocol):
+    """Users, chat sessions, messages, memory search, retention, telemetry, recovery.
+
+    Rows are plain dicts keyed by column name, in the tables' column order,
+    the same keys and value types on both backends.
+    """
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def ping(self) -> None: ...
+
+    # users
+    def add_user(
+        self, username: str, password_hash: str, role: str, email: str | None = None
+    ) -> Row: ...
+
+    def user_by_name(self, username: str) -> Row | None: ...
+
+    def user_by_id(self, user_id: str) -> Row | None: ...
+
+    def search_users(self, q: str, page: Page) -> tuple[list[Row], int]: ...
+
+    # chat sessions
+    def create_session(
+        self,
+        user_id: str,
+        *,
+        session_id: str | None,
+        title: str,
+        model_id: str,
+        source: str,
+        client_key: str | None = None,
+    ) -> Row | None: ...
+
+    def get_session(self, session_id: str, user_id: str | None = None) -> Row | None: ...
+
+    def session_by_key(self, user_id: str, client_key: str) -> Row | None: ...
+
+    def list_sessions(self, user_id: str, page: Page) -> tuple[list[Row], int]: ...
+
+    def delete_session(self, session_id: str) -> None: ...
+
+    def touch_session(self, session_id: str) -> None: ...
+
+    # messages
+    def add_message(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        role: str,
+        content: str,
+        model_id: str | None,
+        status: str = "complete",
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        credits_charged: int = 0,
+        finish_reason: str | None = None,
+    ) -> Row: ...
+
+    def finish_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        credits_charged: int,
+        finish_reason: str,
+        cancel_reason: str | None = None,
+    ) -> None: ...
+
+    def list_messages(self, session_id: str, page: Page | None = None) -> tuple[list[Row], int]: ...
+
+    def recent_messages(self, session_id: str, n: int) -> list[Row]: ...
+
+    def search_messages(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        limit: int,
+        exclude_session: str | None = None,
+    ) -> list[Row]: ...
+
+    def message_by_stream(self, streaming_session_id: str) -> Row | None: ...
+
+    # retention, telemetry, recovery
+    def delete_sessions_before(self, cutoff_iso: str, keep: set[str]) -> int: ...
+
+    def add_telemetry(self, type_: str, payload_json: str) -> None: ...
+
+    def recent_telemetry(self, limit: int = 100) -> list[Row]: ...
+
+    def recover_streaming(self) -> int: ...

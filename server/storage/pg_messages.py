@@ -1,0 +1,248 @@
+"""The PostgreSQL store's messages, memory search, retention, telemetry and recovery.
+
+A mixin of :class:`server.storage.postgres.PostgresStore` (kept beside it so
+each module stays small); it runs every statement through the store's units
+of work: ``_read`` (autocommit, retried once on a dead connection: reads and
+idempotent writes), ``_tx`` (one transaction) and ``_snapshot`` (several
+reads, one committed state). Semantics match ``server.store.Store``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
+
+from .base import Page, Row, now_iso, search_terms
+from .pgsql import Conn, delete_sessions, insert, select_all, select_one, select_value
+
+__all__ = ["PostgresMessages"]
+
+T = TypeVar("T")
+
+# The same scope as SQLite's search: the user's own finished, non-empty
+# user/assistant messages, outside the excluded session.
+_SEARCH = """
+    SELECT m.id, m.session_id, m.role, m.content, m.created_at,
+           ts_rank(to_tsvector('english'::regconfig, m.content), q.query) AS rank
+      FROM messages m, to_tsquery('english'::regconfig, %s) AS q(query)
+     WHERE to_tsvector('english'::regconfig, m.content) @@ q.query
+       AND m.user_id = %s AND m.role IN ('user', 'assistant') AND m.status <> 'streaming'
+       AND m.content <> '' AND (%s::text IS NULL OR m.session_id <> %s)
+     ORDER BY rank DESC, m.created_at DESC, m.id
+     LIMIT %s
+"""
+
+
+def tsquery_of(terms: list[str]) -> str:
+    """``'w1' | 'w2' | …``: any of the words, each a quoted lexeme (stemmed by the config).
+
+    The terms are letters and digits only (:func:`search_terms`), so quoting
+    leaves no tsquery operator a user could inject.
+    """
+    return " | ".join(f"'{term}'" for term in terms)
+
+
+class PostgresMessages(ABC):
+    @abstractmethod
+    def _read(self, work: Callable[[Conn], T]) -> T: ...
+
+    @abstractmethod
+    def _tx(self, work: Callable[[Conn], T]) -> T: ...
+
+    @abstractmethod
+    def _snapshot(self, work: Callable[[Conn], T]) -> T: ...
+
+    def add_message(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        role: str,
+        content: str,
+        model_id: str | None,
+        status: str = "complete",
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        credits_charged: int = 0,
+        finish_reason: str | None = None,
+    ) -> Row:
+        def work(c: Conn) -> Row:
+            # Touch the session first: its row lock serialises writers of this
+            # session, so the max(seq) read next sees every committed message.
+            c.execute(
+                "UPDATE chat_sessions SET updated_at = %s WHERE id = %s", (now_iso(), session_id)
+            )
+            seq = select_value(
+                c,
+                "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %s",
+                (session_id,),
+            )
+            row = {
+                "id": str(uuid.uuid4()),
+                "session_id": session_id,
+                "user_id": user_id,
+                "role": role,
+                "content": content,
+                "model_id": model_id,
+                "status": status,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "tokens_used": input_tokens + output_tokens,
+                "credits_charged": credits_charged,
+                "finish_reason": finish_reason,
+                "streaming_session_id": streaming_session_id,
+                "seq": int(seq),
+                "created_at": now_iso(),
+            }
+            insert(c, "messages", row)
+            return row
+
+        return self._tx(work)
+
+    def finish_message(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        credits_charged: int,
+        finish_reason: str,
+        cancel_reason: str | None = None,
+    ) -> None:
+        # One idempotent statement: safe to retry on a dead connection.
+        self._read(
+            lambda c: c.execute(
+                """UPDATE messages SET content = %s, status = %s, input_tokens = %s,
+                       output_tokens = %s, tokens_used = %s, credits_charged = %s,
+                       finish_reason = %s, cancel_reason = %s
+                   WHERE id = %s""",
+                (
+                    content,
+                    status,
+                    input_tokens,
+                    output_tokens,
+                    input_tokens + output_tokens,
+                    credits_charged,
+                    finish_reason,
+                    cancel_reason,
+                    message_id,
+                ),
+            )
+        )
+
+    def list_messages(self, session_id: str, page: Page | None = None) -> tuple[list[Row], int]:
+        offset, limit = (0, None) if page is None else (page.offset, page.limit)
+        if limit is not None and limit < 0:
+            limit = None  # SQLite's LIMIT -1: no limit
+
+        def work(c: Conn) -> tuple[list[Row], int]:
+            total = select_value(
+                c, "SELECT count(*) FROM messages WHERE session_id = %s", (session_id,)
+            )
+            found = select_all(
+                c,
+                "SELECT * FROM messages WHERE session_id = %s ORDER BY seq LIMIT %s OFFSET %s",
+                (session_id, limit, offset),
+            )
+            return found, int(total)
+
+        return self._snapshot(work)
+
+    def recent_messages(self, session_id: str, n: int) -> list[Row]:
+        """The newest ``n`` messages, oldest first (one indexed query, not the whole session)."""
+        found = self._read(
+            lambda c: select_all(
+                c,
+                "SELECT role, content FROM messages WHERE session_id = %s"
+                " ORDER BY seq DESC LIMIT %s",
+                (session_id, n),
+            )
+        )
+        found.reverse()
+        return found
+
+    def search_messages(
+        self,
+        user_id: str,
+        query: str,
+        *,
+        limit: int,
+        exclude_session: str | None = None,
+    ) -> list[Row]:
+        """``user_id``'s own finished messages that match ``query``, best first.
+
+        Rows ``{id, session_id, role, content, created_at, rank}``; ``rank`` is
+        ``ts_rank`` (higher is better). Any text is a valid query: it is reduced
+        to :func:`search_terms`, each quoted and OR-ed; with no terms left the
+        answer is ``[]``. The GIN index over ``to_tsvector('english', content)``
+        finds the candidates; ``user_id`` is the guard.
+        """
+        terms = search_terms(query)
+        if not terms or limit < 1:
+            return []
+        params = (tsquery_of(terms), user_id, exclude_session, exclude_session, limit)
+        return self._read(lambda c: select_all(c, _SEARCH, params))
+
+    def message_by_stream(self, streaming_session_id: str) -> Row | None:
+        return self._read(
+            lambda c: select_one(
+                c,
+                "SELECT * FROM messages WHERE streaming_session_id = %s AND role = 'assistant'",
+                (streaming_session_id,),
+            )
+        )
+
+    def delete_sessions_before(self, cutoff_iso: str, keep: set[str]) -> int:
+        """Delete sessions (with their messages) last updated before ``cutoff_iso``.
+
+        One transaction for the whole sweep; the sessions in ``keep`` (those
+        with a live stream) are spared.
+        """
+
+        def work(c: Conn) -> int:
+            found = c.execute(
+                "SELECT id FROM chat_sessions WHERE updated_at < %s FOR UPDATE", (cutoff_iso,)
+            ).fetchall()
+            ids = [row[0] for row in found if row[0] not in keep]
+            if ids:
+                delete_sessions(c, ids)
+            return len(ids)
+
+        return self._tx(work)
+
+    def add_telemetry(self, type_: str, payload_json: str) -> None:
+        self._tx(
+            lambda c: c.execute(
+                "INSERT INTO telemetry_events (type, payload, created_at) VALUES (%s, %s, %s)",
+                (type_, payload_json, now_iso()),
+            )
+        )
+
+    def recent_telemetry(self, limit: int = 100) -> list[Row]:
+        """The newest ``limit`` telemetry rows, newest first (``payload`` as stored: JSON text)."""
+        return self._read(
+            lambda c: select_all(
+                c, "SELECT * FROM telemetry_events ORDER BY id DESC LIMIT %s", (limit,)
+            )
+        )
+
+    def recover_streaming(self) -> int:
+        """Mark assistant messages cut by a crash (still ``streaming``) as interrupted.
+
+        Every such message in the database: safe at start-up of the only
+        process using it (cluster mode needs a per-node owner first).
+        """
+
+        def work(c: Conn) -> int:
+            cur = c.execute(
+                "UPDATE messages SET status = 'interrupted', finish_reason = 'server_restart'"
+                " WHERE status = 'streaming'"
+            )
+            return int(cur.rowcount)
+
+        return self._read(work)
