@@ -156,6 +156,8 @@ class Stream:
         event_id = ring.last_id + 1
         event = Event(event_id, name, data, self._encode(event_id, name, data))
         ring.append(event)
+        # The batch a reader that is up to date will ask for: just this event.
+        self._cached = Batch((event,), 0, event.wire)
         self._wakeup.unpark_all()
         return event
 

@@ -23,6 +23,7 @@ spelled by hand rather than through ``json.dumps`` of a dict.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +36,14 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+#: Anything JSON would escape in a string.
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\u2028\u2029\ud800-\udfff]')
+
+
 def _text(text: str) -> str:
+    """``{"text": text}`` as compact JSON; a plain token skips the encoder."""
+    if _NEEDS_ESCAPE.search(text) is None:
+        return '{"text":"' + text + '"}'
     return '{"text":' + json.dumps(text, ensure_ascii=False) + "}"
 
 
