@@ -13,17 +13,20 @@ Guarantees of :meth:`PostgresPool.run`:
   ``unavailable`` — never hangs. A row lock is waited for at most
   ``lock_timeout`` (the session's ``lock_timeout``); a session left idle
   inside a transaction is ended by the server after 60 s.
-* **Nothing half-written.** A transaction that fails for any reason before
-  ``COMMIT`` is rolled back (PostgreSQL rolls back by itself a transaction
-  whose connection died). A connection lost *during* ``COMMIT`` is reported
-  as such: the transaction is then either wholly applied or wholly absent.
-* **Recovery without a restart.** A connection that died while idle in the
-  pool (server restart, ``pg_terminate_backend``, network cut) is found by
-  the unit's first round trip (``BEGIN``, or a read): it is discarded, the
-  pool's idle connections are checked, and the unit runs once more on a
-  fresh one — safe because nothing of it reached the server. The pool
-  replaces discarded connections in the background and reconnects when the
-  database is back.
+* **Nothing half-written.** A unit is one transaction (``BEGIN … COMMIT``)
+  or one autocommit statement. One that fails before ``COMMIT`` is rolled
+  back (PostgreSQL rolls back by itself a transaction whose connection
+  died). Only a connection cut with no answer from the server *during*
+  ``COMMIT`` (or during a lone autocommit write) leaves the outcome unknown,
+  and the error says so: the change is then wholly applied or wholly absent.
+* **Recovery without a restart.** An idle pooled connection whose socket
+  has something to read (the server's goodbye after a restart or
+  ``pg_terminate_backend``) is pinged before use and replaced if dead, with
+  every dead idle sibling — zero round trips when nothing is wrong. A unit
+  whose connection fails anyway is run once more on a fresh connection
+  when nothing of it can have been applied (see :meth:`PostgresPool.run`).
+  The pool replaces discarded connections in the background and reconnects
+  when the database is back.
 * **No password in any message.** Errors and the ``url`` attribute name the
   database by :func:`~ledger.urls.mask_url`; driver messages are scrubbed.
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import select
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -161,58 +165,51 @@ class PostgresPool:
         """Run ``work(conn)`` on a pooled connection and return its result.
 
         ``begin`` (e.g. ``"BEGIN"``) makes the unit one transaction, committed
-        when ``work`` returns and rolled back when it raises; ``None`` runs
-        ``work``'s statements in autocommit (one statement each).
-        ``idempotent=True`` (reads) allows one more attempt after a
-        connection failure anywhere in ``work``; otherwise only a failure of
-        ``BEGIN`` itself, before anything was sent, is retried.
+        when ``work`` returns and rolled back when it raises. ``begin=None``
+        runs in autocommit: then ``work`` is reads only (``idempotent=True``)
+        or exactly one writing statement, atomic by itself.
+
+        When the connection fails, the unit is run once more on another
+        connection if it is known that nothing of it was applied: it failed
+        before ``COMMIT`` was sent, or the server itself answered with the
+        error (a server that committed says so before it dies); so is a
+        deadlock or serialisation victim, and any ``idempotent`` unit.
+        Otherwise — a second failure, a lock not granted in time, a
+        connection cut with no answer during ``COMMIT`` or a lone autocommit
+        write — it raises ``unavailable``, whose message says whether
+        nothing was committed or the change was applied wholly or not at all.
+        ``work`` must therefore have no effect outside the database.
         """
         for attempt in (1, 2):
             conn = self._getconn()
+            phase = "begin"
             try:
                 if begin is not None:
-                    try:
-                        conn.execute(begin)
-                    except _CONNECTION_ERRORS as exc:
-                        if attempt == 2 or not _is_dead(conn):
-                            raise self._failed(exc) from self._cause(exc)
-                        log.warning(
-                            "%s at %s: a pooled connection was dead (%s); retrying once",
-                            self.what,
-                            self.url,
-                            self._scrub(exc),
-                        )
-                        continue  # a stale connection: nothing was sent
-                try:
-                    result = work(conn)
-                except BaseException as exc:
-                    if begin is not None:
-                        _rollback_quietly(conn)
-                    if not isinstance(exc, _CONNECTION_ERRORS):
-                        raise
-                    if attempt == 1 and (
-                        (idempotent and _is_dead(conn))
-                        # A deadlock or serialisation victim was rolled back whole.
-                        or isinstance(exc, psycopg.errors.TransactionRollback)
-                    ):
-                        log.warning(
-                            "%s at %s: %s; nothing was committed, retrying once",
-                            self.what,
-                            self.url,
-                            self._scrub(exc),
-                        )
-                        continue
-                    raise self._failed(exc) from self._cause(exc)
+                    conn.execute(begin)
+                phase = "work"
+                result = work(conn)
                 if begin is not None:
-                    try:
-                        conn.execute("COMMIT")
-                    except _CONNECTION_ERRORS as exc:
-                        raise self._unavailable(
-                            f"lost {self.what} at {self.url} during COMMIT"
-                            f" ({self._scrub(exc)}): the transaction was applied wholly"
-                            " or not at all"
-                        ) from self._cause(exc)
+                    phase = "commit"
+                    conn.execute("COMMIT")
                 return result
+            except BaseException as exc:
+                if begin is not None and phase == "work":
+                    _rollback_quietly(conn)
+                if not isinstance(exc, _CONNECTION_ERRORS):
+                    raise
+                nothing_applied = (
+                    phase == "begin"
+                    or (phase == "work" and begin is not None)
+                    or not _unanswered(exc)
+                )
+                if attempt == 1 and (
+                    isinstance(exc, psycopg.errors.TransactionRollback)
+                    or (_is_dead(conn) and (idempotent or nothing_applied))
+                ):
+                    self._retrying(exc)
+                    continue
+                unknown = not idempotent and not nothing_applied
+                raise self._failed(exc, outcome_unknown=unknown) from self._cause(exc)
             finally:
                 self._pool.putconn(conn)
                 if attempt == 1 and _is_dead(conn):
@@ -223,6 +220,28 @@ class PostgresPool:
     # -- internals -------------------------------------------------------------------
 
     def _getconn(self) -> Connection:
+        """A pooled connection that has not visibly died while idle.
+
+        Zero round trips in the common case: an idle connection has nothing to
+        read, so a socket that is readable means the server said something
+        unprompted — usually goodbye (``pg_terminate_backend``, a restart) —
+        and only then is the connection pinged. A dead one is dropped with
+        every other dead idle connection (:meth:`ConnectionPool.check`) and
+        another is taken; nothing of the caller's work has been sent yet.
+        """
+        conn = self._checkout()
+        if not _went_away(conn):
+            return conn
+        self._pool.putconn(conn)
+        log.warning("%s at %s: a pooled connection had died; replacing it", self.what, self.url)
+        self._pool.check()
+        conn = self._checkout()
+        if _went_away(conn):
+            self._pool.putconn(conn)
+            raise self._unavailable(f"{self.what} at {self.url} keeps dropping connections")
+        return conn
+
+    def _checkout(self) -> Connection:
         try:
             return self._pool.getconn()
         except PoolTimeout:
@@ -234,15 +253,26 @@ class PostgresPool:
         except PoolClosed:
             raise self._unavailable(f"{self.what} at {self.url} is closed") from None
 
-    def _failed(self, exc: BaseException) -> Exception:
+    def _retrying(self, exc: BaseException) -> None:
+        log.warning(
+            "%s at %s: %s; nothing was applied, retrying once",
+            self.what,
+            self.url,
+            self._scrub(exc),
+        )
+
+    def _failed(self, exc: BaseException, *, outcome_unknown: bool = False) -> Exception:
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return self._unavailable(
                 f"{self.what} at {self.url} is busy: a row lock was not granted within"
                 f" {self.lock_timeout:g} s; nothing was committed"
             )
-        return self._unavailable(
-            f"{self.what} at {self.url} failed: {self._scrub(exc)}; nothing was committed"
+        outcome = (
+            "the change was applied wholly or not at all"
+            if outcome_unknown
+            else "nothing was committed"
         )
+        return self._unavailable(f"{self.what} at {self.url} failed: {self._scrub(exc)}; {outcome}")
 
     def _cause(self, exc: BaseException) -> BaseException | None:
         """``exc`` to chain as ``__cause__``, unless its text would reveal the password."""
@@ -255,6 +285,35 @@ class PostgresPool:
 
 def _is_dead(conn: Connection) -> bool:
     return conn.broken or conn.closed
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """True when the connection broke without the server answering the statement.
+
+    An error the server reports (it has a SQLSTATE, e.g. ``57P01`` from
+    ``pg_terminate_backend``) means that statement, and an autocommit
+    statement's or a COMMIT's transaction, did not commit: a server answers
+    a committed statement with success before it dies. Only a connection cut
+    without an answer leaves the outcome unknown.
+    """
+    return getattr(exc, "sqlstate", None) is None
+
+
+def _went_away(conn: Connection) -> bool:
+    """Whether an idle pooled connection is dead (a ping only if it has unread input)."""
+    if _is_dead(conn):
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    if not readable:
+        return False
+    try:
+        conn.execute("")  # reads what arrived: a notice, or the server's goodbye
+    except psycopg.Error:
+        return True
+    return False
 
 
 def _rollback_quietly(conn: Connection) -> None:

@@ -24,6 +24,7 @@ from ledger import (
     InsufficientCredits,
     LedgerUnavailable,
     PostgresLedger,
+    Reservation,
     ReservationClosed,
     mask_url,
     open_ledger,
@@ -68,14 +69,22 @@ def _terminate(raw: psycopg.Connection[Any], pids: list[int]) -> None:
         raw.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def _await_lock_waiter(raw: psycopg.Connection[Any], app: str) -> int:
+def _await_lock_waiter(raw: psycopg.Connection[Any], app: str, not_: int = 0) -> int:
     """The pid of the ledger backend now blocked on a row lock (polls pg_stat_activity)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if pids := _pids(raw, app, waiting=True):
+        if pids := [pid for pid in _pids(raw, app, waiting=True) if pid != not_]:
             return pids[0]
         time.sleep(0.005)
     raise AssertionError("the ledger never waited on the lock")
+
+
+def _kill_mid_statement(raw: psycopg.Connection[Any], app: str, times: int) -> None:
+    """Kill the ledger's backend while it waits for the row lock, ``times`` times running."""
+    pid = 0
+    for _ in range(times):
+        pid = _await_lock_waiter(raw, app, not_=pid)
+        _terminate(raw, [pid])
 
 
 class Background:
@@ -123,7 +132,7 @@ def test_connections_killed_between_calls_are_replaced(
     _terminate(raw, _pids(raw, app))
     assert book.balance("alice") == Balance("alice", 1000, 0, 1000)  # a read
     _terminate(raw, _pids(raw, app))
-    res = book.reserve("alice", 10)  # a write: BEGIN found the dead connection
+    res = book.reserve("alice", 10)  # a write, on a fresh connection
     _terminate(raw, _pids(raw, app))
     assert book.settle(res.id, 4).charged == 4
     assert book.verify() == []
@@ -134,15 +143,18 @@ def test_a_reservation_killed_mid_transaction_leaves_nothing(
 ) -> None:
     lock = RowLock(url)
     try:
-        # The reservation row is inserted; the hold waits for the account lock.
+        # The reservation waits, mid-statement, for the account's row lock; it
+        # is killed there, retried (the server answered: nothing applied), and
+        # killed there again.
         call = Background(lambda: book.reserve("alice", 300, streaming_session_id="s1"))
-        _terminate(raw, [_await_lock_waiter(raw, app)])
+        _kill_mid_statement(raw, app, times=2)
         call.join()
     finally:
         lock.release()
     assert isinstance(call.error, LedgerUnavailable)
     assert call.error.code == "SERVICE_UNAVAILABLE"
-    assert "nothing was committed" in str(call.error)
+    # "nothing was committed" when the server answered the statement with the
+    # kill; "applied wholly or not at all" if the socket closed first. Either way:
     # Nothing half-written: no reservation row, nothing held.
     assert book.open_reservations() == []
     assert raw.execute("SELECT count(*) FROM ledger_reservations").fetchone() == (0,)
@@ -152,15 +164,35 @@ def test_a_reservation_killed_mid_transaction_leaves_nothing(
     assert book.reserve("alice", 300).amount == 300
 
 
+def test_a_reservation_killed_once_is_retried_and_made_once(
+    book: PostgresLedger, raw: psycopg.Connection[Any], app: str, url: str
+) -> None:
+    lock = RowLock(url)
+    try:
+        call = Background(lambda: book.reserve("alice", 300, streaming_session_id="s1"))
+        _kill_mid_statement(raw, app, times=1)
+        _await_lock_waiter(raw, app)  # the retry, on a fresh connection, waits in turn
+    finally:
+        lock.release()
+    call.join()
+    assert call.error is None
+    assert isinstance(call.result, Reservation)
+    assert book.open_reservations() == [call.result]  # exactly one, not two
+    assert book.balance("alice") == Balance("alice", 1000, 300, 700)
+    assert book.verify() == []
+
+
 def test_a_settle_killed_mid_transaction_leaves_the_reservation_open(
     book: PostgresLedger, raw: psycopg.Connection[Any], app: str, url: str
 ) -> None:
     res = book.reserve("alice", 100, model_id="m")
     lock = RowLock(url)
     try:
-        # The reservation is closed and the charge written; the account update waits.
+        # The reservation is closed and the charge written (in the same statement);
+        # the account's update waits for its row lock. Killed there twice (the
+        # first time it is retried: the server answered, nothing was applied).
         call = Background(lambda: book.settle(res.id, 60))
-        _terminate(raw, [_await_lock_waiter(raw, app)])
+        _kill_mid_statement(raw, app, times=2)
         call.join()
     finally:
         lock.release()
