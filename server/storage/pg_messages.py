@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from .base import Page, Row, now_iso, search_terms
-from .pgsql import Conn, delete_sessions, insert, select_all, select_one, select_value
+from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
 
 __all__ = ["PostgresMessages"]
 
@@ -52,6 +52,9 @@ class PostgresMessages(ABC):
     def _tx(self, work: Callable[[Conn], T]) -> T: ...
 
     @abstractmethod
+    def _write(self, work: Callable[[Conn], T]) -> T: ...
+
+    @abstractmethod
     def _snapshot(self, work: Callable[[Conn], T]) -> T: ...
 
     def add_message(
@@ -69,36 +72,50 @@ class PostgresMessages(ABC):
         credits_charged: int = 0,
         finish_reason: str | None = None,
     ) -> Row:
+        row = {
+            "id": str(uuid.uuid4()),
+            "session_id": session_id,
+            "user_id": user_id,
+            "role": role,
+            "content": content,
+            "model_id": model_id,
+            "status": status,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "tokens_used": input_tokens + output_tokens,
+            "credits_charged": credits_charged,
+            "finish_reason": finish_reason,
+            "streaming_session_id": streaming_session_id,
+            "seq": 0,  # numbered by the database, below
+            "created_at": now_iso(),
+        }
+        columns = ", ".join(row)
+        values = ", ".join(
+            "(SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %(session_id)s)"
+            if name == "seq"
+            else f"%({name})s"
+            for name in row
+        )
+
         def work(c: Conn) -> Row:
-            # Touch the session first: its row lock serialises writers of this
-            # session, so the max(seq) read next sees every committed message.
-            c.execute(
-                "UPDATE chat_sessions SET updated_at = %s WHERE id = %s", (now_iso(), session_id)
-            )
-            seq = select_value(
-                c,
-                "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %s",
-                (session_id,),
-            )
-            row = {
-                "id": str(uuid.uuid4()),
-                "session_id": session_id,
-                "user_id": user_id,
-                "role": role,
-                "content": content,
-                "model_id": model_id,
-                "status": status,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens_used": input_tokens + output_tokens,
-                "credits_charged": credits_charged,
-                "finish_reason": finish_reason,
-                "streaming_session_id": streaming_session_id,
-                "seq": int(seq),
-                "created_at": now_iso(),
-            }
-            insert(c, "messages", row)
-            return row
+            # Both statements in one round trip (pipelined), inside the unit's
+            # transaction. Touch the session first: its row lock serialises
+            # writers of this session, and the INSERT, a later statement (READ
+            # COMMITTED: a fresh snapshot), numbers the message after every
+            # committed one. (BEGIN and COMMIT stay apart from the pipeline: a
+            # connection lost before COMMIT is sent is then known to have
+            # committed nothing, and the unit is retried.)
+            with c.pipeline():
+                c.execute(
+                    "UPDATE chat_sessions SET updated_at = %s WHERE id = %s",
+                    (row["created_at"], session_id),
+                )
+                cur = c.execute(
+                    f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING seq",
+                    row,
+                )
+            (seq,) = cur.fetchone() or (0,)
+            return {**row, "seq": int(seq)}
 
         return self._tx(work)
 
@@ -216,7 +233,7 @@ class PostgresMessages(ABC):
         return self._tx(work)
 
     def add_telemetry(self, type_: str, payload_json: str) -> None:
-        self._tx(
+        self._write(
             lambda c: c.execute(
                 "INSERT INTO telemetry_events (type, payload, created_at) VALUES (%s, %s, %s)",
                 (type_, payload_json, now_iso()),

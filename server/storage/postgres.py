@@ -7,8 +7,9 @@ byte order, as SQLite's ``BINARY``), with these engine differences:
 
 * **Concurrency.** READ COMMITTED. ``add_message`` first updates its
   session's ``updated_at``, which takes the session row's lock, and only
-  then reads ``max(seq)``: two writers to one session (threads, processes,
-  nodes) are serialised and never number two messages alike. Multi-row
+  then inserts with ``max(seq) + 1`` (both statements pipelined in one
+  round trip): two writers to one session (threads, processes, nodes) are
+  serialised and never number two messages alike. Multi-row
   changes (``delete_session``, ``delete_sessions_before``) are one
   transaction each.
 * **Memory search.** ``to_tsvector('english', content)`` under a GIN
@@ -18,11 +19,13 @@ byte order, as SQLite's ``BINARY``), with these engine differences:
   folding, unlike SQLite's ``unicode61 remove_diacritics``).
 * **Faults.** Connection-level failures become :class:`StoreUnavailable`
   (masked URL, never the password); a write that fails before ``COMMIT``
-  leaves nothing; idempotent statements (reads, ``finish_message``,
+  leaves nothing. Idempotent statements (reads, ``finish_message``,
   ``touch_session``, ``recover_streaming``) run in autocommit and are retried
-  once on a connection found dead; other writes begin with ``BEGIN``, whose
-  failure on a dead pooled connection is retried safely (see
-  :class:`ledger.PostgresPool`, the connection policy shared with the ledger).
+  once on a dead connection; single-row inserts (``add_user``,
+  ``create_session``, ``add_telemetry``) are one autocommit statement each,
+  retried only when nothing can have been applied; multi-statement writes
+  are one ``BEGIN … COMMIT`` (see :class:`ledger.PostgresPool`, the
+  connection policy shared with the ledger).
 
 Call every method through ``trio.to_thread.run_sync`` (network I/O), with a
 ``CapacityLimiter`` no larger than ``max_connections``.
@@ -94,6 +97,10 @@ class PostgresStore(PostgresMessages):
         """One transaction: committed whole or not at all."""
         return self._pool.run(work, begin="BEGIN", idempotent=False)
 
+    def _write(self, work: Callable[[Conn], T]) -> T:
+        """Exactly one writing statement, in autocommit (one round trip)."""
+        return self._pool.run(work, begin=None, idempotent=False)
+
     def _snapshot(self, work: Callable[[Conn], T]) -> T:
         """Several reads that see one committed state; retried on a dead connection."""
         return self._pool.run(work, begin=SNAPSHOT, idempotent=True)
@@ -140,7 +147,7 @@ class PostgresStore(PostgresMessages):
             "created_at": now_iso(),
         }
         try:
-            self._tx(lambda c: insert(c, "users", user))
+            self._write(lambda c: insert(c, "users", user))
         except psycopg.IntegrityError as exc:
             raise UsernameTaken(username) from exc
         return user
@@ -198,7 +205,7 @@ class PostgresStore(PostgresMessages):
             "client_key": client_key,
         }
         try:
-            self._tx(lambda c: insert(c, "chat_sessions", row))
+            self._write(lambda c: insert(c, "chat_sessions", row))
         except psycopg.IntegrityError:
             return None
         return row

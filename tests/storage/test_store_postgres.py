@@ -39,10 +39,10 @@ def _kill(raw: psycopg.Connection[Any], pids: list[int]) -> None:
         raw.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def _await_lock_waiter(raw: psycopg.Connection[Any], app: str) -> int:
+def _await_lock_waiter(raw: psycopg.Connection[Any], app: str, not_: int = 0) -> int:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if pids := _pids(raw, app, waiting=True):
+        if pids := [pid for pid in _pids(raw, app, waiting=True) if pid != not_]:
             return pids[0]
         time.sleep(0.005)
     raise AssertionError("the store never waited on the lock")
@@ -57,7 +57,7 @@ def test_connections_killed_between_calls_are_replaced(
         assert store.user_by_id(alice) is not None  # a read, retried on a fresh connection
         _kill(raw, _pids(raw, app))
         session = store.create_session(alice, session_id=None, title="", model_id="", source="")
-        assert session is not None  # a write: its BEGIN found the dead connection
+        assert session is not None  # a write, on a fresh connection
         _kill(raw, _pids(raw, app))
         store.finish_message("none", content="", status="x", input_tokens=0, output_tokens=0,
                              credits_charged=0, finish_reason="stop")  # fmt: skip
@@ -86,7 +86,10 @@ def test_a_message_killed_mid_transaction_is_not_written(
         thread = threading.Thread(target=add)
         thread.start()
         try:
-            _kill(raw, [_await_lock_waiter(raw, app)])
+            # Killed mid-transaction, retried (nothing was committed), killed again.
+            first = _await_lock_waiter(raw, app)
+            _kill(raw, [first])
+            _kill(raw, [_await_lock_waiter(raw, app, not_=first)])
             thread.join(30)
         finally:
             holder.rollback()
