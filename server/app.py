@@ -28,14 +28,15 @@ from observation import ObservationManager
 
 from .auth import TokenService
 from .context import Services
-from .errors import ApiError, from_ledger
+from .db import Db
+from .errors import ApiError, from_ledger, unavailable
 from .limits import RateLimiter
 from .models import Catalog
 from .providers import open_provider
 from .retention import run_retention
 from .settings import Settings
 from .sse import encode_event, quiet_resets
-from .store import Store
+from .storage import StoreUnavailable, open_store
 from .streams import StreamHub
 from .telemetry import Telemetry
 from .timers import Lot, Timers
@@ -65,8 +66,9 @@ def create_app(settings: Settings) -> QuartTrio:
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keys in the documented order
-    store = Store(settings.db_path)
-    book = ledger.Ledger(settings.db_path)
+    store = open_store(settings.database)
+    book = ledger.open_ledger(settings.database)
+    db = Db.open(settings.database, store, book)
     # One timer service paces every simulated stream and every reader's
     # heartbeat: one heap, no cancel scope per wait (DESIGN.md §2).
     timers = Timers(grid=TIMER_GRID_S)
@@ -76,18 +78,19 @@ def create_app(settings: Settings) -> QuartTrio:
         encode=encode_event,
         wakeup_lot=Lot,
     )
-    telemetry = Telemetry(store)
+    telemetry = Telemetry()
     svc = Services(
         settings=settings,
         store=store,
         ledger=book,
+        db=db,
         tokens=TokenService(
             settings.jwt_secret, ttl_s=settings.jwt_ttl_s, public_key=settings.jwt_public_key
         ),
         catalog=Catalog.load(settings.models_file),
         limiter=RateLimiter(settings.rate_limit),
         observations=observations,
-        hub=StreamHub(settings, store, book, observations, telemetry),
+        hub=StreamHub(settings, db, observations, telemetry),
         telemetry=telemetry,
         timers=timers,
     )
@@ -107,15 +110,15 @@ def create_app(settings: Settings) -> QuartTrio:
                     await nursery.start(observations.run)
                     await nursery.start(svc.hub.run)
                     if settings.retention_days > 0:
-                        await nursery.start(run_retention, store, svc.hub, settings.retention_days)
+                        await nursery.start(run_retention, db, svc.hub, settings.retention_days)
                     task_status.started()
         finally:
             services_done.set()
 
     @app.before_serving
     async def start_services() -> None:
-        released = book.recover()
-        cut = store.recover_streaming()
+        released = await db.ledger.recover()
+        cut = await db.store.recover_streaming()
         if released or cut:
             log.warning(
                 "recovered after an unclean stop: %d reservations released, "
@@ -133,6 +136,7 @@ def create_app(settings: Settings) -> QuartTrio:
         services_scope.cancel()
         with trio.move_on_after(5):
             await services_done.wait()
+        db.close()
         store.close()
         book.close()
 
@@ -238,6 +242,11 @@ def _install_error_handlers(app: QuartTrio) -> None:
         response = jsonify({"message": message, "errorCode": code})
         response.status_code = status
         return response
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_unavailable(exc: StoreUnavailable) -> Response:
+        log.warning("store unavailable: %s", exc)  # the URL in it is masked
+        return await api_error(unavailable())
 
     @app.errorhandler(sqlite3.Error)
     async def db_error(exc: sqlite3.Error) -> Response:

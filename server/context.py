@@ -18,12 +18,13 @@ import ledger
 from observation import ObservationManager
 
 from .auth import Principal, Role, TokenService, bearer_token, require_role
+from .db import Db
 from .errors import Forbidden, TooMany, Unauthorized
 from .limits import RateLimiter, retry_after
 from .models import Catalog
 from .providers.base import Provider
 from .settings import Settings
-from .store import Store
+from .storage import StoreBackend
 from .telemetry import Telemetry
 from .timers import Timers
 
@@ -37,8 +38,10 @@ R = TypeVar("R")
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    store: Store
-    ledger: ledger.Ledger
+    #: The backends themselves (synchronous; tests and tools). Request code uses ``db``.
+    store: StoreBackend
+    ledger: ledger.LedgerBackend
+    db: Db
     tokens: TokenService
     catalog: Catalog
     limiter: RateLimiter
@@ -57,7 +60,7 @@ def principal() -> Principal:
     return g.principal  # type: ignore[no-any-return]
 
 
-def authenticate(role: Role, authorization: str | None = None) -> Principal:
+async def authenticate(role: Role, authorization: str | None = None) -> Principal:
     """Verify the bearer token, the role and the user's rate limit.
 
     ``authorization`` is the header value; by default the current request's.
@@ -66,7 +69,7 @@ def authenticate(role: Role, authorization: str | None = None) -> Principal:
     if authorization is None:
         authorization = request.headers.get("Authorization")
     who = svc.tokens.verify(bearer_token(authorization))
-    if svc.store.user_by_id(who.user_id) is None and not svc.settings.jwt_public_key:
+    if not svc.settings.jwt_public_key and await svc.db.store.user_by_id(who.user_id) is None:
         # A token for a user that has been removed is no longer valid.
         raise Unauthorized("Invalid token.")
     require_role(who, role)
@@ -86,7 +89,7 @@ def authenticated(
     def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @functools.wraps(handler)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            authenticate(role)
+            await authenticate(role)
             return await handler(*args, **kwargs)
 
         wrapper.__chinwag_role__ = role  # type: ignore[attr-defined]  # for server.openapi

@@ -90,8 +90,20 @@ def session_not_found() -> NotFound:
     return NotFound("Chat session not found.", error_code="SESSION_NOT_FOUND")
 
 
+def unavailable() -> ApiError:
+    """503: the database cannot be used right now; nothing was half done (SPEC §9)."""
+    return ApiError(
+        "The service is temporarily unavailable, please retry shortly.",
+        status=503,
+        error_code="SERVICE_UNAVAILABLE",
+        headers={"Retry-After": "2"},
+    )
+
+
 def from_ledger(exc: ledger.LedgerError) -> ApiError:
     """Translate a ledger error into its HTTP form (the one mapping point)."""
+    if isinstance(exc, ledger.LedgerUnavailable):
+        return unavailable()
     if isinstance(exc, ledger.InsufficientCredits):
         return ApiError(
             f"Insufficient credits: {exc.needed} needed, {exc.available} available.",

@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 
 import trio
 
-from .store import Store
+from .db import Db
+from .storage import StoreBackend
 from .streams import StreamHub
 
 log = logging.getLogger("chinwag.retention")
@@ -20,7 +21,8 @@ log = logging.getLogger("chinwag.retention")
 SWEEP_INTERVAL_S = 3600.0
 
 
-def sweep(store: Store, hub: StreamHub, days: int, now: datetime | None = None) -> int:
+def sweep(store: StoreBackend, hub: StreamHub, days: int, now: datetime | None = None) -> int:
+    """Delete sessions older than ``days`` (none with a live stream); how many."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     cutoff_iso = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     deleted = store.delete_sessions_before(cutoff_iso, keep={r.session_id for r in hub.live()})
@@ -30,14 +32,14 @@ def sweep(store: Store, hub: StreamHub, days: int, now: datetime | None = None) 
 
 
 async def run_retention(
-    store: Store,
+    db: Db,
     hub: StreamHub,
     days: int,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    sweep(store, hub, days)
+    await db.write(lambda store, _: sweep(store, hub, days))
     task_status.started()
     while True:
         await trio.sleep(SWEEP_INTERVAL_S)
-        sweep(store, hub, days)
+        await db.write(lambda store, _: sweep(store, hub, days))

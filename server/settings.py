@@ -45,6 +45,16 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _database_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("CHINWAG_DATABASE_URL", "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("postgresql://", "postgres://")):
+        # Never echo the value: it may hold a password.
+        raise SettingsError("CHINWAG_DATABASE_URL must be a postgresql://… URL")
+    return raw
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -54,6 +64,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 3002
     db_path: Path = Path("chinwag.db")
+    #: ``postgresql://…``: the store and the ledger live there instead of ``db_path``.
+    database_url: str | None = field(default=None, repr=False)
     jwt_secret: str = field(default="", repr=False)
     jwt_public_key: str | None = field(default=None, repr=False)
     jwt_ttl_s: int = 3600
@@ -104,6 +116,7 @@ class Settings:
             host=env.get("CHINWAG_HOST", d.host) or d.host,
             port=_int(env, "CHINWAG_PORT", d.port),
             db_path=Path(env.get("CHINWAG_DB", str(d.db_path)) or d.db_path),
+            database_url=_database_url(env),
             jwt_secret=secret,
             jwt_public_key=env.get("CHINWAG_JWT_PUBLIC_KEY") or None,
             jwt_ttl_s=_int(env, "CHINWAG_JWT_TTL_S", d.jwt_ttl_s, minimum=1),
@@ -165,7 +178,16 @@ class Settings:
                 f.write(secret)
         return replace(self, jwt_secret=secret)
 
+    @property
+    def database(self) -> str:
+        """Where the store and the ledger live: the PostgreSQL URL, else the SQLite path."""
+        return self.database_url or str(self.db_path)
+
     def describe(self) -> dict[str, object]:
-        """Settings for logs: never the secret or the key."""
-        hidden = {"jwt_secret", "jwt_public_key"}
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        """Settings for logs: never the secret, the key or a connection password."""
+        from ledger import mask_url
+
+        hidden = {"jwt_secret", "jwt_public_key", "database_url"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
+        out["database"] = mask_url(self.database_url) if self.database_url else str(self.db_path)
+        return out

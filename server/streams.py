@@ -33,6 +33,7 @@ import ledger
 from observation import ObservationManager, Stream
 
 from .auth import Principal
+from .db import Db
 from .dialects import CHAT, Dialect, Ending
 from .errors import ApiError, Conflict, TooMany
 from .models import ModelInfo
@@ -49,7 +50,7 @@ from .providers.base import (
     request_tokens,
 )
 from .settings import Settings
-from .store import Store
+from .storage import StoreBackend
 from .telemetry import CallRecord, Telemetry
 
 log = logging.getLogger("chinwag.streams")
@@ -285,25 +286,53 @@ class StreamRun:
             if not output_tokens:
                 input_tokens = 0
             status = _STATUS.get(finish_reason, "interrupted")
-            hub.store.finish_message(
-                self.assistant_message["id"],
-                content=content,
-                status=status,
+            call = CallRecord(
+                streaming_session_id=self.stream_id,
+                user_id=self.user_id,
+                model_id=self.model.id,
+                provider=hub.provider.name if hub.provider else "",
+                retries=retries,
+                ttft_ms=None
+                if self.first_token_at is None
+                else (self.first_token_at - self._t0) * 1000,
+                total_ms=(trio.current_time() - self._t0) * 1000,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 credits_charged=charge,
                 finish_reason=finish_reason,
-                cancel_reason=self.cancel_note,
+                error_code=error.error_code if error else None,
             )
-            settlement = hub.ledger.settle(
+            message_id, reservation_id, note = (
+                self.assistant_message["id"],
                 self.reservation.id,
-                charge,
-                model_id=self.model.id,
-                streaming_session_id=self.stream_id,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
+                self.cancel_note,
             )
-            charged = settlement.charged
+
+            def end(store: StoreBackend, book: ledger.LedgerBackend) -> ledger.Settlement:
+                # One hop to the database thread: the message, the charge, the telemetry row.
+                store.finish_message(
+                    message_id,
+                    content=content,
+                    status=status,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    credits_charged=charge,
+                    finish_reason=finish_reason,
+                    cancel_reason=note,
+                )
+                settlement = book.settle(
+                    reservation_id,
+                    charge,
+                    model_id=call.model_id,
+                    streaming_session_id=call.streaming_session_id,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                )
+                store.add_telemetry("model_call", Telemetry.row(call))
+                return settlement
+
+            charged = (await hub.db.write(end)).charged
+            hub.telemetry.count(call)
             self.assistant_message = {
                 **self.assistant_message,
                 "content": content,
@@ -314,24 +343,6 @@ class StreamRun:
                 "credits_charged": charged,
                 "finish_reason": finish_reason,
             }
-            hub.telemetry.record_call(
-                CallRecord(
-                    streaming_session_id=self.stream_id,
-                    user_id=self.user_id,
-                    model_id=self.model.id,
-                    provider=hub.provider.name if hub.provider else "",
-                    retries=retries,
-                    ttft_ms=None
-                    if self.first_token_at is None
-                    else (self.first_token_at - self._t0) * 1000,
-                    total_ms=(trio.current_time() - self._t0) * 1000,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    credits_charged=charged,
-                    finish_reason=finish_reason,
-                    error_code=error.error_code if error else None,
-                )
-            )
             self.outcome = Outcome(
                 self.user_message,
                 self.assistant_message,
@@ -376,27 +387,45 @@ class StreamRun:
         return request_tokens(self.request)
 
 
+def _turns(history: list[dict[str, Any]], text: str) -> tuple[ChatTurn, ...]:
+    """Earlier turns (``history``, oldest first) plus this one, alternating, user first."""
+    turns: list[ChatTurn] = []
+    for row in history:
+        if not row["content"] or row["role"] not in ("user", "assistant"):
+            continue
+        if turns and turns[-1].role == row["role"]:
+            turns[-1] = ChatTurn(row["role"], turns[-1].text + "\n\n" + row["content"])
+        else:
+            turns.append(ChatTurn(row["role"], row["content"]))
+    while turns and turns[0].role != "user":
+        turns.pop(0)
+    if turns and turns[-1].role == "user":
+        turns[-1] = ChatTurn("user", turns[-1].text + "\n\n" + text)
+    else:
+        turns.append(ChatTurn("user", text))
+    return tuple(turns)
+
+
 class StreamHub:
     """Owns every :class:`StreamRun`; enforces one stream per chat session and the caps."""
 
     def __init__(
         self,
         settings: Settings,
-        store: Store,
-        book: ledger.Ledger,
+        db: Db,
         observations: ObservationManager,
         telemetry: Telemetry,
     ) -> None:
         self.settings = settings
         self.telemetry = telemetry
-        self.store = store
-        self.ledger = book
+        self.db = db
         self.observations = observations
         self.provider: Provider | None = None
         self._nursery: trio.Nursery | None = None
         self._by_session: dict[str, StreamRun] = {}
         self._by_stream: dict[str, StreamRun] = {}
-        self._per_user: dict[str, int] = {}
+        self._per_user: dict[str, int] = {}  # live and opening, per user
+        self._opening: set[str] = set()  # chat sessions whose stream is being opened
         self.accepting = True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -418,7 +447,7 @@ class StreamHub:
 
     # -- starting ------------------------------------------------------------------
 
-    def start(
+    async def start(
         self,
         who: Principal,
         session: dict[str, Any],
@@ -439,6 +468,13 @@ class StreamHub:
         stored, and fails as a plain :class:`ApiError`; nothing is charged or
         written for a refused call. ``context`` (recalled memory, say) goes
         to the model as its system text and is reserved for like the input.
+
+        The chat session's slot (and the user's and the process's counts) is
+        claimed before the first await, so two calls racing on one session
+        cannot both pass the check. The writes (account, reservation, both
+        messages) are one hop to the database thread, shielded: once started
+        they finish and the run starts, even if the caller is cancelled
+        meanwhile (the run then ends on its own when no client attaches).
         """
         if self._nursery is None or self.provider is None or not self.accepting:
             raise ApiError(
@@ -448,7 +484,7 @@ class StreamHub:
                 headers={"Retry-After": "1"},
             )
         session_id = session["id"]
-        if session_id in self._by_session:
+        if session_id in self._by_session or session_id in self._opening:
             raise Conflict(
                 "A stream is already active on this chat session.",
                 error_code="STREAM_ALREADY_ACTIVE",
@@ -457,51 +493,98 @@ class StreamHub:
             raise TooMany(
                 "Too many concurrent streams for this user.", error_code="TOO_MANY_STREAMS"
             )
-        if len(self._by_session) >= self.settings.max_streams:
+        if len(self._by_session) + len(self._opening) >= self.settings.max_streams:
             raise ApiError(
                 "The server is at capacity, please retry shortly.",
                 status=503,
                 error_code="SERVER_BUSY",
                 headers={"Retry-After": "1"},
             )
+        self._opening.add(session_id)
+        self._per_user[who.user_id] = self._per_user.get(who.user_id, 0) + 1
+        try:
+            run = await self._open(
+                who,
+                session_id,
+                text,
+                model,
+                max_tokens,
+                temperature,
+                scenario,
+                pace,
+                streaming,
+                dialect,
+                context,
+            )
+        except BaseException:
+            self._uncount(who.user_id)
+            raise
+        finally:
+            self._opening.discard(session_id)
+        self._by_session[session_id] = run
+        self._by_stream[run.stream_id] = run
+        assert self._nursery is not None
+        self._nursery.start_soon(run.run, self.provider, name=f"stream {run.stream_id}")
+        return run
 
+    async def _open(
+        self,
+        who: Principal,
+        session_id: str,
+        text: str,
+        model: ModelInfo,
+        max_tokens: int | None,
+        temperature: float | None,
+        scenario: str | None,
+        pace: Pace | None,
+        streaming: bool,
+        dialect: Dialect,
+        context: str | None,
+    ) -> StreamRun:
+        history = await self.db.store.recent_messages(session_id, HISTORY_TURNS)
         max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, model.max_tokens)
         request = ModelRequest(
             model_id=model.id,
-            messages=self._history(session_id, text),
+            messages=_turns(history, text),
             max_tokens=max_tokens,
             temperature=temperature,
             system=context,
             scenario=scenario,
             pace=pace,
         )
-        input_estimate = request_tokens(request)
-        self.ledger.open_account(who.user_id)
         stream_id = new_stream_id()
-        reservation = self.ledger.reserve(
-            who.user_id,
-            model.price.worst_case(input_estimate, max_tokens),
-            model_id=model.id,
-            streaming_session_id=stream_id,
-        )
-        try:
-            user_msg = self.store.add_message(
-                session_id, who.user_id, role="user", content=text, model_id=model.id
+        amount = model.price.worst_case(request_tokens(request), max_tokens)
+        user_id = who.user_id
+
+        def open_rows(
+            store: StoreBackend, book: ledger.LedgerBackend
+        ) -> tuple[ledger.Reservation, dict[str, Any], dict[str, Any]]:
+            book.open_account(user_id)
+            reservation = book.reserve(
+                user_id, amount, model_id=model.id, streaming_session_id=stream_id
             )
-            assistant_msg = self.store.add_message(
-                session_id,
-                who.user_id,
-                role="assistant",
-                content="",
-                model_id=model.id,
-                status="streaming",
-                streaming_session_id=stream_id,
-            )
-            stream = self.observations.open_stream(stream_id, group=session_id, info=dialect)
-        except BaseException:
-            self.ledger.release(reservation.id)
-            raise
-        run = StreamRun(
+            try:
+                user_msg = store.add_message(
+                    session_id, user_id, role="user", content=text, model_id=model.id
+                )
+                assistant_msg = store.add_message(
+                    session_id,
+                    user_id,
+                    role="assistant",
+                    content="",
+                    model_id=model.id,
+                    status="streaming",
+                    streaming_session_id=stream_id,
+                )
+            except BaseException:
+                book.release(reservation.id)
+                raise
+            return reservation, user_msg, assistant_msg
+
+        with trio.CancelScope(shield=True):
+            reservation, user_msg, assistant_msg = await self.db.write(open_rows)
+        stream = self.observations.open_stream(stream_id, group=session_id, info=dialect)
+        return StreamRun(
             self,
             principal=who,
             session_id=session_id,
@@ -514,39 +597,19 @@ class StreamHub:
             streaming=streaming,
             dialect=dialect,
         )
-        self._by_session[session_id] = run
-        self._by_stream[stream_id] = run
-        self._per_user[who.user_id] = self._per_user.get(who.user_id, 0) + 1
-        self._nursery.start_soon(run.run, self.provider, name=f"stream {stream_id}")
-        return run
-
-    def _history(self, session_id: str, text: str) -> tuple[ChatTurn, ...]:
-        """Earlier turns (newest HISTORY_TURNS) plus this one, alternating, user first."""
-        turns: list[ChatTurn] = []
-        for row in self.store.recent_messages(session_id, HISTORY_TURNS):
-            if not row["content"] or row["role"] not in ("user", "assistant"):
-                continue
-            if turns and turns[-1].role == row["role"]:
-                turns[-1] = ChatTurn(row["role"], turns[-1].text + "\n\n" + row["content"])
-            else:
-                turns.append(ChatTurn(row["role"], row["content"]))
-        while turns and turns[0].role != "user":
-            turns.pop(0)
-        if turns and turns[-1].role == "user":
-            turns[-1] = ChatTurn("user", turns[-1].text + "\n\n" + text)
-        else:
-            turns.append(ChatTurn("user", text))
-        return tuple(turns)
 
     def _forget(self, run: StreamRun) -> None:
         self._by_stream.pop(run.stream_id, None)
         if self._by_session.get(run.session_id) is run:
             del self._by_session[run.session_id]
-            left = self._per_user.get(run.user_id, 1) - 1
-            if left > 0:
-                self._per_user[run.user_id] = left
-            else:
-                self._per_user.pop(run.user_id, None)
+            self._uncount(run.user_id)
+
+    def _uncount(self, user_id: str) -> None:
+        left = self._per_user.get(user_id, 1) - 1
+        if left > 0:
+            self._per_user[user_id] = left
+        else:
+            self._per_user.pop(user_id, None)
 
     # -- ending --------------------------------------------------------------------
 

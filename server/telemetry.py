@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import Store
+from .storage import StoreBackend
 
 #: TTFT buckets, seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -64,8 +64,9 @@ class CallRecord:
 
 
 class Telemetry:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    """The process's counters for /metrics, and the row each model call leaves."""
+
+    def __init__(self) -> None:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.calls: Counter[str] = Counter()  # by finish reason
         self.errors: Counter[str] = Counter()  # by error code
@@ -73,8 +74,8 @@ class Telemetry:
         self.retries = 0
         self.credits_charged = 0
 
-    def record_call(self, call: CallRecord) -> None:
-        """Count the call and store it (one row; called once per call, at its end)."""
+    def count(self, call: CallRecord) -> None:
+        """Count the call (once per call, at its end; on the Trio thread)."""
         self.calls[call.finish_reason] += 1
         if call.error_code:
             self.errors[call.error_code] += 1
@@ -84,6 +85,10 @@ class Telemetry:
         self.tokens["output"] += call.output_tokens
         self.retries += call.retries
         self.credits_charged += call.credits_charged
+
+    @staticmethod
+    def row(call: CallRecord) -> str:
+        """The call's ``telemetry_events`` payload (pure: safe in the database thread)."""
         payload = {
             "streamingSessionId": call.streaming_session_id,
             "userId": call.user_id,
@@ -98,7 +103,7 @@ class Telemetry:
             "finish_reason": call.finish_reason,
             "error_code": call.error_code,
         }
-        self.store.add_telemetry("model_call", json.dumps(payload, separators=(",", ":")))
+        return json.dumps(payload, separators=(",", ":"))
 
     def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
@@ -157,8 +162,5 @@ class Telemetry:
         return "\n".join(out) + "\n"
 
 
-def telemetry_rows(store: Store, limit: int = 100) -> list[dict[str, Any]]:
-    return [
-        {**row, "payload": json.loads(row["payload"])}
-        for row in store._rows("SELECT * FROM telemetry_events ORDER BY id DESC LIMIT ?", (limit,))
-    ]
+def telemetry_rows(store: StoreBackend, limit: int = 100) -> list[dict[str, Any]]:
+    return [{**row, "payload": json.loads(row["payload"])} for row in store.recent_telemetry(limit)]

@@ -15,7 +15,7 @@ from typing import Any
 import ledger
 
 from .auth import ROLES, Role, hash_password
-from .store import Store, UsernameTaken
+from .storage import StoreBackend, UsernameTaken
 
 __all__ = [
     "EMAIL_PATTERN",
@@ -88,7 +88,7 @@ def new_user(username: str, password: str, role: str, email: str | None = None) 
     return NewUser(username, hash_password(password), checked_role, email)
 
 
-def save_user(store: Store, book: ledger.Ledger, user: NewUser) -> dict[str, Any]:
+def save_user(store: StoreBackend, book: ledger.LedgerBackend, user: NewUser) -> dict[str, Any]:
     """Store the user and open their ledger account; a taken name → :class:`UserExists`."""
     try:
         row = store.add_user(user.username, user.password_hash, user.role, user.email)
@@ -99,8 +99,8 @@ def save_user(store: Store, book: ledger.Ledger, user: NewUser) -> dict[str, Any
 
 
 def add_user(
-    store: Store,
-    book: ledger.Ledger,
+    store: StoreBackend,
+    book: ledger.LedgerBackend,
     username: str,
     password: str,
     role: str,

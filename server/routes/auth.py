@@ -29,7 +29,7 @@ async def login(body: dict[str, Any]) -> dict[str, Any]:
     wait = svc.limiter.take(f"login:{request.remote_addr}")
     if wait:
         raise TooMany(headers={"Retry-After": retry_after(wait)})
-    user = svc.store.user_by_name(username)
+    user = await svc.db.store.user_by_name(username)
     # scrypt costs ~20 ms of CPU: run it in a thread so the event loop keeps streaming.
     stored = user["password_hash"] if user else DUMMY_HASH
     ok = await trio.to_thread.run_sync(verify_password, password, stored)
@@ -50,7 +50,7 @@ async def login(body: dict[str, Any]) -> dict[str, Any]:
 @authenticated()
 @operation("The caller's own user")
 async def me() -> dict[str, Any]:
-    user = services().store.user_by_id(principal().user_id)
+    user = await services().db.store.user_by_id(principal().user_id)
     if user is None:  # external-IdP token for a user we do not store
         who = principal()
         return {"id": who.user_id, "username": who.username, "email": None, "role": who.role}

@@ -21,13 +21,13 @@ MESSAGE_MAX = 4000
 SESSION_KEY = re.compile(r"^session-[0-9]{8}-[0-9]{6}-[A-Za-z0-9]{4}$")
 
 
-def owned_session(session_id: str) -> dict[str, Any]:
+async def owned_session(session_id: str) -> dict[str, Any]:
     """The caller's session — by id, or by its v1 name — or 404 SESSION_NOT_FOUND
     (also for others' sessions)."""
-    store, user_id = services().store, principal().user_id
-    row = store.get_session(session_id, user_id)
+    store, user_id = services().db.store, principal().user_id
+    row: dict[str, Any] | None = await store.get_session(session_id, user_id)
     if row is None and SESSION_KEY.match(session_id):
-        row = store.session_by_key(user_id, session_id)
+        row = await store.session_by_key(user_id, session_id)
     if row is None:
         raise session_not_found()
     return row
@@ -49,6 +49,7 @@ NEW_SESSION = Body(
     optional=True,
 )
 NEW_MESSAGE = Body({"message": message_text(), "modelId": MODEL_ID})
+RENAME = Body({"title": Text(200, min_len=1, required=True, not_blank=True)})
 
 
 @bp.post("/api/chat/sessions")
@@ -64,7 +65,7 @@ async def create_session(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if not title:
         title = (initial[:50] + ("…" if len(initial) > 50 else "")) if initial else "New chat"
     who = principal()
-    row = svc.store.create_session(
+    row = await svc.db.store.create_session(
         who.user_id, session_id=chosen, title=title, model_id=model.id, source=source
     )
     if row is None:
@@ -72,7 +73,7 @@ async def create_session(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
             "A session with this id already exists.", status=409, error_code="SESSION_EXISTS"
         )
     if initial:
-        svc.store.add_message(
+        await svc.db.store.add_message(
             row["id"], who.user_id, role="user", content=initial, model_id=model.id
         )
     return camel_session(row), 201
@@ -83,13 +84,13 @@ async def create_session(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
 @operation("The caller's sessions, newest first", params=PAGINATION)
 async def list_sessions() -> dict[str, Any]:
     page, limit, window = pagination()
-    rows, total = services().store.list_sessions(principal().user_id, window)
+    rows, total = await services().db.store.list_sessions(principal().user_id, window)
     return paginated("sessions", [camel_session(r) for r in rows], total, page, limit)
 
 
-def full_session(row: dict[str, Any], *, staff: bool = False) -> dict[str, Any]:
+async def full_session(row: dict[str, Any], *, staff: bool = False) -> dict[str, Any]:
     """The session with its messages; staff also see why a supervisor stopped one."""
-    messages, _ = services().store.list_messages(row["id"])
+    messages, _ = await services().db.store.list_messages(row["id"])
     out = [camel_message(m) for m in messages]
     if staff:
         for shown, m in zip(out, messages, strict=True):
@@ -101,7 +102,18 @@ def full_session(row: dict[str, Any], *, staff: bool = False) -> dict[str, Any]:
 @authenticated()
 @operation("One of the caller's sessions, with its messages")
 async def get_session(session_id: str) -> dict[str, Any]:
-    return full_session(owned_session(session_id))
+    return await full_session(await owned_session(session_id))
+
+
+@bp.patch("/api/chat/sessions/<session_id>")
+@authenticated()
+@operation("Rename one of the caller's sessions", body=RENAME)
+async def rename_session(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    session_id = (await owned_session(session_id))["id"]
+    row = await services().db.store.rename_session(session_id, body["title"])
+    if row is None:  # deleted meanwhile
+        raise session_not_found()
+    return camel_session(row)
 
 
 @bp.delete("/api/chat/sessions/<session_id>")
@@ -109,10 +121,10 @@ async def get_session(session_id: str) -> dict[str, Any]:
 @operation("Delete a session (a live stream on it ends first)")
 async def delete_session(session_id: str) -> dict[str, Any]:
     svc = services()
-    session_id = owned_session(session_id)["id"]
+    session_id = (await owned_session(session_id))["id"]
     # A live stream on it ends first (persisted and settled), then the rows go.
     await svc.hub.end_session_streams(session_id)
-    svc.store.delete_session(session_id)
+    await svc.db.store.delete_session(session_id)
     return {"deleted": True, "sessionId": session_id}
 
 
@@ -120,9 +132,9 @@ async def delete_session(session_id: str) -> dict[str, Any]:
 @authenticated()
 @operation("A session's messages, oldest first", params=PAGINATION)
 async def list_messages(session_id: str) -> dict[str, Any]:
-    session_id = owned_session(session_id)["id"]
+    session_id = (await owned_session(session_id))["id"]
     page, limit, window = pagination()
-    rows, total = services().store.list_messages(session_id, window)
+    rows, total = await services().db.store.list_messages(session_id, window)
     return paginated("messages", [camel_message(r) for r in rows], total, page, limit)
 
 
@@ -132,10 +144,10 @@ async def list_messages(session_id: str) -> dict[str, Any]:
 async def post_message(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Non-streaming: the same stream machinery, answered when it is done."""
     svc = services()
-    session = owned_session(session_id)
+    session = await owned_session(session_id)
     text: str = body["message"]
     model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
-    run = svc.hub.start(
+    run = await svc.hub.start(
         principal(), session, text, model, max_tokens=None, temperature=None, scenario=None
     )
     outcome = await run.result()

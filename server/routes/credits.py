@@ -37,11 +37,13 @@ def balance_body(b: ledger.Balance) -> dict[str, Any]:
     }
 
 
-def _account(user_id: str) -> str:
+async def _account(user_id: str) -> str:
     svc = services()
-    if svc.store.user_by_id(user_id) is None and not svc.ledger.has_account(user_id):
+    if await svc.db.store.user_by_id(user_id) is None and not await svc.db.ledger.has_account(
+        user_id
+    ):
         raise NotFound("User not found.", error_code="USER_NOT_FOUND")
-    svc.ledger.open_account(user_id)
+    await svc.db.ledger.open_account(user_id)
     return user_id
 
 
@@ -67,8 +69,8 @@ CHECK = Body(
 @authenticated()
 @operation("A balance: the caller's, or ?userId= for staff", params=(USER_ID,))
 async def balance() -> dict[str, Any]:
-    user_id = _account(user_scope(request.args.get("userId")))
-    return balance_body(services().ledger.balance(user_id))
+    user_id = await _account(user_scope(request.args.get("userId")))
+    return balance_body(await services().db.ledger.balance(user_id))
 
 
 @bp.post("/api/credits/allocate")
@@ -81,11 +83,15 @@ async def allocate(body: dict[str, Any]) -> dict[str, Any]:
     reason, key = body["reason"], body["idempotencyKey"]
     if user_id is None and username is None:
         raise ValidationError("'userId' or 'username' is required.")
-    user = svc.store.user_by_id(user_id) if user_id else svc.store.user_by_name(username or "")
+    user = (
+        await svc.db.store.user_by_id(user_id)
+        if user_id
+        else await svc.db.store.user_by_name(username or "")
+    )
     if user is None:
         raise NotFound("User not found.", error_code="USER_NOT_FOUND")
-    svc.ledger.open_account(user["id"])
-    b = svc.ledger.allocate(user["id"], credits, reason=reason, idempotency_key=key)
+    await svc.db.ledger.open_account(user["id"])
+    b = await svc.db.ledger.allocate(user["id"], credits, reason=reason, idempotency_key=key)
     return {"userId": b.account_id, "balance": b.balance, "available": b.available}
 
 
@@ -101,8 +107,8 @@ async def check(body: dict[str, Any]) -> dict[str, Any]:
     model = resolve(svc.catalog, body["modelId"])
     tokens = body["estimatedTokens"]
     required = model.price.cost(0, DEFAULT_CHECK_TOKENS if tokens is None else tokens)
-    user_id = _account(principal().user_id)
-    sufficient, available = svc.ledger.check(user_id, required)
+    user_id = await _account(principal().user_id)
+    sufficient, available = await svc.db.ledger.check(user_id, required)
     return {"sufficient": sufficient, "available": available, "required": required}
 
 
@@ -110,9 +116,11 @@ async def check(body: dict[str, Any]) -> dict[str, Any]:
 @authenticated()
 @operation("Ledger entries: the caller's, or ?userId= for staff", params=(USER_ID, *PAGINATION))
 async def usage() -> dict[str, Any]:
-    user_id = _account(user_scope(request.args.get("userId")))
+    user_id = await _account(user_scope(request.args.get("userId")))
     page, limit, window = pagination()
-    entries, total = services().ledger.entries(user_id, offset=window.offset, limit=window.limit)
+    entries, total = await services().db.ledger.entries(
+        user_id, offset=window.offset, limit=window.limit
+    )
     items = [
         {
             "id": e.id,

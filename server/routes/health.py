@@ -19,7 +19,7 @@ bp = Blueprint("health", __name__)
 @operation("Liveness and the database (no auth; 503 when unusable)")
 async def health() -> tuple[dict[str, Any], int]:
     try:
-        services().store.ping()
+        await services().db.store.ping()
         status, code = "ok", 200
     except sqlite3.Error:
         status, code = "unavailable", 503
@@ -33,7 +33,7 @@ async def metrics() -> Response:
     """Prometheus text format; supervisor/admin only (it shows load, not content)."""
     svc = services()
     obs = svc.observations.statistics()
-    book = svc.ledger.statistics()
+    book = await svc.db.ledger.statistics()
     gauges = {
         "chinwag_streams_open": ("Streams (model calls) in progress.", len(svc.hub.live())),
         "chinwag_observers": ("Observers attached to streams.", obs.observers),

@@ -53,10 +53,10 @@ def _wait_seconds(args: Any) -> float | None:
     return value
 
 
-def _find(session_id: str, wait: float | None) -> Stream | None:
+async def _find(session_id: str, wait: float | None) -> Stream | None:
     """The stream to observe; 404 when there is none and the caller will not wait."""
     svc = services()
-    if svc.store.get_session(session_id) is None:
+    if await svc.db.store.get_session(session_id) is None:
         raise session_not_found()
     stream = svc.observations.latest(session_id)
     if stream is None and wait is None:
@@ -221,7 +221,7 @@ WAIT = Param(
 async def observe(session_id: str) -> Response:
     svc = services()
     wait = _wait_seconds(request.args)
-    stream = _find(session_id, wait)
+    stream = await _find(session_id, wait)
     items = observer_items(
         svc.observations,
         session_id,
@@ -257,11 +257,11 @@ async def observe_ws(session_id: str) -> None:
     """
     svc = services()
     token = websocket.args.get("token")
-    authenticate(
+    await authenticate(
         "supervisor", websocket.headers.get("Authorization") or (f"Bearer {token}" if token else "")
     )
     wait = _wait_seconds(websocket.args)
-    stream = _find(session_id, wait)
+    stream = await _find(session_id, wait)
     await websocket.accept()
     items = observer_items(
         svc.observations,

@@ -160,13 +160,13 @@ def stream_response(run: StreamRun, controls: Controls) -> Response:
 )
 async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
     svc = services()
-    session = owned_session(session_id)
+    session = await owned_session(session_id)
     text: str = body["message"]
     model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
     max_tokens = integer(body, "maxTokens", minimum=1, maximum=model.max_tokens)
     temperature = body["temperature"]
     controls = read_controls()
-    run = svc.hub.start(
+    run = await svc.hub.start(
         principal(),
         session,
         text,
@@ -287,7 +287,7 @@ def _last_event_id() -> int:
 async def resume_stream(session_id: str) -> Response:
     """Resume (SPEC §5.4): replay after Last-Event-ID from the ring, then live."""
     svc = services()
-    session_id = owned_session(session_id)["id"]
+    session_id = (await owned_session(session_id))["id"]
     stream_id = request.args.get("streamingSessionId", "")
     after = _last_event_id()
     stream = svc.observations.get(stream_id) if stream_id else None
@@ -321,10 +321,12 @@ async def resume_stream(session_id: str) -> Response:
 async def update_stream(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Finalize (SPEC §5.3): the server's own record is authoritative; idempotent."""
     svc = services()
-    session_id = owned_session(session_id)["id"]
+    session_id = (await owned_session(session_id))["id"]
     stream_id = body["streamingSessionId"]
     message = (
-        svc.store.message_by_stream(stream_id) if isinstance(stream_id, str) and stream_id else None
+        await svc.db.store.message_by_stream(stream_id)
+        if isinstance(stream_id, str) and stream_id
+        else None
     )
     if message is None or message["session_id"] != session_id:
         raise ApiError(

@@ -25,7 +25,7 @@ SEARCH = (Param("q", {"type": "string"}, description="Part of a username or emai
 async def search_users() -> dict[str, Any]:
     q = request.args.get("q", "")[:100]
     page, limit, window = pagination()
-    rows, total = services().store.search_users(q, window)
+    rows, total = await services().db.store.search_users(q, window)
     users = [
         {
             "id": r["id"],
@@ -39,8 +39,8 @@ async def search_users() -> dict[str, Any]:
     return paginated("users", users, total, page, limit)
 
 
-def _user(user_id: str) -> dict[str, Any]:
-    user = services().store.user_by_id(user_id)
+async def _user(user_id: str) -> dict[str, Any]:
+    user: dict[str, Any] | None = await services().db.store.user_by_id(user_id)
     if user is None:
         raise NotFound("User not found.", error_code="USER_NOT_FOUND")
     return user
@@ -50,9 +50,9 @@ def _user(user_id: str) -> dict[str, Any]:
 @authenticated("supervisor")
 @operation("A user's sessions", params=PAGINATION)
 async def user_sessions(user_id: str) -> dict[str, Any]:
-    _user(user_id)
+    await _user(user_id)
     page, limit, window = pagination()
-    rows, total = services().store.list_sessions(user_id, window)
+    rows, total = await services().db.store.list_sessions(user_id, window)
     return paginated("sessions", [camel_session(r) for r in rows], total, page, limit)
 
 
@@ -60,11 +60,11 @@ async def user_sessions(user_id: str) -> dict[str, Any]:
 @authenticated("supervisor")
 @operation("One of a user's sessions, with its messages")
 async def user_session(user_id: str, session_id: str) -> dict[str, Any]:
-    _user(user_id)
-    row = services().store.get_session(session_id, user_id)
+    await _user(user_id)
+    row = await services().db.store.get_session(session_id, user_id)
     if row is None:
         raise session_not_found()
-    return {**full_session(row, staff=True), "userId": user_id}
+    return {**(await full_session(row, staff=True)), "userId": user_id}
 
 
 STOP = Body(

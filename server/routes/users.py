@@ -85,7 +85,7 @@ async def create_user(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     except InvalidUser as exc:
         raise ValidationError(exc.message, details=[{"field": exc.field}]) from None
     try:
-        created = save_user(svc.store, svc.ledger, user)
+        created = await svc.db.write(save_user, user)
     except UserExists:
         raise Conflict(
             "A user with this username already exists.", error_code="USER_EXISTS"

@@ -73,21 +73,23 @@ async def chat(body: dict[str, Any]) -> Response:
     text: str = body["message"]
     controls = read_controls()
     model = resolve(svc.catalog, None)
-    session, created = _session(who, key, text, model)
+    session, created = await _session(who, key, text, model)
     try:
         model = resolve(svc.catalog, None, default=session["model_id"])
         context = None
         if body["useMemory"]:
-            recall = memory.recall(
-                svc.store,
-                who.user_id,
-                text,
-                top_k=svc.settings.memory_top_k,
-                token_budget=svc.settings.memory_token_budget,
-                exclude_session=session["id"],
+            recall = await svc.db.read(
+                lambda store, _: memory.recall(
+                    store,
+                    who.user_id,
+                    text,
+                    top_k=svc.settings.memory_top_k,
+                    token_budget=svc.settings.memory_token_budget,
+                    exclude_session=session["id"],
+                )
             )
             context = memory.render_context(recall)
-        run = svc.hub.start(
+        run = await svc.hub.start(
             who,
             session,
             text,
@@ -102,29 +104,29 @@ async def chat(body: dict[str, Any]) -> Response:
         )
     except BaseException:
         if created:  # refused: leave nothing behind
-            svc.store.delete_session(session["id"])
+            await svc.db.store.delete_session(session["id"])
         raise
     response = stream_response(run, controls)
     response.headers["X-Chat-Session-Id"] = session["id"]
     return response
 
 
-def _session(
+async def _session(
     who: Principal, key: str | None, text: str, model: ModelInfo
 ) -> tuple[dict[str, Any], bool]:
     """The caller's session named ``key`` (made if new), or a fresh one; and if made now."""
-    store = services().store
+    store = services().db.store
     if key is not None:
-        row = store.session_by_key(who.user_id, key)
+        row = await store.session_by_key(who.user_id, key)
         if row is not None:
             return row, False
     title = text[:50] + ("…" if len(text) > 50 else "")
-    row = store.create_session(
+    row = await store.create_session(
         who.user_id, session_id=None, title=title, model_id=model.id, source="api", client_key=key
     )
     if row is None:  # the same name, created at this very moment by a concurrent call
         assert key is not None
-        row = store.session_by_key(who.user_id, key)
+        row = await store.session_by_key(who.user_id, key)
         if row is None:
             raise ValidationError(
                 "'sessionId' could not be used.", details=[{"field": "sessionId"}]

@@ -328,12 +328,13 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     alice = live.harness.user(credits=10_000)
     sid1, sid2 = await new_session(live, alice), await new_session(live, alice)
     book = live.harness.svc.ledger
-    real_settle = book.settle
+    writer = live.harness.svc.db.write_ledger  # settlements run on the database writer
+    real_settle = writer.settle
 
     def broken_settle(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(book, "settle", broken_settle)
+    monkeypatch.setattr(writer, "settle", broken_settle)
     async with live.http.stream(
         "POST",
         f"/api/chat/sessions/{sid1}/stream",
@@ -342,7 +343,7 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     ) as r:
         rest = [m async for m in messages(r)]  # the stream closes, without a done
     assert not any(m.event == "done" for m in rest)
-    monkeypatch.setattr(book, "settle", real_settle)
+    monkeypatch.setattr(writer, "settle", real_settle)
     # The hub (and the server) still serve.
     async with live.http.stream(
         "POST",

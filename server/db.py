@@ -1,0 +1,172 @@
+"""The server's one door to durable state: the store and the ledger, awaitable,
+never blocking the Trio thread on I/O that can stall it.
+
+Both backends are synchronous (:mod:`server.storage`, :mod:`ledger`). A
+:class:`Db` decides where each call runs:
+
+- **SQLite.** Writes (and every commit's ``fsync``: the ledger commits with
+  ``synchronous=FULL``) run in one worker thread, one at a time, on write
+  connections of their own; reads run inline on the Trio thread on the read
+  connections — WAL readers never wait for the writer and a read is tens of
+  microseconds, far less than a thread hop (~150 µs here). SQLite allows one
+  writer: the worker *is* that writer.
+- **PostgreSQL.** Every call is network I/O, so every call runs in a worker
+  thread, at most as many at once as the pools have connections.
+
+A *moment* (:meth:`Db.write`) runs several writes in one hop: opening a
+stream (account, reservation, two messages) and ending one (message,
+settlement, telemetry) each cost one thread hop, not one per statement.
+
+Cancellation: a call that has started in its thread runs to the end (the
+caller's cancellation is delivered after it returns), so nobody is ever left
+not knowing whether a write happened. Errors are the backends' own
+(``ledger.LedgerError``…, ``StoreUnavailable``), raised in the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+import ledger
+from ledger import LedgerBackend
+
+from .storage import StoreBackend
+
+T = TypeVar("T")
+
+#: Store methods that only read (inline on SQLite).
+STORE_READS = frozenset(
+    {
+        "user_by_name",
+        "user_by_id",
+        "search_users",
+        "get_session",
+        "session_by_key",
+        "list_sessions",
+        "list_messages",
+        "recent_messages",
+        "message_by_stream",
+        "search_messages",
+        "recent_telemetry",
+        "schema_version",
+        "ping",
+    }
+)
+#: Ledger methods that only read (inline on SQLite).
+LEDGER_READS = frozenset(
+    {
+        "has_account",
+        "balance",
+        "check",
+        "open_reservations",
+        "entries",
+        "usage_by_model",
+        "charges_for_stream",
+        "verify",
+        "statistics",
+    }
+)
+
+
+class _Proxy:
+    """``await proxy.method(...)``: the backend's method, run where :class:`Db` says."""
+
+    def __init__(self, db: Db, reads: frozenset[str], reader: Any, writer: Any) -> None:
+        self._db = db
+        self._reads = reads
+        self._reader = reader
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name in self._reads:
+            method = getattr(self._reader, name)
+            call = self._db._read
+        else:
+            method = getattr(self._writer, name)
+            call = self._db._write
+
+        @functools.wraps(method)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            return await call(functools.partial(method, *args, **kwargs))
+
+        setattr(self, name, run)  # bound once per name
+        return run
+
+
+class Db:
+    """The store and the ledger, awaitable (see the module docstring).
+
+    ``store``/``ledger``: the backends the rest of the process (tests, the
+    CLI) may use synchronously — for SQLite, the read connections. On
+    SQLite, ``write_store``/``write_ledger`` are the worker's connections
+    (opened here, closed by :meth:`close`); on PostgreSQL they are the same
+    pooled objects.
+    """
+
+    def __init__(
+        self,
+        store: StoreBackend,
+        book: LedgerBackend,
+        *,
+        write_store: StoreBackend | None = None,
+        write_ledger: LedgerBackend | None = None,
+        threads: int = 1,
+        inline_reads: bool = True,
+    ) -> None:
+        self.store_backend = store
+        self.ledger_backend = book
+        self.write_store = write_store or store
+        self.write_ledger = write_ledger or book
+        self._owns_writers = write_store is not None
+        self._inline_reads = inline_reads
+        self._limiter = trio.CapacityLimiter(threads)
+        self.store: Any = _Proxy(self, STORE_READS, store, self.write_store)
+        self.ledger: Any = _Proxy(self, LEDGER_READS, book, self.write_ledger)
+
+    @classmethod
+    def open(cls, target: str, store: StoreBackend, book: LedgerBackend) -> Db:
+        """The Db for backends opened on ``target`` (a SQLite path or a PostgreSQL URL)."""
+        if ledger.is_postgres_url(target):
+            # Each pool holds up to 10 connections; a thread per connection at most.
+            return cls(store, book, threads=10, inline_reads=False)
+        from .storage import open_store
+
+        return cls(
+            store,
+            book,
+            write_store=open_store(target),
+            write_ledger=ledger.open_ledger(target),
+            threads=1,
+        )
+
+    async def _read(self, call: Callable[[], T]) -> T:
+        if self._inline_reads:
+            return call()
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def _write(self, call: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def read(self, moment: Callable[..., T], *args: Any) -> T:
+        """``moment(store, ledger, *args)`` where reads run (inline on SQLite)."""
+        store, book = self.store_backend, self.ledger_backend
+        return await self._read(lambda: moment(store, book, *args))
+
+    async def write(self, moment: Callable[..., T], *args: Any) -> T:
+        """``moment(store, ledger, *args)`` in one hop to the writer, for several writes.
+
+        Each write inside is its own transaction, as when called one by one;
+        the moment only saves the hops between them.
+        """
+        store, book = self.write_store, self.write_ledger
+        return await self._write(lambda: moment(store, book, *args))
+
+    def close(self) -> None:
+        """Close the worker's own connections (the shared backends are the caller's)."""
+        if self._owns_writers:
+            self.write_store.close()
+            self.write_ledger.close()
