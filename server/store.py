@@ -239,6 +239,15 @@ class Store:
             "UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now_iso(), session_id)
         )
 
+    def rename_session(self, session_id: str, title: str) -> dict[str, Any] | None:
+        """Set the session's title (and ``updated_at``); the row, or None if it is gone."""
+        with self._tx():
+            self.conn.execute(
+                "UPDATE chat_sessions SET title = ?, updated_at = ? WHERE id = ?",
+                (title, now_iso(), session_id),
+            )
+        return self.get_session(session_id)
+
     # -- messages ------------------------------------------------------------------
 
     def add_message(

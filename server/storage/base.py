@@ -175,6 +175,8 @@ class StoreBackend(Protocol):
 
     def touch_session(self, session_id: str) -> None: ...
 
+    def rename_session(self, session_id: str, title: str) -> Row | None: ...
+
     # messages
     def add_message(
         self,

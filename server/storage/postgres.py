@@ -254,6 +254,18 @@ class PostgresStore(PostgresMessages):
             )
         )
 
+    def rename_session(self, session_id: str, title: str) -> Row | None:
+        """Set the session's title (and ``updated_at``); the row, or None if it is gone."""
+
+        def work(c: Conn) -> Row | None:
+            c.execute(
+                "UPDATE chat_sessions SET title = %s, updated_at = %s WHERE id = %s",
+                (title, now_iso(), session_id),
+            )
+            return select_one(c, "SELECT * FROM chat_sessions WHERE id = %s", (session_id,))
+
+        return self._tx(work)
+
 
 def _migrate(conn: Conn) -> None:
     migrate(conn)

@@ -127,6 +127,18 @@ def test_sessions(store: StoreBackend) -> None:
     assert store.session_by_key(alice, "other") is None
 
 
+def test_rename_session(target: Target) -> None:
+    with target.open() as store:
+        alice = _user(store, "alice")
+        _session(store, alice, session_id="s-1")
+        target.sql("UPDATE chat_sessions SET updated_at = '2001-01-01T00:00:00.000Z'")
+        row = store.rename_session("s-1", "<b>New</b> title")
+        assert row is not None and list(row) == SESSION_COLUMNS
+        assert row["title"] == "<b>New</b> title" and row["updated_at"] > "2001"
+        assert store.get_session("s-1") == row
+        assert store.rename_session("no-such-session", "x") is None
+
+
 def test_list_sessions_newest_first_then_by_id(target: Target) -> None:
     with target.open() as store:
         alice = _user(store, "alice")
