@@ -248,6 +248,17 @@ def _install_error_handlers(app: QuartTrio) -> None:
         log.warning("store unavailable: %s", exc)  # the URL in it is masked
         return await api_error(unavailable())
 
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - it is a dependency
+        pass
+    else:
+
+        @app.errorhandler(psycopg.Error)
+        async def pg_error(exc: psycopg.Error) -> Response:
+            log.exception("database error")  # psycopg's messages never carry the password
+            return await api_error(unavailable())
+
     @app.errorhandler(sqlite3.Error)
     async def db_error(exc: sqlite3.Error) -> Response:
         log.exception("database error")

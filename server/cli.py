@@ -8,12 +8,19 @@ import logging
 import math
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from ledger import LedgerBackend
+
+    from .storage import StoreBackend
 
 log = logging.getLogger("chinwag")
 
@@ -81,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
                     )
                     print(
                         f"chinwag listening on {' '.join(binds)} "
-                        f"(provider={settings.provider}, db={settings.db_path})",
+                        f"(provider={settings.provider}, db={_describe_db(settings)})",
                         flush=True,
                     )
             finally:
@@ -106,17 +113,53 @@ def _settings_for_cli() -> Settings:
     return Settings.from_env().with_secret()
 
 
-def _user_add(args: argparse.Namespace) -> int:
+@contextmanager
+def _storage(settings: Settings) -> Iterator[tuple[StoreBackend, LedgerBackend]]:
+    """The configured store and ledger (SQLite file or CHINWAG_DATABASE_URL), closed after."""
     import ledger
 
-    from .store import Store
+    from .storage import open_store
+
+    store = open_store(settings.database)
+    try:
+        with ledger.open_ledger(settings.database) as book:
+            yield store, book
+    finally:
+        store.close()
+
+
+class DatabaseProblem(Exception):
+    """The configured database cannot be used; the message says why (never a password)."""
+
+
+def _database_problem(exc: BaseException, settings: Settings) -> DatabaseProblem:
+    where = "CHINWAG_DATABASE_URL" if settings.database_url else "CHINWAG_DB"
+    return DatabaseProblem(f"the database named by {where} cannot be used: {exc}")
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = _settings_for_cli()
+    with _storage(settings) as (store, book):  # opening creates or upgrades both schemas
+        version = store.schema_version
+        book.statistics()  # and the ledger's reads
+    print(f"schema up to date (store version {version}) at {_describe_db(settings)}")
+    return 0
+
+
+def _describe_db(settings: Settings) -> str:
+    from ledger import mask_url
+
+    return mask_url(settings.database_url) if settings.database_url else str(settings.db_path)
+
+
+def _user_add(args: argparse.Namespace) -> int:
+
     from .users import InvalidUser, UserExists, add_user
 
     settings = _settings_for_cli()
     password = args.password or getpass.getpass("Password: ")
-    store = Store(settings.db_path)
     try:
-        with ledger.Ledger(settings.db_path) as book:
+        with _storage(settings) as (store, book):
             user = add_user(store, book, args.username, password, args.role, args.email)
     except InvalidUser as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -124,8 +167,6 @@ def _user_add(args: argparse.Namespace) -> int:
     except UserExists:
         print(f"error: user {args.username!r} already exists", file=sys.stderr)
         return 1
-    finally:
-        store.close()
     print(f"created {args.role} {args.username} (id {user['id']})")
     return 0
 
@@ -133,16 +174,12 @@ def _user_add(args: argparse.Namespace) -> int:
 def _credits_allocate(args: argparse.Namespace) -> int:
     import ledger
 
-    from .store import Store
-
     settings = _settings_for_cli()
-    store = Store(settings.db_path)
-    user = store.user_by_name(args.username)
-    store.close()
-    if user is None:
-        print(f"error: no user {args.username!r}", file=sys.stderr)
-        return 1
-    with ledger.Ledger(settings.db_path) as book:
+    with _storage(settings) as (store, book):
+        user = store.user_by_name(args.username)
+        if user is None:
+            print(f"error: no user {args.username!r}", file=sys.stderr)
+            return 1
         book.open_account(user["id"])
         try:
             b = book.allocate(
@@ -160,12 +197,10 @@ def _credits_allocate(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from .auth import TokenService
-    from .store import Store
 
     settings = _settings_for_cli()
-    store = Store(settings.db_path)
-    user = store.user_by_name(args.username)
-    store.close()
+    with _storage(settings) as (store, _):
+        user = store.user_by_name(args.username)
     if user is None:
         print(f"error: no user {args.username!r}", file=sys.stderr)
         return 1
@@ -207,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idempotency-key")
     p.set_defaults(func=_credits_allocate)
 
+    p = sub.add_parser("migrate", help="create or upgrade the configured database's schema")
+    p.set_defaults(func=_migrate)
+
     p = sub.add_parser("token", help="print a signed access token for a user (development aid)")
     p.add_argument("username")
     p.set_defaults(func=_token)
@@ -222,14 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _guarded(args: argparse.Namespace) -> Any:
+    """Run the command; a database that cannot be used becomes one clear line."""
+    import ledger
+
+    from .storage import SchemaTooNew, StoreError
+
+    try:
+        return args.func(args)
+    except (StoreError, ledger.LedgerUnavailable, ledger.SchemaTooNew, SchemaTooNew) as exc:
+        raise _database_problem(exc, Settings.from_env()) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .logs import configure
 
     configure()
     args = build_parser().parse_args(argv)
     try:
-        result: Any = args.func(args)
+        result: Any = _guarded(args)
     except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DatabaseProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -90,6 +91,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     test_scenarios: bool = False
     models_file: Path | None = None
+    #: This process's name in a cluster (SPEC §9); host name + pid by default.
+    node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     #: What one credit is worth in US dollars: ``cost_usd`` of /api/v1/chat's usage event.
     credit_usd: float = 0.00001
     memory_top_k: int = 5
@@ -151,6 +154,7 @@ class Settings:
             cors_origins=origins or ("*",),
             test_scenarios=_bool(env, "CHINWAG_TEST_SCENARIOS"),
             models_file=Path(models_file) if models_file else None,
+            node_id=env.get("CHINWAG_NODE_ID", "").strip() or d.node_id,
             credit_usd=_float(env, "CHINWAG_CREDIT_USD", d.credit_usd),
             memory_top_k=_int(env, "CHINWAG_MEMORY_TOP_K", d.memory_top_k, minimum=1),
             memory_token_budget=_int(

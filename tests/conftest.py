@@ -23,16 +23,32 @@ from server.app import create_app
 from server.auth import hash_password
 from server.serving import hypercorn_config
 from server.settings import Settings
+from tests.storage.pg import pg_database as pg_database  # fixtures, for every test
+from tests.storage.pg import pg_url as pg_url
+from tests.storage.pg import raw_sql, skip_unreachable
 
 SECRET = "test-secret-0123456789-0123456789-abcdef"
 PASSWORD = "correct horse battery"
 _PASSWORD_HASH = hash_password(PASSWORD)  # scrypt once per run, not per user
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip_unreachable(items)  # PostgreSQL absent: one reason line (in CI: a failure)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test that uses ``settings`` runs on both storage backends."""
+    return str(request.param)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Settings:
+    # PostgreSQL: a fresh schema of the run's own database (tests/storage/pg.py).
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
     return Settings(
         db_path=tmp_path / "chinwag.db",
+        database_url=url,
         jwt_secret=SECRET,
         sim_ttft_ms=0,
         sim_tokens_per_s=0,
@@ -169,6 +185,12 @@ async def live_factory(nursery: trio.Nursery) -> AsyncIterator[Any]:
 @pytest.fixture
 async def live(live_factory: Any, settings: Settings) -> Live:
     return await live_factory(settings)
+
+
+def db_sql(settings: Settings, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run one statement on the test's database (SQLite or PostgreSQL), outside the server."""
+    backend = "postgres" if settings.database_url else "sqlite"
+    return raw_sql(backend, settings.database, statement, params)
 
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:

@@ -135,10 +135,13 @@ async def test_search_escapes_like_wildcards(client, harness):
     assert [u["username"] for u in body["users"]] == ["a_b"]
 
 
-async def test_health_is_open_and_version_is_not(client, harness):
+async def test_health_is_open_and_version_is_not(client, harness, settings):
     r = await client.get("/api/health")
     body = await r.get_json()
     assert r.status_code == 200 and body["status"] == "ok" and body["version"]
+    engine = "postgresql" if settings.database_url else "sqlite"
+    assert body["database"] == {"engine": engine, "status": "ok"}
+    assert body["redis"] is None and body["node"] == settings.node_id
     r = await client.get("/api/version")
     assert r.status_code == 401
     u = harness.user()
@@ -146,8 +149,12 @@ async def test_health_is_open_and_version_is_not(client, harness):
     assert (await r.get_json())["version"] == body["version"]
 
 
-async def test_health_is_503_when_the_db_is_unusable(app, client):
-    app.extensions["chinwag"].store.conn.execute("DROP TABLE messages")
-    app.extensions["chinwag"].store.conn.execute("ALTER TABLE users RENAME TO gone")
+async def test_health_is_503_when_the_db_is_unusable(app, client, settings):
+    from tests.conftest import db_sql
+
+    db_sql(settings, "ALTER TABLE users RENAME TO gone")
     r = await client.get("/api/health")
-    assert r.status_code == 503 and (await r.get_json())["status"] == "unavailable"
+    body = await r.get_json()
+    assert r.status_code == 503 and body["status"] == "unavailable"
+    engine = "postgresql" if settings.database_url else "sqlite"
+    assert body["database"] == {"engine": engine, "status": "unavailable"}

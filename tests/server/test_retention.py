@@ -8,9 +8,10 @@ from server.app import create_app
 
 
 def _age(app, session_id: str, iso: str) -> None:
-    app.extensions["chinwag"].store.conn.execute(
-        "UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (iso, session_id)
-    )
+    from tests.conftest import db_sql
+
+    settings = app.extensions["chinwag"].settings
+    db_sql(settings, "UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (iso, session_id))
 
 
 async def _seed(app) -> tuple[str, str]:

@@ -141,6 +141,8 @@ async def test_the_password_never_appears_in_a_response(client, harness):
 async def test_the_cli_and_the_api_are_one_operation(client, harness, settings, monkeypatch):
     """Same rules, same store: a name the API refuses the CLI refuses, and vice versa."""
     monkeypatch.setenv("CHINWAG_DB", str(settings.db_path))
+    if settings.database_url:
+        monkeypatch.setenv("CHINWAG_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("CHINWAG_JWT_SECRET", SECRET)
 
     def cli_add(username: str, password: str = PASSWORD) -> int:
