@@ -79,8 +79,8 @@ async def test_connections_killed_while_streams_open_and_settle(
                 killed += kill_connections(pg_database)
     assert killed > 0
     with trio.fail_after(10):
-        while svc.hub.live():
-            await trio.sleep(0.05)
+        for run in svc.hub.live():
+            await run.wait_done()
 
     # Nothing half-written: every message is finished, or still "streaming" with its
     # reservation still open (what start-up recovery releases) — never one without the other.
@@ -148,9 +148,10 @@ async def test_database_unreachable_is_503_then_recovers_without_restart(
     finally:
         allow_connections(pg_database, True)
     # Back: no restart needed (the pool reconnects with its own back-off: poll health).
-    with trio.fail_after(10):
-        while (await live.http.get("/api/health")).status_code != 200:
-            await trio.sleep(0.1)
+    for _ in range(100):  # 10 s at most
+        if (await live.http.get("/api/health")).status_code == 200:
+            break
+        await trio.sleep(0.1)
     r = await live.http.get("/api/chat/sessions", headers=alice["headers"])
     assert r.status_code == 200 and [s["sessionId"] for s in r.json()["sessions"]] == [sid]
     assert live.harness.svc.ledger.balance(alice["id"]).available == 10_000
