@@ -102,8 +102,9 @@ STREAM_SLACK_S = 120.0
 class BenchEnv(Env):
     """The temp dir, the DB, the bench model and the user shared by every server."""
 
-    def __init__(self, keep: bool) -> None:
-        super().__init__(keep, "chinwag-bench-")
+    def __init__(self, keep: bool, database_url: str | None = None) -> None:
+        extra = {"CHINWAG_DATABASE_URL": database_url} if database_url else {}
+        super().__init__(keep, "chinwag-bench-", extra)
         self.models_file = self.dir / "models.json"
         self.models_file.write_text(
             json.dumps(
@@ -688,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: first,unpaced,concurrent,disconnect",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
+    p.add_argument(
+        "--database-url",
+        help="run the servers on this PostgreSQL database (CHINWAG_DATABASE_URL) instead of SQLite",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sequential, args.unpaced_events, args.unpaced_runs = 20, 5000, 1
@@ -699,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     if levels and max(levels) * 2 + 256 > nofile:
         print(f"warning: fd limit {nofile} is low for {max(levels)} streams", file=sys.stderr)
 
-    env = BenchEnv(keep=args.keep)
+    env = BenchEnv(keep=args.keep, database_url=args.database_url)
     results: dict[str, Any] = {
         "machine": {
             "nproc": os.cpu_count(),
