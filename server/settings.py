@@ -56,6 +56,16 @@ def _database_url(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("CHINWAG_REDIS_URL", "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        # Never echo the value: it may hold a password.
+        raise SettingsError("CHINWAG_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -93,6 +103,10 @@ class Settings:
     models_file: Path | None = None
     #: This process's name in a cluster (SPEC §9); host name + pid by default.
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    #: ``redis://…``: cluster mode (SPEC §9); coordination goes through Redis (server.cluster).
+    redis_url: str | None = field(default=None, repr=False)
+    #: A node that has not renewed its lease for this long is dead (SPEC §9).
+    node_lease_ms: int = 10_000
     #: What one credit is worth in US dollars: ``cost_usd`` of /api/v1/chat's usage event.
     credit_usd: float = 0.00001
     memory_top_k: int = 5
@@ -155,6 +169,8 @@ class Settings:
             test_scenarios=_bool(env, "CHINWAG_TEST_SCENARIOS"),
             models_file=Path(models_file) if models_file else None,
             node_id=env.get("CHINWAG_NODE_ID", "").strip() or d.node_id,
+            redis_url=_redis_url(env),
+            node_lease_ms=_int(env, "CHINWAG_NODE_LEASE_MS", d.node_lease_ms, minimum=100),
             credit_usd=_float(env, "CHINWAG_CREDIT_USD", d.credit_usd),
             memory_top_k=_int(env, "CHINWAG_MEMORY_TOP_K", d.memory_top_k, minimum=1),
             memory_token_budget=_int(
@@ -191,7 +207,8 @@ class Settings:
         """Settings for logs: never the secret, the key or a connection password."""
         from ledger import mask_url
 
-        hidden = {"jwt_secret", "jwt_public_key", "database_url"}
+        hidden = {"jwt_secret", "jwt_public_key", "database_url", "redis_url"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         out["database"] = mask_url(self.database_url) if self.database_url else str(self.db_path)
+        out["redis"] = mask_url(self.redis_url) if self.redis_url else None
         return out
