@@ -1,0 +1,251 @@
+"""Producer side of the cluster's copy of a stream: every live stream into Redis, batched.
+
+The producing node keeps its own ring and its client's hot path exactly as
+on one node; :meth:`Publisher.add` (synchronous, O(1), never blocks, never
+raises for Redis) only queues the event. One task (:meth:`Publisher.run`)
+writes everything queued, for every stream, in ONE pipeline per wake-up —
+never a round trip per token; while a pipeline is in flight the next
+wake-up's batch grows.
+
+The copy's format (``stream:<id>``, a Redis Stream):
+
+- event ``N`` is the entry with the explicit id ``0-N`` and fields ``n``
+  (name), ``d`` (data: the JSON text; a mirror rebuilds the very wire bytes
+  with :func:`server.sse.encode_event`) and ``t`` (tokens produced so far,
+  cumulative — what recovery charges for);
+- the end is the entry ``1-0`` with ``end`` (the last event id) and ``t``;
+  as it sorts after every ``0-N``, it also fences the stream: no later
+  ``XADD`` of an event (a stale owner, a retry) can land after it;
+- ``XADD … MAXLEN ~ CHINWAG_OBSERVE_RING`` caps it (Redis keeps at least
+  that many); a live stream's key expires :data:`LIVE_TTL_MS` after its
+  last write (a safety net for a whole cluster gone), an ended one
+  ``CHINWAG_STREAM_BUFFER_MS`` after its end.
+
+Explicit ids make retries idempotent (re-adding an id Redis already has is
+refused and ignored) and make any loss visible: a mirror that sees ``0-9``
+after ``0-5`` knows 6..8 are missing and says so (``lagged``).
+
+Redis trouble degrades, never corrupts. A failed pipeline keeps its events
+queued (at most a ring's worth per stream: older ones are dropped and
+counted, which mirrors will report as a gap) and is retried with a backoff;
+the local stream, its client and its local observers never wait. An ended
+stream whose end cannot be written within the buffer is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+from coredis.exceptions import ResponseError
+from coredis.tokens import PureToken
+
+from .redis import ClusterRedis, ClusterUnavailable
+
+__all__ = ["END_ID", "LIVE_TTL_MS", "Publisher", "PublisherStatistics", "entry_id"]
+
+log = logging.getLogger("chinwag.cluster.publisher")
+
+#: The end marker's entry id: after every event's ``0-N``.
+END_ID = "1-0"
+#: A live stream's copy expires this long after its last write.
+LIVE_TTL_MS = 15 * 60 * 1000
+#: Backoff between failed writes (seconds): doubles from the first to the last.
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
+#: Redis's answer to an XADD whose id it already has (or that the end fenced off).
+_ALREADY = "equal or smaller than the target stream top item"
+
+
+def entry_id(event_id: int) -> str:
+    """The Redis Stream entry id of event ``event_id``."""
+    return f"0-{event_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStatistics:
+    """streams: tracked now; pending: events queued; dropped: events never written
+    (Redis was away for more than a ring); batches/commands: pipelines and commands
+    sent; healthy: the last write succeeded."""
+
+    streams: int
+    pending: int
+    dropped: int
+    batches: int
+    commands: int
+    healthy: bool
+
+
+#: Per stream: ``(events (id, name, data, tokens so far), ended)``.
+_Batch = list[tuple[str, tuple[list[tuple[int, str, str, int]], bool]]]
+
+
+class _State:
+    __slots__ = ("ended_at", "last_id", "queue", "tokens")
+
+    def __init__(self, ring_size: int) -> None:
+        self.queue: deque[tuple[int, str, str, int]] = deque(maxlen=ring_size)
+        self.last_id = 0
+        self.tokens = 0
+        self.ended_at: float | None = None
+
+
+class Publisher:
+    """Every live stream of this process, copied into Redis (see the module docstring)."""
+
+    def __init__(self, redis: ClusterRedis, *, ring_size: int, buffer_ms: int) -> None:
+        self.redis = redis
+        self.ring_size = ring_size
+        self.buffer_ms = max(1, buffer_ms)
+        self._streams: dict[str, _State] = {}
+        self._dirty: set[str] = set()
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._dropped = 0
+        self._batches = 0
+        self._commands = 0
+        self._healthy = True
+
+    # -- the producer's calls (synchronous) -----------------------------------
+
+    def add(self, stream_id: str, event_id: int, name: str, data: str, *, tokens: int = 0) -> None:
+        """Queue event ``event_id`` of a stream (ids consecutive, from 1); ``tokens``
+        is how many output tokens it carries (1 for a chunk). Never blocks."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            state = self._streams[stream_id] = _State(self.ring_size)
+        if state.ended_at is not None:
+            return
+        if len(state.queue) == state.queue.maxlen:
+            self._dropped += 1  # the oldest goes: mirrors will see the gap
+        state.tokens += tokens
+        state.last_id = event_id
+        state.queue.append((event_id, name, data, state.tokens))
+        self._touch(stream_id)
+
+    def end(self, stream_id: str) -> None:
+        """The stream has published its last event: write the end marker. Never blocks."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            state = self._streams[stream_id] = _State(self.ring_size)
+        if state.ended_at is None:
+            state.ended_at = trio.current_time()
+            self._touch(stream_id)
+
+    def _touch(self, stream_id: str) -> None:
+        self._dirty.add(stream_id)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    # -- the writer --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write what is queued, one pipeline per wake-up, until cancelled.
+
+        Cancellation abandons the pipeline in flight (its events may or may
+        not have reached Redis; nothing local depends on it).
+        """
+        task_status.started()
+        backoff = RETRY_FIRST_S
+        while True:
+            if not self._dirty:
+                self._idle.set()
+                await self._wake.wait()
+            self._wake = trio.Event()
+            ids, self._dirty = self._dirty, set()
+            batch = [(sid, self._take(sid)) for sid in ids if sid in self._streams]
+            try:
+                await self._write(batch)
+            except ClusterUnavailable as exc:
+                if self._healthy:
+                    log.warning("publisher: %s; keeping events queued", exc)
+                self._healthy = False
+                self._put_back(batch)
+                await trio.sleep(backoff)
+                backoff = min(RETRY_MAX_S, backoff * 2)
+                continue
+            self._healthy, backoff = True, RETRY_FIRST_S
+            for sid, (_, ended) in batch:
+                if ended:
+                    self._streams.pop(sid, None)
+
+    async def wait_idle(self) -> None:
+        """Wait until everything queued so far has been written (or dropped)."""
+        await self._idle.wait()
+
+    def _take(self, stream_id: str) -> tuple[list[tuple[int, str, str, int]], bool]:
+        state = self._streams[stream_id]
+        events = list(state.queue)
+        state.queue.clear()
+        return events, state.ended_at is not None
+
+    def _put_back(self, batch: _Batch) -> None:
+        now = trio.current_time()
+        for sid, (events, _) in batch:
+            state = self._streams.get(sid)
+            if state is None:
+                continue
+            if state.ended_at is not None and now > state.ended_at + self.buffer_ms / 1000:
+                log.warning("publisher: gave up on stream %s (Redis away past its buffer)", sid)
+                self._dropped += len(events) + len(state.queue)
+                del self._streams[sid]
+                continue
+            merged = events + list(state.queue)
+            keep = merged[-self.ring_size :]
+            self._dropped += len(merged) - len(keep)
+            state.queue.clear()
+            state.queue.extend(keep)
+            self._dirty.add(sid)
+
+    async def _write(self, batch: _Batch) -> None:
+        keys = self.redis.keys
+        commands = 0
+        with self.redis.guard("publish"):
+            async with self.redis.client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                requests = []
+                for sid, (events, ended) in batch:
+                    key = keys("stream", sid)
+                    for event_id, name, data, tokens in events:
+                        requests.append(
+                            pipe.xadd(
+                                key,
+                                {"n": name, "d": data, "t": str(tokens)},
+                                identifier=entry_id(event_id),
+                                trim_strategy=PureToken.MAXLEN,
+                                trim_operator=PureToken.APPROXIMATELY,
+                                threshold=self.ring_size,
+                            )
+                        )
+                    if ended:
+                        state = self._streams[sid]
+                        requests.append(
+                            pipe.xadd(
+                                key,
+                                {"end": str(state.last_id), "t": str(state.tokens)},
+                                identifier=END_ID,
+                            )
+                        )
+                        pipe.pexpire(key, self.buffer_ms)
+                    else:
+                        pipe.pexpire(key, LIVE_TTL_MS)
+                    commands += len(events) + 1 + ended
+            for request in requests:
+                try:
+                    await request
+                except ResponseError as exc:
+                    if _ALREADY not in str(exc):
+                        raise ClusterUnavailable(f"Redis refused a write: {exc}") from exc
+        self._batches += 1
+        self._commands += commands
+
+    def statistics(self) -> PublisherStatistics:
+        return PublisherStatistics(
+            streams=len(self._streams),
+            pending=sum(len(s.queue) for s in self._streams.values()),
+            dropped=self._dropped,
+            batches=self._batches,
+            commands=self._commands,
+            healthy=self._healthy,
+        )
