@@ -51,9 +51,53 @@ async def recover(args: dict[str, Any]) -> dict[str, Any]:
         return {"settled": settled}
 
 
+async def produce(args: dict[str, Any]) -> dict[str, Any]:
+    """Run one stream on this process: register it, publish ``first`` events, say
+    ``ready``, wait for a line on stdin, publish the rest and ``done``, end it."""
+    from observation import ObservationManager
+    from server.cluster.publisher import Publisher
+    from server.cluster.registry import StreamInfo
+    from server.sse import encode_event
+
+    async with open_redis(args["url"], prefix=args["prefix"]) as redis:
+        identity = Identity("producer")
+        registry = Registry(redis, identity, buffer_ms=10_000)
+        publisher = Publisher(redis, ring_size=64, buffer_ms=10_000)
+        observations = ObservationManager(ring_size=64, linger=10, encode=encode_event)
+        sid = args["stream"]
+        await registry.register(
+            StreamInfo(sid, "session", "user", "m", "r", "msg", "chat", time.time(), "producer")
+        )
+        stream = observations.open_stream(sid, group="session")
+        wires: list[str] = []
+
+        def publish(name: str, data: str) -> None:
+            event = stream.publish_nowait(name, data)
+            publisher.add(sid, event.id, name, data, tokens=1)
+            wires.append(event.wire.decode())
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            for i in range(args["first"]):
+                publish("chunk", json.dumps({"text": f"é{i}\n"}))
+            await publisher.wait_idle()
+            print("ready", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)
+            for i in range(args["first"], args["total"]):
+                publish("chunk", json.dumps({"text": f"é{i}\n"}))
+                if i % 7 == 0:
+                    await trio.sleep(0.001)
+            publish("done", '{"finishReason":"stop"}')
+            publisher.end(sid)
+            await publisher.wait_idle()
+            nursery.cancel_scope.cancel()
+        return {"wires": wires}
+
+
 def main() -> None:
     command, raw = sys.argv[1], sys.argv[2]
-    result = trio.run({"admit": admit, "recover": recover}[command], json.loads(raw))
+    commands = {"admit": admit, "recover": recover, "produce": produce}
+    result = trio.run(commands[command], json.loads(raw))
     print(json.dumps(result), flush=True)
 
 
