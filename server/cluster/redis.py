@@ -17,11 +17,14 @@ runs ``FLUSHDB``). Scripts touch keys they compute from the prefix, so this
 needs a standalone Redis (or Sentinel), not Redis Cluster.
 
 Measured here (loopback Redis 7.0, coredis 6.9, trio 0.35, the 2-core
-machine; ``python -m server.cluster.bench``): one ``XADD … MAXLEN ~ 4096``
-per round trip ~320 µs p50 (~540 µs p99); pipelined, ~15k XADD/s in batches
-of 10 and ~22k/s in batches of 100 (client CPU-bound). So the
-:class:`~server.cluster.mirror.Publisher` sends one pipeline per wake-up
-for every stream, never a round trip per token.
+machine shared with other work; ``python -m server.cluster.bench``): one
+``XADD … MAXLEN ~ 4096`` per round trip 320 to 390 µs p50 (~550 µs p99);
+pipelined, ~15k XADD/s in batches of 10 and ~21k/s in batches of 100
+(client CPU-bound, ~47 µs each); a blocked ``XREAD`` wakes ~1 ms after an
+``XADD`` from another connection. So the
+:class:`~server.cluster.publisher.Publisher` sends one pipeline per wake-up
+for every stream, never a round trip per token, and a mirror costs a node
+one blocked read per stream, not one per reader.
 """
 
 from __future__ import annotations
