@@ -37,6 +37,9 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     config = hypercorn_config(settings, host, port)
+    listen_fd = getattr(args, "listen_fd", None)
+    if listen_fd is not None:  # a worker of `serve --workers N`: its parent bound the socket
+        config.bind = [f"fd://{listen_fd}"]
     # Set when the drain ends: the streams are settled and Hypercorn's graceful
     # period for what is left has passed (or the shutdown grace is used up).
     drained = trio.Event()
@@ -107,6 +110,103 @@ def _serve(args: argparse.Namespace) -> int:
 
     trio.run(main)
     return 0
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    """``chinwag serve --workers N``: N worker processes on one port (SPEC §9).
+
+    The parent binds N listening sockets to the same address with
+    ``SO_REUSEPORT`` (the kernel spreads new connections over them) and
+    hands one to each worker, a plain ``chinwag serve`` with
+    ``CHINWAG_NODE_ID`` = ``<base>-<i>`` (base: ``CHINWAG_NODE_ID``, else
+    host name + the parent's pid). It creates the database schema and the
+    JWT secret once, before the workers start, so they never race on them.
+    It forwards SIGTERM and SIGINT to every worker, and exits once all have
+    exited: 0 if every one shut down cleanly, 1 otherwise. A worker that
+    fails on its own makes the parent stop the others (a supervisor then
+    restarts the whole set). With N > 1, ``CHINWAG_REDIS_URL`` is required;
+    the database is the configured one (PostgreSQL, or the same SQLite
+    file: the workers share this machine).
+    """
+    import os
+    import socket
+    import subprocess
+
+    if args.workers == 1:
+        return int(_serve(args))
+    settings = Settings.from_env()
+    if not settings.redis_url:
+        raise SettingsError(
+            f"serve --workers {args.workers} needs CHINWAG_REDIS_URL: the workers share "
+            "streams, claims and rate limits through Redis"
+        )
+    settings = settings.with_secret()
+    with _storage(settings):
+        pass  # creates or upgrades the schema once, before the workers open it
+    host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    for _ in range(args.workers):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        port = sock.getsockname()[1]  # port 0: the first socket picks, the others follow
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    print(
+        f"chinwag: {args.workers} workers on http://{host}:{port} "
+        f"(db={_describe_db(settings)}, redis={_describe_redis(settings)})",
+        flush=True,
+    )
+    base = settings.node_id
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    for i, sock in enumerate(sockets):
+        env = {**os.environ, "CHINWAG_NODE_ID": f"{base}-{i}"}
+        command = [sys.executable, "-m", "server.cli", "serve", "--listen-fd", str(sock.fileno())]
+        # Its own session: a terminal's Ctrl-C reaches the parent only, which forwards it once.
+        proc = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),), start_new_session=True)
+        workers[proc.pid] = proc
+    for sock in sockets:
+        sock.close()  # the workers hold them now
+
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in workers.values():
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    while any(proc.returncode is None for proc in workers.values()):
+        pid, status = os.wait()  # a signal runs `forward`, then the wait resumes
+        reaped = workers.get(pid)
+        if reaped is None:
+            continue
+        reaped.returncode = os.waitstatus_to_exitcode(status)
+        if reaped.returncode != 0:
+            failed = True
+            log.error(
+                "worker %d (pid %d) exited with %d",
+                list(workers).index(pid),
+                pid,
+                reaped.returncode,
+            )
+            if not stopping:
+                forward(signal.SIGTERM, None)
+    return 1 if failed else 0
+
+
+def _describe_redis(settings: Settings) -> str:
+    from ledger import mask_url
+
+    return mask_url(settings.redis_url) if settings.redis_url else "unset"
 
 
 def _settings_for_cli() -> Settings:
@@ -215,6 +315,13 @@ def _fake_bedrock(args: argparse.Namespace) -> int:
     return fake_bedrock.run_from_args(args)
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chinwag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the server (Quart-Trio on Hypercorn)")
     p.add_argument("--host", help="bind address (default CHINWAG_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default CHINWAG_PORT or 3002)")
-    p.set_defaults(func=_serve)
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="worker processes on one port (SO_REUSEPORT); more than 1 needs CHINWAG_REDIS_URL",
+    )
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # set by --workers
+    p.set_defaults(func=_serve_workers)
 
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
     p = user.add_parser("add", help="add a user")
