@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .redis import ClusterRedis
+from .redis import ClusterRedis, ClusterUnavailable
 
 if TYPE_CHECKING:
     from .nodes import Identity
@@ -227,7 +227,7 @@ class Claims:
             await trio.sleep(self.lease_ms / 3000)
             try:
                 lost = await self.renew_all()
-            except Exception as exc:  # ClusterUnavailable: try again next tick
+            except ClusterUnavailable as exc:  # try again next tick
                 log.warning("claims: could not renew: %s", exc)
                 continue
             for admission in lost:

@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from .publisher import END_ID, entry_id
-from .redis import ClusterRedis, text
+from .redis import ClusterRedis, ClusterUnavailable, text
 from .registry import Registry, info_from_meta
 
 __all__ = ["Identity", "Node", "RecoveredStream"]
@@ -336,8 +336,10 @@ class Node:
                     self.identity.renew()
                     await self.join()
                 await self.recover(settle)
-            except Exception as exc:  # ClusterUnavailable: the next tick tries again
+            except ClusterUnavailable as exc:  # the next tick tries again
                 log.warning("node %s: %s", self.identity.incarnation, exc)
+            except Exception:  # a bug: logged, and the lease is still renewed next tick
+                log.exception("node %s: renewal or recovery failed", self.identity.incarnation)
 
 
 def _info_dict(info: Any) -> dict[str, Any]:
