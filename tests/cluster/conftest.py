@@ -16,7 +16,7 @@ import secrets
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -132,11 +132,13 @@ class OwnRedis:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    """Started and answering PING."""
     require_redis()
     server = OwnRedis(free_port())
     server.start()
     try:
+        await server.wait_ready()
         yield server
     finally:
         server.stop()
