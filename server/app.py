@@ -104,6 +104,8 @@ def create_app(settings: Settings) -> QuartTrio:
         try:
             with services_scope:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(db.run)  # first: recovery and every stream write
+                    await _recover(db)
                     await nursery.start(timers.run)
                     svc.provider = await nursery.start(_provider_service, settings, timers)
                     svc.hub.provider = svc.provider
@@ -117,15 +119,6 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.before_serving
     async def start_services() -> None:
-        released = await db.ledger.recover()
-        cut = await db.store.recover_streaming()
-        if released or cut:
-            log.warning(
-                "recovered after an unclean stop: %d reservations released, "
-                "%d messages marked interrupted",
-                released,
-                cut,
-            )
         await app.nursery.start(run_services)
 
     @app.after_serving
@@ -146,6 +139,19 @@ def create_app(settings: Settings) -> QuartTrio:
 
     register(app)
     return app
+
+
+async def _recover(db: Db) -> None:
+    """What a dead process left: open reservations released, cut messages interrupted."""
+    released = await db.ledger.recover()
+    cut = await db.store.recover_streaming()
+    if released or cut:
+        log.warning(
+            "recovered after an unclean stop: %d reservations released, "
+            "%d messages marked interrupted",
+            released,
+            cut,
+        )
 
 
 async def _provider_service(

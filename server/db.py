@@ -29,6 +29,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 import ledger
@@ -97,6 +98,21 @@ class _Proxy:
         return run
 
 
+class _Job:
+    __slots__ = ("call", "done", "result")
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.done = trio.Event()
+        self.result: outcome.Outcome[Any] = outcome.Value(None)
+
+
+def _run_all(batch: list[_Job]) -> None:
+    """In the database thread: each write in order; an error is that write's alone."""
+    for job in batch:
+        job.result = outcome.capture(job.call)
+
+
 class Db:
     """The store and the ledger, awaitable (see the module docstring).
 
@@ -124,6 +140,12 @@ class Db:
         self._owns_writers = write_store is not None
         self._inline_reads = inline_reads
         self._limiter = trio.CapacityLimiter(threads)
+        # SQLite's one writer: writes queue here and the batcher hands each
+        # batch to the database thread in one hop (see run()).
+        self._batching = threads == 1
+        self._queue: list[_Job] = []
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._batcher_running = False
         self.store: Any = _Proxy(self, STORE_READS, store, self.write_store)
         self.ledger: Any = _Proxy(self, LEDGER_READS, book, self.write_ledger)
 
@@ -149,7 +171,40 @@ class Db:
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
     async def _write(self, call: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        if not (self._batching and self._batcher_running):
+            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        job = _Job(call)
+        self._queue.append(job)
+        self._wakeup.unpark_all()
+        # Shielded: once queued the write will run; its caller learns how it went.
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
+        return job.result.unwrap()  # type: ignore[no-any-return]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The SQLite writer's batcher, for the app's life: every write queued
+        while the thread was busy goes over in the next hop, in order (under
+        load one hop carries many writes instead of a hop each). Each write is
+        still its own transaction. Ends by cancellation, after handing over
+        the batch in flight; later writes go to the thread one by one."""
+        self._batcher_running = True
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    await self._wakeup.park()
+                    continue
+                batch, self._queue = self._queue, []
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_run_all, batch, limiter=self._limiter)
+                for job in batch:
+                    job.done.set()
+        finally:
+            self._batcher_running = False
+            leftover, self._queue = self._queue, []
+            for job in leftover:  # queued while we were stopping: run them here
+                job.result = outcome.capture(job.call)
+                job.done.set()
 
     async def read(self, moment: Callable[..., T], *args: Any) -> T:
         """``moment(store, ledger, *args)`` where reads run (inline on SQLite)."""
