@@ -163,6 +163,9 @@ async def test_a_waiting_observer_gets_heartbeats_then_attaches(live_factory, se
     assert all(abs(d) < 0.3 * period_ms for d in drift), drift
 
 
+# The client side's own socket is sometimes collected unclosed after the server's close
+# (trio-websocket/httpx teardown order); a client-library warning, not server behaviour.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_waiting_websocket_observer_gets_heartbeat_frames(live_factory, settings):
     live = await live_factory(with_settings(settings, sse_heartbeat_ms=100))
     alice = live.harness.user(credits=10_000)
@@ -187,8 +190,10 @@ async def test_a_waiting_websocket_observer_gets_heartbeat_frames(live_factory, 
         ) as r:
             client = await read_until_done(r)
         frames: list[dict[str, Any]] = []
-        while not frames or frames[-1]["event"] != "done":
-            frames.append(json.loads(await ws.get_message()))
+        with trio.fail_after(10):
+            while not frames or frames[-1]["event"] != "done":
+                frames.append(json.loads(await ws.get_message()))
+            await ws.aclose()  # our side of the close handshake, before the context exits
     controls = [f for f in frames if f["event"] not in ("heartbeat",) and f["id"] is None]
     assert controls[0]["event"] == "observer" and controls[0]["data"]["status"] == "connected"
     got = [(f["id"], f["event"], f["data"]) for f in frames if f["id"] is not None]
