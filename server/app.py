@@ -56,7 +56,10 @@ _HTTP_CODES = {
 }
 
 
-def create_app(settings: Settings) -> QuartTrio:
+def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
+    """The app. ``recover``: release what a dead process left at start-up (the one
+    process that owns the database does it; workers of ``serve --workers`` do not,
+    their parent did it once before starting them)."""
     settings = settings.with_secret()
     quiet_resets(logging.getLogger("hypercorn.error"))  # reset_midway is not an error
     app = QuartTrio("chinwag")
@@ -105,7 +108,8 @@ def create_app(settings: Settings) -> QuartTrio:
             with services_scope:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(db.run)  # first: recovery and every stream write
-                    await _recover(db)
+                    if recover:
+                        await _recover(db)
                     await nursery.start(timers.run)
                     svc.provider = await nursery.start(_provider_service, settings, timers)
                     svc.hub.provider = svc.provider

@@ -34,7 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    app = create_app(settings)
+    # A worker of `serve --workers N` leaves start-up recovery to its parent: a worker
+    # starting later must never release the reservations of streams another one runs.
+    app = create_app(settings, recover=getattr(args, "listen_fd", None) is None)
 
     config = hypercorn_config(settings, host, port)
     listen_fd = getattr(args, "listen_fd", None)
@@ -141,8 +143,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "streams, claims and rate limits through Redis"
         )
     settings = settings.with_secret()
-    with _storage(settings):
-        pass  # creates or upgrades the schema once, before the workers open it
+    with _storage(settings) as (store, book):
+        # Creates or upgrades the schema once, before the workers open it, and releases
+        # what a dead set of workers left (the workers themselves do not).
+        released, cut = book.recover(), store.recover_streaming()
+    if released or cut:
+        log.warning("recovered: %d reservations released, %d messages interrupted", released, cut)
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

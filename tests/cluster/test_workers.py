@@ -34,6 +34,14 @@ def env(tmp_path: Path, **more: str) -> dict[str, str]:
 async def test_two_workers_serve_one_port_and_stop_on_sigterm(tmp_path: Path):
     require_redis()
     name = f"test-{secrets.token_hex(4)}"
+    # What a dead set of workers left: one open reservation. The parent releases it
+    # once, before the workers start (they never recover: one could release another's).
+    import ledger
+
+    with ledger.Ledger(tmp_path / "chinwag.db") as book:
+        book.open_account("u1")
+        book.allocate("u1", 100)
+        book.reserve("u1", 40, model_id="m", streaming_session_id="stream-dead")
     command = [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port", "0"]
     proc = await trio.lowlevel.open_process(
         command,
@@ -49,6 +57,8 @@ async def test_two_workers_serve_one_port_and_stop_on_sigterm(tmp_path: Path):
                 assert chunk, out
                 out += chunk
         url = found.group(1).decode()
+        with ledger.Ledger(tmp_path / "chinwag.db") as book:
+            assert book.open_reservations("u1") == [] and book.balance("u1").available == 100
         nodes: set[str] = set()
         with trio.fail_after(60):
             while nodes != {"w-0", "w-1"}:
