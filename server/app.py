@@ -16,6 +16,8 @@ import secrets
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -75,10 +77,15 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
     # One timer service paces every simulated stream and every reader's
     # heartbeat: one heap, no cancel scope per wait (DESIGN.md §2).
     timers = Timers(grid=TIMER_GRID_S)
+    encode: Callable[[int, str, str], bytes] = encode_event
+    if settings.redis_url:  # a mirrored stream's gaps are told as `lagged` (server.cluster.mirror)
+        from .cluster import mirror_encoder
+
+        encode = mirror_encoder(encode_event)
     observations = ObservationManager(
         ring_size=settings.observe_ring,
         linger=settings.stream_buffer_ms / 1000,
-        encode=encode_event,
+        encode=encode,
         wakeup_lot=Lot,
     )
     telemetry = Telemetry()
@@ -106,15 +113,22 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         """Owns the long-lived services; ends when ``after_serving`` cancels it."""
         try:
             with services_scope:
-                async with trio.open_nursery() as nursery:
+                async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
                     await nursery.start(db.run)  # first: recovery and every stream write
-                    if recover:
+                    if settings.redis_url:
+                        # Cluster mode: a dead node's streams are recovered by a survivor
+                        # (server.cluster.nodes), never by a start-up sweep that would
+                        # release the other nodes' live reservations.
+                        await stack.enter_async_context(_join_cluster(svc))
+                    elif recover:
                         await _recover(db)
                     await nursery.start(timers.run)
                     svc.provider = await nursery.start(_provider_service, settings, timers)
                     svc.hub.provider = svc.provider
                     await nursery.start(observations.run)
                     await nursery.start(svc.hub.run)
+                    if svc.link is not None:
+                        await nursery.start(svc.link.run)
                     if settings.retention_days > 0:
                         await nursery.start(run_retention, db, svc.hub, settings.retention_days)
                     task_status.started()
@@ -130,6 +144,8 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         # Runs still going end as "shutdown", persisted and settled, before the DB closes.
         with trio.move_on_after(settings.shutdown_grace_ms / 1000):
             await svc.hub.shutdown()
+        if svc.link is not None:
+            await svc.link.leave()
         services_scope.cancel()
         with trio.move_on_after(5):
             await services_done.wait()
@@ -139,10 +155,43 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
 
     _install_request_hooks(app, settings)
     _install_error_handlers(app)
+    if settings.redis_url:
+        from .cluster import ClusterUnavailable
+        from .clustering import busy
+
+        @app.errorhandler(ClusterUnavailable)
+        async def cluster_unavailable(exc: ClusterUnavailable) -> Response:
+            log.warning("Redis unavailable: %s", exc)  # the URL in it is masked
+            response = jsonify(busy(exc).body())
+            response.status_code = 503
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
+
     from .routes import register
 
     register(app)
     return app
+
+
+@asynccontextmanager
+async def _join_cluster(svc: Services) -> AsyncIterator[None]:
+    """Open the Redis side of cluster mode (raises ``ClusterUnavailable`` if Redis is down)."""
+    from .cluster import open_cluster
+    from .clustering import ClusterLink
+    from .dialects import CHAT, DIALECTS
+
+    async with open_cluster(
+        svc.settings, svc.observations, info_for=lambda name: DIALECTS.get(name, CHAT)
+    ) as cluster:
+        svc.link = svc.hub.link = ClusterLink(
+            cluster,
+            settings=svc.settings,
+            hub=svc.hub,
+            db=svc.db,
+            catalog=svc.catalog,
+            observations=svc.observations,
+        )
+        yield
 
 
 async def _recover(db: Db) -> None:

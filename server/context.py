@@ -29,6 +29,7 @@ from .telemetry import Telemetry
 from .timers import Timers
 
 if TYPE_CHECKING:
+    from .clustering import ClusterLink
     from .streams import StreamHub
 
 P = ParamSpec("P")
@@ -50,6 +51,14 @@ class Services:
     telemetry: Telemetry
     timers: Timers
     provider: Provider | None = None  # set once the provider service has started
+    #: Cluster mode (CHINWAG_REDIS_URL): set once this process has joined the cluster.
+    link: ClusterLink | None = None
+
+    async def rate_limit(self, key: str) -> float:
+        """0.0 to go ahead, else seconds to wait: cluster-wide in cluster mode."""
+        if self.link is not None:
+            return await self.link.rate(key)
+        return self.limiter.take(key)
 
 
 def services() -> Services:
@@ -73,7 +82,7 @@ async def authenticate(role: Role, authorization: str | None = None) -> Principa
         # A token for a user that has been removed is no longer valid.
         raise Unauthorized("Invalid token.")
     require_role(who, role)
-    wait = svc.limiter.take(who.user_id)
+    wait = await svc.rate_limit(who.user_id)
     if wait:
         raise TooMany(
             "Rate limit exceeded, please slow down.",

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from .providers.base import ProviderError
 
-__all__ = ["CHAT", "V1", "Dialect", "Ending"]
+__all__ = ["CHAT", "DIALECTS", "V1", "Dialect", "Ending"]
 
 
 def _dumps(value: object) -> str:
@@ -63,6 +63,8 @@ class Ending:
 
 
 class Dialect(Protocol):
+    #: How the cluster names it (a mirror on another node speaks it too).
+    name: str
     #: Every event name this dialect may publish (the README documents each).
     events: tuple[str, ...]
     #: The comment flushed with the headers, before any upstream call.
@@ -74,6 +76,7 @@ class Dialect(Protocol):
 
 
 class _Chat:
+    name = "chat"
     events: tuple[str, ...] = ("chunk", "error", "done")
     connected = b": connected\n\n"
 
@@ -109,6 +112,7 @@ class _Chat:
 
 
 class _V1:
+    name = "v1"
     events: tuple[str, ...] = ("token", "usage", "done")
     connected = b": Connected to chat stream\n\n"
 
@@ -133,3 +137,5 @@ class _V1:
 
 CHAT: Dialect = _Chat()
 V1: Dialect = _V1()
+#: Each dialect by its name.
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (CHAT, V1)}

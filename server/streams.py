@@ -25,7 +25,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -52,6 +52,10 @@ from .providers.base import (
 from .settings import Settings
 from .storage import StoreBackend
 from .telemetry import CallRecord, Telemetry
+
+if TYPE_CHECKING:
+    from .cluster import Admission
+    from .clustering import ClusterLink
 
 log = logging.getLogger("chinwag.streams")
 
@@ -81,6 +85,13 @@ class StreamCancelled(ProviderError):
 
     error_code = "STREAM_CANCELLED"
     user_message = "This answer was stopped by a supervisor."
+
+
+class NodeLostError(ProviderError):
+    """Told to the readers of a stream whose node died, or was taken for dead (SPEC §9)."""
+
+    error_code = "NODE_LOST"
+    user_message = "The server running this answer stopped; please send the message again."
 
 
 class InternalFailure(ProviderError):
@@ -130,6 +141,7 @@ class StreamRun:
         stream: Stream,
         streaming: bool,
         dialect: Dialect = CHAT,
+        admission: Admission | None = None,
     ) -> None:
         self.hub = hub
         self.stream_id = stream.stream_id
@@ -150,6 +162,9 @@ class StreamRun:
         #: A supervisor's words when they stopped it (SPEC §6.1), kept with the message.
         self.cancel_note: str | None = None
         self.outcome: Outcome | None = None
+        #: Cluster mode: the session claim held in Redis, and where events are copied.
+        self.admission = admission
+        self.publisher = hub.link.publisher if hub.link is not None else None
         self._done = trio.Event()
         self._attached = trio.Event()
         if not streaming:
@@ -248,24 +263,28 @@ class StreamRun:
                     log.exception("stream %s: could not persist/settle", self.stream_id)
 
     async def _publish(self, name: str, data: str) -> None:
-        """Publish, waiting for a client that is a whole ring behind — but not forever.
+        """Publish a chunk, waiting for a client that is a whole ring behind — but not forever.
 
         The fast path never waits. A client whose reader has not moved for
         ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS`` is treated as gone: the run ends
         as ``client_disconnected`` (the kernel's TCP_USER_TIMEOUT frees its
-        connection on the same bound; see :mod:`server.serving`).
+        connection on the same bound; see :mod:`server.serving`). In cluster
+        mode the event is also queued for Redis (never a wait).
         """
         try:
-            self.stream.publish_nowait(name, data)
-            return
+            event = self.stream.publish_nowait(name, data)
         except trio.WouldBlock:
-            pass
-        with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
-            await self.stream.publish(name, data)
+            with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
+                event = await self.stream.publish(name, data)
+                if self.publisher is not None:
+                    self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
+                return
+            log.warning("stream %s: client stopped reading, ending it", self.stream_id)
+            self.cancel("client_disconnected")
+            await trio.lowlevel.checkpoint()  # deliver the cancellation now
             return
-        log.warning("stream %s: client stopped reading, ending it", self.stream_id)
-        self.cancel("client_disconnected")
-        await trio.lowlevel.checkpoint()  # deliver the cancellation now
+        if self.publisher is not None:
+            self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
 
     async def _finish(
         self,
@@ -276,8 +295,15 @@ class StreamRun:
         error: ProviderError | None,
         retries: int,
     ) -> None:
-        """Persist, settle, then tell readers. Runs shielded, bounded, exactly once."""
+        """Persist, settle, then tell readers. Runs shielded, bounded, exactly once.
+
+        In cluster mode the node first asks Redis whether it still owns the
+        stream; it gives the session claim back before ``done`` goes out and
+        takes the stream off the cluster's live list last.
+        """
         hub = self.hub
+        link = hub.link
+        owner = released = False
         try:
             output_tokens = usage.output_tokens if usage else produced
             input_tokens = usage.input_tokens if usage else self.reservation_input
@@ -331,8 +357,18 @@ class StreamRun:
                 store.add_telemetry("model_call", Telemetry.row(call))
                 return settlement
 
-            charged = (await hub.db.write(end)).charged
-            hub.telemetry.count(call)
+            if link is None or await link.owns_ending(self.stream_id):
+                owner = True
+                charged = (await hub.db.write(end)).charged
+                hub.telemetry.count(call)
+                if link is not None:  # before `done`: its client may start the next one at once
+                    await link.release(self.admission)
+                    released = True
+            else:
+                # A survivor took the stream over and settled it: the database is its.
+                log.warning("stream %s: taken over by a survivor; not settling", self.stream_id)
+                charged, finish_reason, status = 0, "error", "interrupted"
+                error = NodeLostError()
             self.assistant_message = {
                 **self.assistant_message,
                 "content": content,
@@ -370,17 +406,31 @@ class StreamRun:
         finally:
             self.stream.close()
             hub._forget(self)
-            self._done.set()
+            try:
+                if link is not None:
+                    if not released:  # compare-and-delete: harmless if a survivor freed it
+                        await link.release(self.admission)
+                    if owner:
+                        await link.finished(self.stream_id)
+            finally:
+                self._done.set()
 
     async def _publish_final(self, events: list[tuple[str, str]]) -> None:
         """The closing events: a client that stalled gets them if it catches up
         within :data:`FINAL_WAIT_S` (one bound for all of them, not one each)."""
-        with trio.move_on_after(FINAL_WAIT_S):
-            for name, data in events:
-                try:
-                    self.stream.publish_nowait(name, data)
-                except trio.WouldBlock:
-                    await self.stream.publish(name, data)
+        publisher = self.publisher
+        try:
+            with trio.move_on_after(FINAL_WAIT_S):
+                for name, data in events:
+                    try:
+                        event = self.stream.publish_nowait(name, data)
+                    except trio.WouldBlock:
+                        event = await self.stream.publish(name, data)
+                    if publisher is not None:
+                        publisher.add(self.stream_id, event.id, name, data)
+        finally:
+            if publisher is not None:
+                publisher.end(self.stream_id)
 
     @property
     def reservation_input(self) -> int:
@@ -421,6 +471,8 @@ class StreamHub:
         self.db = db
         self.observations = observations
         self.provider: Provider | None = None
+        #: Cluster mode (CHINWAG_REDIS_URL): set by the app once it has joined.
+        self.link: ClusterLink | None = None
         self._nursery: trio.Nursery | None = None
         self._by_session: dict[str, StreamRun] = {}
         self._by_stream: dict[str, StreamRun] = {}
@@ -581,8 +633,25 @@ class StreamHub:
                 raise
             return reservation, user_msg, assistant_msg
 
-        with trio.CancelScope(shield=True):
-            reservation, user_msg, assistant_msg = await self.db.write(open_rows)
+        link, admission = self.link, None
+        if link is not None:  # cluster-wide: the session's claim, the user's cap, the registry
+            admission = await link.admit(
+                stream_id=stream_id,
+                session_id=session_id,
+                user_id=user_id,
+                model_id=model.id,
+                dialect=dialect,
+                input_tokens=request_tokens(request),
+            )
+        try:
+            with trio.CancelScope(shield=True):
+                reservation, user_msg, assistant_msg = await self.db.write(open_rows)
+        except BaseException:
+            if link is not None:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                    await link.release(admission)
+                    await link.finished(stream_id)
+            raise
         stream = self.observations.open_stream(stream_id, group=session_id, info=dialect)
         return StreamRun(
             self,
@@ -596,6 +665,7 @@ class StreamHub:
             stream=stream,
             streaming=streaming,
             dialect=dialect,
+            admission=admission,
         )
 
     def _forget(self, run: StreamRun) -> None:

@@ -131,6 +131,8 @@ class RecoveredStream:
     last_id: int
     #: The owner had already published its end: only the database may be left to tidy.
     ended: bool
+    #: The input tokens it reserved for.
+    input_tokens: int = 0
 
 
 #: ``settle(stream)`` -> the closing events ``(name, data)`` to publish after ``last_id``.
@@ -353,4 +355,5 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "dialect": info.dialect,
         "started_at": info.started_at,
         "node_id": info.node_id,
+        "input_tokens": info.input_tokens,
     }

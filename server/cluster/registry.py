@@ -88,6 +88,8 @@ class StreamInfo:
     started_at: float
     #: The human node id (CHINWAG_NODE_ID) that runs it.
     node_id: str
+    #: The input tokens reserved for (what recovery charges with the produced ones).
+    input_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,15 +110,25 @@ _FIELDS = {
     "dialect": "dialect",
     "started_at": "started_at",
     "node_id": "node",
+    "input_tokens": "input",
 }
 
 
 def info_from_meta(meta: dict[bytes, bytes]) -> StreamInfo | None:
     values = {name: meta.get(field.encode()) for name, field in _FIELDS.items()}
+    values.setdefault("input_tokens", b"0")
+    if values["input_tokens"] is None:
+        values["input_tokens"] = b"0"
     if any(value is None for value in values.values()):
         return None
     text = {name: value.decode() for name, value in values.items() if value is not None}
-    return StreamInfo(**{**text, "started_at": float(text["started_at"])})  # type: ignore[arg-type]
+    return StreamInfo(
+        **{  # type: ignore[arg-type]
+            **text,
+            "started_at": float(text["started_at"]),
+            "input_tokens": int(text["input_tokens"]),
+        }
+    )
 
 
 class Registry:

@@ -26,7 +26,7 @@ async def login(body: dict[str, Any]) -> dict[str, Any]:
     username: str = body["username"]
     password: str = body["password"]
     # Brute-force bound: the same limiter, keyed by client address.
-    wait = svc.limiter.take(f"login:{request.remote_addr}")
+    wait = await svc.rate_limit(f"login:{request.remote_addr}")
     if wait:
         raise TooMany(headers={"Retry-After": retry_after(wait)})
     user = await svc.db.store.user_by_name(username)

@@ -123,7 +123,10 @@ async def delete_session(session_id: str) -> dict[str, Any]:
     svc = services()
     session_id = (await owned_session(session_id))["id"]
     # A live stream on it ends first (persisted and settled), then the rows go.
-    await svc.hub.end_session_streams(session_id)
+    if svc.link is not None:  # wherever in the cluster it runs
+        await svc.link.end_session(session_id)
+    else:
+        await svc.hub.end_session_streams(session_id)
     await svc.db.store.delete_session(session_id)
     return {"deleted": True, "sessionId": session_id}
 

@@ -6,7 +6,7 @@ import logging
 import sqlite3
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint
 
 from .. import __version__
 from ..context import authenticated, services
@@ -32,40 +32,25 @@ async def health() -> tuple[dict[str, Any], int]:
         status, code = "unavailable", 503
     svc = services()
     engine = "postgresql" if svc.settings.database_url else "sqlite"
+    database = {"engine": engine, "status": status}
+    redis = None  # None: cluster mode (SPEC §9) is not configured
+    if svc.link is not None:
+        redis = await svc.link.cluster.health()
+        if redis["status"] == "unavailable":
+            status, code = "unavailable", 503
+        elif status == "ok" and redis["status"] != "ok":
+            status = "degraded"  # events queued for Redis: still serving
+    elif svc.settings.redis_url:  # configured, but not joined (starting or stopping)
+        redis = {"status": "unavailable"}
+        status, code = "unavailable", 503
     return {
         "status": status,
         "version": __version__,
         "timestamp": now_iso(),
-        "database": {"engine": engine, "status": status},
-        "redis": None,  # cluster mode (SPEC §9) is not configured
+        "database": database,
+        "redis": redis,
         "node": svc.settings.node_id,
     }, code
-
-
-@bp.get("/metrics")
-@authenticated("supervisor")
-@operation("Prometheus metrics", produces="text/plain")
-async def metrics() -> Response:
-    """Prometheus text format; supervisor/admin only (it shows load, not content)."""
-    svc = services()
-    obs = svc.observations.statistics()
-    book = await svc.db.ledger.statistics()
-    gauges = {
-        "chinwag_streams_open": ("Streams (model calls) in progress.", len(svc.hub.live())),
-        "chinwag_observers": ("Observers attached to streams.", obs.observers),
-        "chinwag_readers": ("Ring readers attached (clients + observers).", obs.readers),
-        "chinwag_streams_lingering": ("Ended streams still replayable.", obs.streams_lingering),
-        "chinwag_observer_lagged_events_total": (
-            "Events observers were skipped past.",
-            obs.lagged_total,
-        ),
-        "chinwag_ledger_reservations_open": ("Open credit reservations.", book.open_reservations),
-        "chinwag_ledger_reserved_credits": (
-            "Credits held by open reservations.",
-            book.reserved_credits,
-        ),
-    }
-    return Response(svc.telemetry.render(gauges), content_type="text/plain; version=0.0.4")
 
 
 @bp.get("/api/version")

@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Blueprint, Response, request, websocket
@@ -24,6 +24,14 @@ from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
 from ..timers import Timers
 from ..validate import EVENT_STREAM, Param, operation
+
+if TYPE_CHECKING:
+    from ..clustering import ClusterLink
+
+#: A mirror's gap filler (server.cluster.mirror.GAP; spelled here so that a single
+#: process never imports the cluster package).
+GAP = "chinwag:gap"
+
 
 bp = Blueprint("observe", __name__)
 
@@ -58,7 +66,10 @@ async def _find(session_id: str, wait: float | None) -> Stream | None:
     svc = services()
     if await svc.db.store.get_session(session_id) is None:
         raise session_not_found()
-    stream = svc.observations.latest(session_id)
+    if svc.link is not None:  # cluster mode: the newest stream anywhere, mirrored here
+        stream = await svc.link.latest(session_id)
+    else:
+        stream = svc.observations.latest(session_id)
     if stream is None and wait is None:
         raise ApiError(
             "No active streaming session found for observation",
@@ -92,6 +103,7 @@ async def observer_items(
     wait: float | None,
     interval: float,
     timers: Timers | None = None,
+    link: ClusterLink | None = None,
 ) -> AsyncGenerator[list[Item], None]:
     """Everything an observer is told, in order, until ``done`` (or the wait runs out).
 
@@ -109,7 +121,11 @@ async def observer_items(
         yield [("observer", {"status": "waiting", "sessionId": session_id})]
         give_up = trio.current_time() + (wait or 0)
         while True:
-            stream = await _next_stream(observations, session_id, min(beats.due, give_up))
+            until = min(beats.due, give_up)
+            if link is not None:  # cluster mode: a stream may start on any node
+                stream = await link.wait_for_stream(session_id, until)
+            else:
+                stream = await _next_stream(observations, session_id, until)
             if stream is not None:
                 break
             if trio.current_time() >= give_up:
@@ -229,6 +245,7 @@ async def observe(session_id: str) -> Response:
         wait,
         svc.settings.sse_heartbeat_ms / 1000,
         timers=svc.timers,
+        link=svc.link,
     )
     return sse_response(_as_sse(items))
 
@@ -270,6 +287,7 @@ async def observe_ws(session_id: str) -> None:
         wait,
         svc.settings.sse_heartbeat_ms / 1000,
         timers=svc.timers,
+        link=svc.link,
     )
     async with aclosing(items) as groups:
         async for group in groups:
@@ -286,8 +304,15 @@ def _ws_frames(item: Item) -> list[str]:
         return [f'{{"event":"heartbeat","id":null,"data":{{"ts":{ms}}}}}']
     if isinstance(item, tuple):
         return [_dumps({"event": item[0], "id": None, "data": item[1]})]
-    # e.data is JSON text already: embed it, do not re-encode.
-    return [f'{{"event":"{e.name}","id":{e.id},"data":{e.data}}}' for e in item.events]
+    # e.data is JSON text already: embed it, do not re-encode. A mirror's gap
+    # fillers (cluster mode) are nothing, but the last of a gap: `lagged`.
+    return [
+        f'{{"event":"{e.name}","id":{e.id},"data":{e.data}}}'
+        if e.name != GAP
+        else f'{{"event":"lagged","id":null,"data":{e.data}}}'
+        for e in item.events
+        if e.name != GAP or e.data
+    ]
 
 
 @bp.get("/api/chat/streams/active")
@@ -295,6 +320,11 @@ def _ws_frames(item: Item) -> list[str]:
 @operation("The live streams")
 async def active_streams() -> dict[str, Any]:
     svc = services()
+    if svc.link is not None:  # the whole cluster's
+        rows = await svc.link.active()
+        for row in rows:
+            row["startedAt"] = _iso(row["startedAt"])
+        return {"streams": rows}
     return {
         "streams": [
             {
@@ -302,11 +332,16 @@ async def active_streams() -> dict[str, Any]:
                 "streamingSessionId": run.stream_id,
                 "userId": run.user_id,
                 "modelId": run.model.id,
-                "startedAt": datetime.fromtimestamp(run.started_at, UTC)
-                .isoformat(timespec="milliseconds")
-                .replace("+00:00", "Z"),
+                "startedAt": _iso(run.started_at),
                 "observers": run.stream.observers,
+                "node": svc.settings.node_id,
             }
             for run in svc.hub.live()
         ]
     }
+
+
+def _iso(epoch: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from quart import Blueprint, Response, request
@@ -180,8 +180,16 @@ async def start_stream(session_id: str, body: dict[str, Any]) -> Response:
     return stream_response(run, controls)
 
 
+class Attachable(Protocol):
+    """The run a client feed reads: told when its client attaches and goes away."""
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+
 async def client_feed(
-    run: StreamRun | None,
+    run: Attachable | None,
     stream: Stream,
     *,
     after_id: int,
@@ -290,7 +298,9 @@ async def resume_stream(session_id: str) -> Response:
     session_id = (await owned_session(session_id))["id"]
     stream_id = request.args.get("streamingSessionId", "")
     after = _last_event_id()
-    stream = svc.observations.get(stream_id) if stream_id else None
+    stream = None
+    if stream_id:  # cluster mode: a stream of another node is mirrored here
+        stream = await svc.link.stream(stream_id) if svc.link else svc.observations.get(stream_id)
     if stream is None or stream.group != session_id:
         raise NotFound(
             "Streaming session not found or no longer buffered.", error_code="STREAM_NOT_FOUND"
@@ -299,7 +309,9 @@ async def resume_stream(session_id: str) -> Response:
         raise Conflict(
             "This stream already has a connected client.", error_code="STREAM_ALREADY_ACTIVE"
         )
-    run = svc.hub.for_stream(stream_id)
+    run: Attachable | None = svc.hub.for_stream(stream_id)
+    if run is None and svc.link is not None and not stream.ended:
+        run = await svc.link.remote_run(stream_id)  # its node lifts the disconnect deadline
     interval = svc.settings.sse_heartbeat_ms / 1000
     connected = getattr(stream.info, "connected", CONNECTED)
     return sse_response(

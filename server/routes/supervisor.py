@@ -90,7 +90,11 @@ async def stop_stream(stream_id: str, body: dict[str, Any]) -> dict[str, Any]:
         who.username,
         extra={"fields": {"streamingSessionId": stream_id, "by": who.user_id, "reason": reason}},
     )
-    finish = await services().hub.stop(stream_id, reason)
+    svc = services()
+    if svc.link is not None:  # wherever in the cluster it runs
+        finish = await svc.link.stop(stream_id, reason)
+    else:
+        finish = await svc.hub.stop(stream_id, reason)
     if finish is None:
         raise NotFound("No live stream with this id.", error_code="STREAM_NOT_FOUND")
     return {"streamingSessionId": stream_id, "finishReason": finish}
