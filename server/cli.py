@@ -18,6 +18,8 @@ import trio
 from .settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    import socket
+
     from ledger import LedgerBackend
 
     from .storage import StoreBackend
@@ -128,11 +130,15 @@ def _serve_workers(args: argparse.Namespace) -> int:
     fails on its own makes the parent stop the others (a supervisor then
     restarts the whole set). With N > 1, ``CHINWAG_REDIS_URL`` is required;
     the database is the configured one (PostgreSQL, or the same SQLite
-    file: the workers share this machine).
+    file: the workers share this machine). ``/metrics`` sums the workers:
+    they write their metrics to a fresh temporary directory
+    (``PROMETHEUS_MULTIPROC_DIR``, prometheus-client's multiprocess mode),
+    which the parent removes when it exits.
     """
     import os
+    import shutil
     import socket
-    import subprocess
+    import tempfile
 
     if args.workers == 1:
         return int(_serve(args))
@@ -162,15 +168,34 @@ def _serve_workers(args: argparse.Namespace) -> int:
         sock.listen(1024)
         sock.set_inheritable(True)
         sockets.append(sock)
-    print(
-        f"chinwag: {args.workers} workers on http://{host}:{port} "
-        f"(db={_describe_db(settings)}, redis={_describe_redis(settings)})",
-        flush=True,
-    )
-    base = settings.node_id
+    # The workers' metrics, summed by whichever one is scraped; fresh for each set
+    # (a stale file would add a dead set's counts).
+    metrics_dir = tempfile.mkdtemp(prefix=f"chinwag-metrics-{os.getpid()}-")
+    try:
+        print(
+            f"chinwag: {args.workers} workers on http://{host}:{port} "
+            f"(db={_describe_db(settings)}, redis={_describe_redis(settings)})",
+            flush=True,
+        )
+        return _run_workers(sockets, settings.node_id, metrics_dir)
+    finally:
+        for sock in sockets:
+            sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(sockets: list[socket.socket], base: str, metrics_dir: str) -> int:
+    """Start a worker on each socket, forward signals, reap them: see ``_serve_workers``."""
+    import os
+    import subprocess
+
+    from prometheus_client.multiprocess import mark_process_dead
+
+    from .telemetry import MULTIPROC_ENV
+
     workers: dict[int, subprocess.Popen[bytes]] = {}
     for i, sock in enumerate(sockets):
-        env = {**os.environ, "CHINWAG_NODE_ID": f"{base}-{i}"}
+        env = {**os.environ, "CHINWAG_NODE_ID": f"{base}-{i}", MULTIPROC_ENV: metrics_dir}
         command = [sys.executable, "-m", "server.cli", "serve", "--listen-fd", str(sock.fileno())]
         # Its own session: a terminal's Ctrl-C reaches the parent only, which forwards it once.
         proc = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),), start_new_session=True)
@@ -196,6 +221,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
         if reaped is None:
             continue
         reaped.returncode = os.waitstatus_to_exitcode(status)
+        # Its gauges leave the sum; its counts stay in it.
+        mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
         if reaped.returncode != 0:
             failed = True
             log.error(
