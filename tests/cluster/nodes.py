@@ -15,7 +15,7 @@ import re
 import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +97,7 @@ class Cluster:
         url = found.group(1).decode()
         node = Node(name, url, proc, httpx.AsyncClient(base_url=url, timeout=30), log)
         self.nodes[name] = node
-        with trio.fail_after(30):
-            while (await node.http.get("/api/health")).status_code != 200:
-                await trio.sleep(0.05)
+        await until_true(lambda: healthy(node), within=30)
         return node
 
     def kill(self, name: str) -> None:
@@ -145,6 +143,17 @@ class Cluster:
                 await node.proc.wait()
         self.store.close()
         self.book.close()
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], *, within: float) -> None:
+    """Poll another process's state (no event of ours can say when it changes)."""
+    with trio.fail_after(within):
+        while not await check():  # noqa: ASYNC110 - another process's state: nothing to await
+            await trio.sleep(0.05)
+
+
+async def healthy(node: Node) -> bool:
+    return (await node.http.get("/api/health")).status_code == 200
 
 
 def paced(rate: int, headers: dict[str, str]) -> dict[str, str]:

@@ -58,9 +58,7 @@ async def test_started_on_a_observed_late_on_b_then_resumed_on_c(cluster: Cluste
             assert head.data["count"] >= 10 and head.data["fromId"] == 1
 
             # The live list, from node C, is the cluster's.
-            active = await cluster["c"].http.get(
-                "/api/chat/streams/active", headers=sup["headers"]
-            )
+            active = await cluster["c"].http.get("/api/chat/streams/active", headers=sup["headers"])
             assert active.status_code == 200
             rows = active.json()["streams"]
             assert [row["streamingSessionId"] for row in rows] == [stream_id]

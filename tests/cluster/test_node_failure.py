@@ -1,0 +1,191 @@
+"""When a node dies, pauses past its lease, or Redis goes away (SPEC §9): real processes."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+
+from tests.sse import events, messages
+
+from .conftest import OwnRedis
+from .conftest import own_redis as own_redis  # the fixture
+from .nodes import Cluster, healthy, open_cluster, paced, until_true
+from .nodes import cluster as cluster  # the fixture
+from .test_three_nodes import RATE, read_until
+
+LEASE_S = 2.0
+
+
+def recovered_in_logs(cluster: Cluster, stream_id: str) -> int:
+    return sum(
+        node.log.read_text().count(f"recovered stream {stream_id}")
+        for node in cluster.nodes.values()
+    )
+
+
+async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluster):
+    alice = cluster.user(credits=1_000_000)
+    sup = cluster.user("supervisor")
+    sid = await cluster.session("a", alice)
+    async with cluster["a"].http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "a long answer", "maxTokens": 400},
+        headers=paced(RATE, alice["headers"]),
+    ) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        client_feed = messages(r)  # kept: dropping it would close the connection
+        client = await read_until(client_feed, lambda got: len(events(got)) >= 8)
+        async with cluster["b"].http.stream(
+            "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+        ) as o:
+            feed = messages(o)
+            observed = await read_until(feed, lambda got: got[-1].event == "history-end")
+            cluster.kill("a")
+            killed_at = trio.current_time()
+            with trio.fail_after(LEASE_S + 8):
+                observed += await read_until(feed, lambda got: got[-1].event == "done")
+            took = trio.current_time() - killed_at
+    assert took < LEASE_S + 5, cluster.logs()
+    tail = events(observed)
+    assert [m.event for m in tail[-2:]] == ["error", "done"]
+    assert tail[-2].data["errorCode"] == "NODE_LOST"
+    done = tail[-1].data
+    assert done["finishReason"] == "error" and done["streamingSessionId"] == stream_id
+    produced = sum(m.event == "chunk" for m in tail)
+    assert produced >= sum(m.event == "chunk" for m in events(client))
+    # The ids go on without a gap or a duplicate after what the dead node published.
+    ids = [m.id for m in tail if m.id]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+
+    # The database: interrupted, charged for what the cluster saw produced, once.
+    stored = cluster.store.message_by_stream(stream_id)
+    assert stored["status"] == "interrupted"
+    assert stored["output_tokens"] == done["outputTokens"] == produced
+    assert stored["credits_charged"] == done["creditsCharged"] > 0
+    assert cluster.book.open_reservations(alice["id"]) == []
+    assert cluster.book.charges_for_stream(stream_id) == stored["credits_charged"]
+    assert cluster.book.verify() == []
+    text = "".join(m.data["text"] for m in tail if m.event == "chunk")
+    assert stored["content"] == text
+    assert recovered_in_logs(cluster, stream_id) == 1
+
+    # Its client resumes through C and is told the same; the session is free again.
+    async with cluster["c"].http.stream(
+        "GET",
+        f"/api/chat/sessions/{sid}/stream",
+        params={"streamingSessionId": stream_id},
+        headers={**alice["headers"], "Last-Event-ID": str(events(client)[-1].id)},
+    ) as resumed:
+        rest = await read_until(messages(resumed), lambda got: got[-1].event == "done")
+    assert events(rest)[-1].data == done
+    active = await cluster["c"].http.get("/api/chat/streams/active", headers=sup["headers"])
+    assert active.json()["streams"] == []
+    async with cluster["c"].http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "again", "maxTokens": 5},
+        headers=alice["headers"],
+    ) as r:
+        assert r.status_code == 200
+        again = await read_until(messages(r), lambda got: got[-1].event == "done")
+    assert events(again)[-1].data["finishReason"] == "length"
+
+
+async def test_a_node_paused_past_its_lease_does_not_undo_the_recovery(cluster: Cluster):
+    alice = cluster.user(credits=1_000_000)
+    sid = await cluster.session("a", alice)
+    async with cluster["a"].http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "a long answer", "maxTokens": 400},
+        headers=paced(RATE, alice["headers"]),
+    ) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        feed = messages(r)
+        client = await read_until(feed, lambda got: len(events(got)) >= 5)
+        cluster["a"].proc.send_signal(signal.SIGSTOP)
+
+        async def recovered_already() -> bool:
+            return bool(cluster.store.message_by_stream(stream_id)["status"] != "streaming")
+
+        try:
+            await until_true(recovered_already, within=LEASE_S + 10)
+        finally:
+            cluster["a"].proc.send_signal(signal.SIGCONT)
+        recovered = cluster.store.message_by_stream(stream_id)
+        # A comes back, learns it was taken over, and ends the stream for its own
+        # client without touching the database.
+        with trio.fail_after(LEASE_S + 8):
+            client += await read_until(feed, lambda got: got[-1].event == "done")
+    tail = events(client)
+    assert tail[-2].data["errorCode"] == "NODE_LOST"
+    assert tail[-1].data["finishReason"] == "error"
+    assert cluster.store.message_by_stream(stream_id) == recovered
+    assert recovered["status"] == "interrupted"
+    assert cluster.book.open_reservations(alice["id"]) == []
+    assert cluster.book.charges_for_stream(stream_id) == recovered["credits_charged"]
+    assert cluster.book.verify() == []
+    assert recovered_in_logs(cluster, stream_id) == 1
+    # A still serves, as a fresh incarnation.
+    health = await cluster["a"].http.get("/api/health")
+    assert health.status_code == 200
+
+
+async def test_redis_restarted_mid_stream_degrades_never_corrupts(
+    tmp_path, pg_url, nursery, own_redis: OwnRedis
+):
+    async with open_cluster(
+        tmp_path, pg_url, nursery, redis_url=own_redis.url, CHINWAG_NODE_LEASE_MS="2000"
+    ) as c:
+        async with trio.open_nursery() as starting:
+            for name in "ab":
+                starting.start_soon(c.start, name)
+        alice = c.user(credits=1_000_000)
+        sid = await c.session("a", alice)
+        other = await c.session("b", alice)
+        async with c["a"].http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "a long answer", "maxTokens": 120},
+            headers=paced(RATE, alice["headers"]),
+        ) as r:
+            feed = messages(r)
+            client = await read_until(feed, lambda got: len(events(got)) >= 5)
+            own_redis.stop()
+            # New streams are refused while Redis is away, with a Retry-After.
+            refused = await c["b"].http.post(
+                f"/api/chat/sessions/{other}/stream",
+                json={"message": "x"},
+                headers=alice["headers"],
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["errorCode"] == "SERVICE_UNAVAILABLE"
+            assert int(refused.headers["Retry-After"]) >= 1
+            health = await c["a"].http.get("/api/health")
+            assert health.status_code == 503
+            assert health.json()["redis"]["status"] == "unavailable"
+            assert health.json()["database"]["status"] == "ok"
+            # Reads that need no Redis go on.
+            listed = await c["b"].http.get("/api/chat/sessions", headers=alice["headers"])
+            assert listed.status_code == 200
+            own_redis.start()
+            await own_redis.wait_ready()
+            # The running stream finished for its own client all along.
+            client += await read_until(feed, lambda got: got[-1].event == "done")
+        tail = events(client)
+        assert [m.id for m in tail] == list(range(1, len(tail) + 1))
+        assert tail[-1].data["finishReason"] == "length" and tail[-1].data["outputTokens"] == 120
+        assert c.book.open_reservations(alice["id"]) == [] and c.book.verify() == []
+        # Once Redis is back, the nodes are healthy and take new streams again.
+        await until_true(lambda: healthy(c["b"]), within=15)
+        async with c["b"].http.stream(
+            "POST",
+            f"/api/chat/sessions/{other}/stream",
+            json={"message": "y", "maxTokens": 5},
+            headers=alice["headers"],
+        ) as r:
+            assert r.status_code == 200
+            after = await read_until(messages(r), lambda got: got[-1].event == "done")
+        assert events(after)[-1].data["finishReason"] == "length"
