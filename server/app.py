@@ -113,25 +113,28 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         """Owns the long-lived services; ends when ``after_serving`` cancels it."""
         try:
             with services_scope:
-                async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-                    await nursery.start(db.run)  # first: recovery and every stream write
+                async with AsyncExitStack() as stack:
                     if settings.redis_url:
-                        # Cluster mode: a dead node's streams are recovered by a survivor
-                        # (server.cluster.nodes), never by a start-up sweep that would
-                        # release the other nodes' live reservations.
+                        # Cluster mode: the Redis client (and its own task group) opens
+                        # around the services and closes after them. A dead node's
+                        # streams are recovered by a survivor (server.cluster.nodes),
+                        # never by a start-up sweep that would release the other
+                        # nodes' live reservations.
                         await stack.enter_async_context(_join_cluster(svc))
-                    elif recover:
-                        await _recover(db)
-                    await nursery.start(timers.run)
-                    svc.provider = await nursery.start(_provider_service, settings, timers)
-                    svc.hub.provider = svc.provider
-                    await nursery.start(observations.run)
-                    await nursery.start(svc.hub.run)
-                    if svc.link is not None:
-                        await nursery.start(svc.link.run)
-                    if settings.retention_days > 0:
-                        await nursery.start(run_retention, db, svc.hub, settings.retention_days)
-                    task_status.started()
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(db.run)  # first: recovery and every stream write
+                        if recover and svc.link is None:
+                            await _recover(db)
+                        await nursery.start(timers.run)
+                        svc.provider = await nursery.start(_provider_service, settings, timers)
+                        svc.hub.provider = svc.provider
+                        await nursery.start(observations.run)
+                        await nursery.start(svc.hub.run)
+                        if svc.link is not None:
+                            await nursery.start(svc.link.run)
+                        if settings.retention_days > 0:
+                            await nursery.start(run_retention, db, svc.hub, settings.retention_days)
+                        task_status.started()
         finally:
             services_done.set()
 

@@ -149,12 +149,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "streams, claims and rate limits through Redis"
         )
     settings = settings.with_secret()
-    with _storage(settings) as (store, book):
-        # Creates or upgrades the schema once, before the workers open it, and releases
-        # what a dead set of workers left (the workers themselves do not).
-        released, cut = book.recover(), store.recover_streaming()
-    if released or cut:
-        log.warning("recovered: %d reservations released, %d messages interrupted", released, cut)
+    with _storage(settings):
+        # Creates or upgrades the schema once, before the workers open it. Nothing is
+        # swept: in cluster mode what a dead set of workers left is recovered by the
+        # survivors through Redis (server.cluster.nodes); a blanket sweep here would
+        # release the live reservations of the cluster's other machines.
+        pass
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -65,6 +65,28 @@ _TROUBLE = (
 )
 
 
+class _LostConnectionNotice(logging.Filter):
+    """coredis logs a lost connection as an error with an empty traceback
+    (``log.exception`` outside any exception). For chinwag that is Redis
+    trouble like any other, reported once by the part that notices it: keep
+    coredis's line, as a warning, without the empty traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None and record.exc_info[0] is None:
+            record.exc_info = None
+            record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_lost_connections() -> None:
+    """Install :class:`_LostConnectionNotice` on coredis's logger once."""
+    logger = logging.getLogger("coredis")
+    if not any(isinstance(f, _LostConnectionNotice) for f in logger.filters):
+        logger.addFilter(_LostConnectionNotice())
+
+
 class ClusterUnavailable(Exception):
     """Redis cannot be used right now: refuse the new work, retry later.
 
@@ -184,6 +206,7 @@ async def open_redis(
     answer within ``connect_timeout``. ``prefix`` overrides the URL's.
     Must be entered in a Trio task; the client's own tasks live inside.
     """
+    quiet_lost_connections()
     target, url_prefix = split_url(url)
     where = mask_url(url)
     client: coredis.Redis[bytes] = coredis.Redis.from_url(

@@ -53,6 +53,7 @@ class Cluster:
     env: dict[str, str]
     nursery: trio.Nursery
     nodes: dict[str, Node] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)
     n: int = 0
 
     def __post_init__(self) -> None:
@@ -102,6 +103,7 @@ class Cluster:
 
     def kill(self, name: str) -> None:
         """``kill -9``: no clean-up of any kind."""
+        self.killed.add(name)
         self.nodes[name].proc.send_signal(signal.SIGKILL)
 
     async def stop(self, name: str) -> int:
@@ -137,12 +139,19 @@ class Cluster:
         with trio.move_on_after(20):
             for node in self.nodes.values():
                 await node.proc.wait()
+        unclean = []
         for node in self.nodes.values():
             if node.proc.returncode is None:
                 node.proc.kill()
                 await node.proc.wait()
+            if node.name not in self.killed and node.proc.returncode != 0:
+                unclean.append(f"{node.name} exited {node.proc.returncode}")
+            if '"exception":' in node.log.read_text():
+                unclean.append(f"{node.name} logged an exception")
         self.store.close()
         self.book.close()
+        # Every node that was not killed shut down cleanly, and none logged a traceback.
+        assert not unclean, f"{unclean}\n{self.logs()}"
 
 
 async def until_true(check: Callable[[], Awaitable[bool]], *, within: float) -> None:
