@@ -59,9 +59,9 @@ _HTTP_CODES = {
 
 
 def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
-    """The app. ``recover``: release what a dead process left at start-up (the one
-    process that owns the database does it; workers of ``serve --workers`` do not,
-    their parent did it once before starting them)."""
+    """The app. ``recover``: release what a dead process left at start-up — only
+    outside cluster mode, where this process owns the database alone (in cluster
+    mode the survivors recover a dead node's streams, server.cluster.nodes)."""
     settings = settings.with_secret()
     quiet_resets(logging.getLogger("hypercorn.error"))  # reset_midway is not an error
     app = QuartTrio("chinwag")

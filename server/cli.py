@@ -34,11 +34,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving import cut_connections, hypercorn_config
 
     settings = Settings.from_env()
+    _check_redis(settings)
     host = args.host or settings.host
     port = settings.port if args.port is None else args.port
-    # A worker of `serve --workers N` leaves start-up recovery to its parent: a worker
-    # starting later must never release the reservations of streams another one runs.
-    app = create_app(settings, recover=getattr(args, "listen_fd", None) is None)
+    # Start-up recovery (releasing what a dead process left) is for a process that
+    # owns its database alone; in cluster mode (every worker of `serve --workers N`)
+    # the survivors recover a dead node's streams through Redis instead.
+    app = create_app(settings)
 
     config = hypercorn_config(settings, host, port)
     listen_fd = getattr(args, "listen_fd", None)
@@ -149,6 +151,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "streams, claims and rate limits through Redis"
         )
     settings = settings.with_secret()
+    _check_redis(settings)
     with _storage(settings):
         # Creates or upgrades the schema once, before the workers open it. Nothing is
         # swept: in cluster mode what a dead set of workers left is recovered by the
@@ -263,6 +266,26 @@ def _storage(settings: Settings) -> Iterator[tuple[StoreBackend, LedgerBackend]]
 
 class DatabaseProblem(Exception):
     """The configured database cannot be used; the message says why (never a password)."""
+
+
+class RedisProblem(Exception):
+    """``CHINWAG_REDIS_URL`` is set and Redis does not answer (the message masks the password)."""
+
+
+def _check_redis(settings: Settings) -> None:
+    """Cluster mode: refuse to start, in one line, when Redis does not answer."""
+    if not settings.redis_url:
+        return
+    from .cluster import ClusterUnavailable, open_redis
+
+    async def ping() -> None:
+        async with open_redis(settings.redis_url or ""):
+            pass
+
+    try:
+        trio.run(ping)
+    except ClusterUnavailable as exc:
+        raise RedisProblem(f"CHINWAG_REDIS_URL cannot be used: {exc}") from None
 
 
 def _database_problem(exc: BaseException, settings: Settings) -> DatabaseProblem:
@@ -429,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except DatabaseProblem as exc:
+    except (DatabaseProblem, RedisProblem) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

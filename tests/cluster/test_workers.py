@@ -222,3 +222,18 @@ async def test_observe_and_resume_through_the_shared_port(tmp_path: Path):
             await proc.wait()
         async with open_redis(REDIS_URL) as redis:
             await redis.delete_prefix(f"chinwag:{name}:")
+
+
+async def test_redis_that_does_not_answer_is_one_line_at_start(tmp_path: Path):
+    from .conftest import free_port
+
+    url = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    for workers in ("1", "2"):
+        command = [sys.executable, "-m", "server.cli", "serve", "--workers", workers, "--port", "0"]
+        done = await trio.run_process(
+            command, env=env(tmp_path, CHINWAG_REDIS_URL=url), capture_stderr=True, check=False
+        )
+        assert done.returncode == 2
+        last = done.stderr.decode().strip().splitlines()[-1]
+        assert last.startswith("error: CHINWAG_REDIS_URL cannot be used: Redis at redis://:***@")
+        assert b"hunter2secret" not in done.stderr and b"Traceback" not in done.stderr
