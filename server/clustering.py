@@ -27,7 +27,6 @@ imports it; a single process never loads coredis). One
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -35,7 +34,6 @@ from typing import Any
 
 import trio
 
-import ledger
 from observation import ObservationManager, Stream
 
 from .cluster import (
@@ -49,13 +47,13 @@ from .cluster import (
     UserAtCap,
 )
 from .db import Db
-from .dialects import CHAT, DIALECTS, Dialect, Ending
+from .dialects import Dialect
 from .errors import ApiError, Conflict, TooMany
 from .limits import RateLimiter
 from .models import Catalog
+from .recovery import settle_recovered
 from .settings import Settings
-from .storage import StoreBackend
-from .streams import CLEANUP_TIMEOUT_S, FINAL_WAIT_S, NodeLostError, StreamHub
+from .streams import CLEANUP_TIMEOUT_S, FINAL_WAIT_S, StreamHub
 
 __all__ = ["ClusterLink", "busy"]
 
@@ -276,86 +274,14 @@ class ClusterLink:
     # -- recovery ------------------------------------------------------------------
 
     async def settle(self, stream: RecoveredStream) -> list[tuple[str, str]]:
-        """End a dead node's stream in the database, once; the closing events for its readers.
-
-        Idempotent: a message no longer ``streaming`` is left as it is, a
-        reservation already closed is not touched again.
-        """
-        model = self.catalog.get(stream.model_id)
-        output = stream.tokens
-        input_tokens = stream.input_tokens if output else 0
-        charge = model.price.cost(input_tokens, output) if model is not None and output else 0
-        content = await self._content(stream)
-
-        def work(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[str, int]:
-            message = store.message_by_stream(stream.stream_id)
-            open_ = [
-                r
-                for r in book.open_reservations(stream.user_id)
-                if r.streaming_session_id == stream.stream_id
-            ]
-            charged = int(message["credits_charged"]) if message else 0
-            for reservation in open_:
-                charged = book.settle(
-                    reservation.id,
-                    charge,
-                    model_id=stream.model_id,
-                    streaming_session_id=stream.stream_id,
-                    input_tokens=input_tokens,
-                    output_tokens=output,
-                ).charged
-            if message is not None and message["status"] == "streaming":
-                store.finish_message(
-                    message["id"],
-                    content=content,
-                    status="interrupted",
-                    input_tokens=input_tokens,
-                    output_tokens=output,
-                    credits_charged=charged,
-                    finish_reason="error",
-                    cancel_reason=None,
-                )
-            return (message["id"] if message else stream.message_id), charged
-
-        message_id, charged = await self.db.write(work)
-        log.warning(
-            "recovered stream %s of node %s: %d tokens, %d credits charged",
-            stream.stream_id,
-            stream.node_id,
-            output,
-            charged,
+        """A dead node's stream, ended in the database once (see :mod:`server.recovery`)."""
+        return await settle_recovered(
+            stream,
+            redis=self.cluster.redis,
+            db=self.db,
+            catalog=self.catalog,
+            credit_usd=self.settings.credit_usd,
         )
-        dialect = DIALECTS.get(stream.dialect, CHAT)
-        return dialect.ending(
-            Ending(
-                stream_id=stream.stream_id,
-                message_id=message_id,
-                model_id=stream.model_id,
-                input_tokens=input_tokens,
-                output_tokens=output,
-                credits_charged=charged,
-                cost_usd=round(charged * self.settings.credit_usd, 8),
-                finish_reason="error",
-                error=NodeLostError(),
-            )
-        )
-
-    async def _content(self, stream: RecoveredStream) -> str:
-        """The answer's text as far as the cluster's copy holds it whole ("" if trimmed)."""
-        redis = self.cluster.redis
-        with redis.guard("recovered content"):
-            entries = await redis.client.xrange(redis.keys("stream", stream.stream_id))
-        if not entries or entries[0].identifier not in (b"0-1", "0-1"):
-            return ""
-        parts = []
-        for entry in entries:
-            fields = entry.field_values
-            if fields.get(b"n") in (b"chunk", b"token"):
-                try:
-                    parts.append(json.loads(fields[b"d"])["text"])
-                except (ValueError, KeyError, TypeError):
-                    return ""
-        return "".join(parts)
 
     # -- signals from other nodes -------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import trio
@@ -70,6 +71,12 @@ async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluste
     text = "".join(m.data["text"] for m in tail if m.event == "chunk")
     assert stored["content"] == text
     assert recovered_in_logs(cluster, stream_id) == 1
+    rows = [
+        json.loads(row["payload"])
+        for row in cluster.store.recent_telemetry(100)
+        if stream_id in row["payload"]
+    ]
+    assert len(rows) == 1 and rows[0]["error_code"] == "NODE_LOST"
 
     # Its client resumes through C and is told the same; the session is free again.
     async with cluster["c"].http.stream(

@@ -1,0 +1,138 @@
+"""What a survivor does with a dead node's stream (SPEC §9), once.
+
+:mod:`server.cluster.nodes` decides, in Redis, which survivor takes a dead
+node over (exactly one) and hands it each of the node's streams;
+:func:`settle_recovered` ends one in the database in one hop to the writer:
+
+- its assistant message becomes ``interrupted`` with the text the cluster's
+  copy holds (when the copy still starts at the first event; "" if Redis
+  trimmed it), and the tokens the cluster saw produced;
+- its reservation (looked up by stream id: the stream was registered before
+  the reservation existed) is settled for those tokens, or for nothing if
+  none were produced;
+- one telemetry row, ``errorCode`` ``NODE_LOST``;
+
+and returns the closing events — ``error`` ``NODE_LOST`` and ``done``
+``finishReason:"error"``, in the stream's own dialect — that the survivor
+appends to the copy for observers and resuming clients. Idempotent: a
+message no longer ``streaming`` and a reservation already closed are left
+alone (the owner may have died mid-ending, or a retry may run it twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+
+import ledger
+
+from .cluster import ClusterRedis, RecoveredStream
+from .db import Db
+from .dialects import CHAT, DIALECTS, Ending
+from .models import Catalog
+from .storage import StoreBackend
+from .streams import NodeLostError
+from .telemetry import CallRecord, Telemetry
+
+__all__ = ["settle_recovered"]
+
+log = logging.getLogger("chinwag.cluster")
+
+
+async def settle_recovered(
+    stream: RecoveredStream,
+    *,
+    redis: ClusterRedis,
+    db: Db,
+    catalog: Catalog,
+    credit_usd: float,
+) -> list[tuple[str, str]]:
+    """End ``stream`` in the database (once) and return its closing events."""
+    model = catalog.get(stream.model_id)
+    output = stream.tokens
+    input_tokens = stream.input_tokens if output else 0
+    charge = model.price.cost(input_tokens, output) if model is not None and output else 0
+    content = await _content(redis, stream)
+    call = CallRecord(
+        streaming_session_id=stream.stream_id,
+        user_id=stream.user_id,
+        model_id=stream.model_id,
+        provider="",
+        retries=0,
+        ttft_ms=None,
+        total_ms=max(0.0, time.time() - stream.started_at) * 1000,
+        input_tokens=input_tokens,
+        output_tokens=output,
+        credits_charged=charge,
+        finish_reason="error",
+        error_code=NodeLostError.error_code,
+    )
+
+    def work(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[str, int]:
+        message = store.message_by_stream(stream.stream_id)
+        charged = int(message["credits_charged"]) if message else 0
+        for reservation in book.open_reservations(stream.user_id):
+            if reservation.streaming_session_id != stream.stream_id:
+                continue
+            charged = book.settle(
+                reservation.id,
+                charge,
+                model_id=stream.model_id,
+                streaming_session_id=stream.stream_id,
+                input_tokens=input_tokens,
+                output_tokens=output,
+            ).charged
+        if message is not None and message["status"] == "streaming":
+            store.finish_message(
+                message["id"],
+                content=content,
+                status="interrupted",
+                input_tokens=input_tokens,
+                output_tokens=output,
+                credits_charged=charged,
+                finish_reason="error",
+                cancel_reason=None,
+            )
+            store.add_telemetry("model_call", Telemetry.row(replace(call, credits_charged=charged)))
+        return (message["id"] if message else stream.message_id), charged
+
+    message_id, charged = await db.write(work)
+    log.warning(
+        "recovered stream %s of node %s: %d tokens, %d credits charged",
+        stream.stream_id,
+        stream.node_id,
+        output,
+        charged,
+    )
+    return DIALECTS.get(stream.dialect, CHAT).ending(
+        Ending(
+            stream_id=stream.stream_id,
+            message_id=message_id,
+            model_id=stream.model_id,
+            input_tokens=input_tokens,
+            output_tokens=output,
+            credits_charged=charged,
+            cost_usd=round(charged * credit_usd, 8),
+            finish_reason="error",
+            error=NodeLostError(),
+        )
+    )
+
+
+async def _content(redis: ClusterRedis, stream: RecoveredStream) -> str:
+    """The answer's text as far as the cluster's copy holds it whole ("" if trimmed)."""
+    with redis.guard("recovered content"):
+        entries = await redis.client.xrange(redis.keys("stream", stream.stream_id))
+    if not entries or entries[0].identifier not in (b"0-1", "0-1"):
+        return ""
+    parts = []
+    for entry in entries:
+        fields = entry.field_values
+        if fields.get(b"n") in (b"chunk", b"token"):
+            try:
+                parts.append(json.loads(fields[b"d"])["text"])
+            except (ValueError, KeyError, TypeError):
+                return ""
+    return "".join(parts)
