@@ -2,39 +2,31 @@
 
 A :class:`StreamHub` is a long-lived service that owns one nursery (started
 in the app nursery). Every model call — streaming or not — is a
-:class:`StreamRun` task in that nursery, under its own cancel scope, so:
-
-- no task outlives its stream, and the hub (so the app) owns every task;
-- the client's HTTP response is only a *reader* of the run's observation
-  ring; when the client goes away its reader detaches and the run's cancel
-  scope gets a deadline of now + ``CHINWAG_DISCONNECT_GRACE_MS`` (0: cancel
-  at once). A resume re-attaches and lifts the deadline. The grace is a
-  deadline on the scope, not a sleeping task;
-- cancellation reaches the provider's ``async with``, which closes the
-  upstream connection;
-- the ending (store the message, settle the ledger, publish ``done``, close
-  the ring) runs in a ``finally`` under a shielded scope with a deadline, so
-  a disconnect, an upstream error or a shutdown never leaves credits
-  reserved or a message half written.
+:class:`~server.run.StreamRun` task in that nursery (the call itself, from
+upstream to its settled end, is in :mod:`server.run`), so no task outlives
+its stream, and the hub (so the app) owns every task. The hub decides
+whether a call may start at all (one stream per chat session, the per-user
+and per-process caps; in cluster mode the same cluster-wide, through
+:class:`~server.clustering.ClusterLink`), reserves and stores the user turn
+before the run starts, and stops runs: a supervisor's stop, a deleted
+session, a shutdown.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 import ledger
-from observation import ObservationManager, Stream
+from observation import ObservationManager
 
 from .auth import Principal
 from .db import Db
-from .dialects import CHAT, Dialect, Ending
+from .dialects import CHAT, Dialect
 from .errors import ApiError, Conflict, TooMany
 from .models import ModelInfo
 from .providers.base import (
@@ -42,399 +34,46 @@ from .providers.base import (
     ModelRequest,
     Pace,
     Provider,
-    ProviderError,
-    Started,
-    Stop,
-    TextDelta,
-    Usage,
     request_tokens,
+)
+from .run import (
+    CLEANUP_TIMEOUT_S,
+    FINAL_WAIT_S,
+    InternalFailure,
+    NodeLostError,
+    Outcome,
+    ServerShutdown,
+    StreamCancelled,
+    StreamRun,
 )
 from .settings import Settings
 from .storage import StoreBackend
-from .telemetry import CallRecord, Telemetry
+from .telemetry import Telemetry
+
+__all__ = [
+    "CLEANUP_TIMEOUT_S",
+    "FINAL_WAIT_S",
+    "InternalFailure",
+    "NodeLostError",
+    "Outcome",
+    "ServerShutdown",
+    "StreamCancelled",
+    "StreamHub",
+    "StreamRun",
+    "new_stream_id",
+]
 
 if TYPE_CHECKING:
-    from .cluster import Admission
     from .clustering import ClusterLink
 
 log = logging.getLogger("chinwag.streams")
 
-#: Bound on the shielded ending of a run (persist, settle, tell readers).
-CLEANUP_TIMEOUT_S = 5.0
-#: How long the closing events wait, together, for a client a whole ring behind.
-FINAL_WAIT_S = 1.0
-#: How long a streaming run waits for its client's response to start reading.
-ATTACH_TIMEOUT_S = 10.0
 DEFAULT_MAX_TOKENS = 1024
 HISTORY_TURNS = 20
 
 
 def new_stream_id() -> str:
     return f"stream-{int(time.time() * 1000)}-{uuid.uuid4()}"
-
-
-class ServerShutdown(ProviderError):
-    """Told to readers of a stream the server ended because it is stopping."""
-
-    error_code = "SERVER_SHUTTING_DOWN"
-    user_message = "The server is shutting down, please reconnect shortly."
-
-
-class StreamCancelled(ProviderError):
-    """Told to every reader of a stream a supervisor stopped (SPEC §6.1)."""
-
-    error_code = "STREAM_CANCELLED"
-    user_message = "This answer was stopped by a supervisor."
-
-
-class NodeLostError(ProviderError):
-    """Told to the readers of a stream whose node died, or was taken for dead (SPEC §9)."""
-
-    error_code = "NODE_LOST"
-    user_message = "The server running this answer stopped; please send the message again."
-
-
-class InternalFailure(ProviderError):
-    """A bug ended this stream; it is logged, the client sees only this."""
-
-    error_code = "INTERNAL_ERROR"
-    user_message = "Internal server error."
-
-
-#: The stored message status for each way a run ends (anything else: interrupted).
-_STATUS = {"stop": "complete", "length": "complete", "error": "error", "cancelled": "cancelled"}
-#: Endings the server chose, told to every reader as an error event before ``done``.
-_TOLD: dict[str, type[ProviderError]] = {
-    "shutdown": ServerShutdown,
-    "cancelled": StreamCancelled,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a run ended, once its message and its charge are committed."""
-
-    user_message: dict[str, Any]
-    assistant_message: dict[str, Any]
-    input_tokens: int
-    output_tokens: int
-    credits_charged: int
-    finish_reason: str
-    retries: int
-    error: ProviderError | None
-
-
-class StreamRun:
-    """One model call. Created by :meth:`StreamHub.start`; runs in the hub's nursery."""
-
-    def __init__(
-        self,
-        hub: StreamHub,
-        *,
-        principal: Principal,
-        session_id: str,
-        model: ModelInfo,
-        request: ModelRequest,
-        reservation: ledger.Reservation,
-        user_message: dict[str, Any],
-        assistant_message: dict[str, Any],
-        stream: Stream,
-        streaming: bool,
-        dialect: Dialect = CHAT,
-        admission: Admission | None = None,
-    ) -> None:
-        self.hub = hub
-        self.stream_id = stream.stream_id
-        self.user_id = principal.user_id
-        self.session_id = session_id
-        self.model = model
-        self.request = request
-        self.reservation = reservation
-        self.user_message = user_message
-        self.assistant_message = assistant_message
-        self.stream = stream
-        self.dialect = dialect
-        self.started_at = time.time()
-        self._t0 = trio.current_time()
-        self.first_token_at: float | None = None
-        self.cancel_scope = trio.CancelScope()
-        self.cancel_reason = "client_disconnected"
-        #: A supervisor's words when they stopped it (SPEC §6.1), kept with the message.
-        self.cancel_note: str | None = None
-        self.outcome: Outcome | None = None
-        #: Cluster mode: the session claim held in Redis, and where events are copied.
-        self.admission = admission
-        self.publisher = hub.link.publisher if hub.link is not None else None
-        self._done = trio.Event()
-        self._attached = trio.Event()
-        if not streaming:
-            self._attached.set()
-
-    # -- the client side ---------------------------------------------------------
-
-    def attach(self) -> None:
-        """The client (or a resumed client) is reading: lift any disconnect deadline."""
-        self._attached.set()
-        if not self._done.is_set():
-            self.cancel_scope.deadline = math.inf
-
-    def detach(self) -> None:
-        """The client went away: abort after the grace (0 = at once)."""
-        if self._done.is_set():
-            return
-        grace = self.hub.settings.disconnect_grace_ms / 1000
-        if grace <= 0:
-            self.cancel("client_disconnected")
-        else:
-            self.cancel_reason = "client_disconnected"
-            self.cancel_scope.deadline = trio.current_time() + grace
-
-    def cancel(self, reason: str, note: str | None = None) -> None:
-        """End the run now as ``reason`` (the first reason given wins)."""
-        if not self._done.is_set() and not self.cancel_scope.cancel_called:
-            self.cancel_reason = reason
-            self.cancel_note = note
-            self.cancel_scope.cancel()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def wait_done(self) -> None:
-        await self._done.wait()
-
-    async def result(self) -> Outcome:
-        """Wait for the end (non-streaming callers). If the caller is cancelled, so is the run."""
-        try:
-            await self._done.wait()
-        finally:
-            if not self._done.is_set():
-                self.detach()
-        assert self.outcome is not None
-        return self.outcome
-
-    # -- the work ------------------------------------------------------------------
-
-    async def run(self, provider: Provider) -> None:
-        parts: list[str] = []
-        usage: Usage | None = None
-        finish: str | None = None
-        error: ProviderError | None = None
-        retries = 0
-        try:
-            with self.cancel_scope:
-                with trio.move_on_after(ATTACH_TIMEOUT_S) as attach_wait:
-                    await self._attached.wait()
-                if attach_wait.cancelled_caught:
-                    return
-                async with provider.stream(self.request) as events:
-                    async for event in events:
-                        if isinstance(event, TextDelta):
-                            if not parts:
-                                self.first_token_at = trio.current_time()
-                            parts.append(event.text)
-                            await self._publish(*self.dialect.chunk(event.text))
-                        elif isinstance(event, Usage):
-                            usage = event
-                        elif isinstance(event, Stop):
-                            finish = event.reason
-                        elif isinstance(event, Started):
-                            retries = event.retries
-        except ProviderError as exc:
-            error, finish, retries = exc, "error", max(retries, exc.retries)
-        except Exception as exc:  # a bug must end this stream, not the hub
-            log.exception("stream %s failed", self.stream_id)
-            error, finish = InternalFailure(repr(exc)), "error"
-        finally:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
-                try:
-                    await self._finish(
-                        "".join(parts),
-                        len(parts),
-                        usage,
-                        finish or self.cancel_reason,
-                        error,
-                        retries,
-                    )
-                except Exception:
-                    # Never let one stream's ending take the hub (and every stream) down.
-                    # What could not be settled stays reserved until the next start-up
-                    # releases it; the message stays "streaming" until then too.
-                    log.exception("stream %s: could not persist/settle", self.stream_id)
-
-    async def _publish(self, name: str, data: str) -> None:
-        """Publish a chunk, waiting for a client that is a whole ring behind — but not forever.
-
-        The fast path never waits. A client whose reader has not moved for
-        ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS`` is treated as gone: the run ends
-        as ``client_disconnected`` (the kernel's TCP_USER_TIMEOUT frees its
-        connection on the same bound; see :mod:`server.serving`). In cluster
-        mode the event is also queued for Redis (never a wait).
-        """
-        try:
-            event = self.stream.publish_nowait(name, data)
-        except trio.WouldBlock:
-            with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
-                event = await self.stream.publish(name, data)
-                if self.publisher is not None:
-                    self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
-                return
-            log.warning("stream %s: client stopped reading, ending it", self.stream_id)
-            self.cancel("client_disconnected")
-            await trio.lowlevel.checkpoint()  # deliver the cancellation now
-            return
-        if self.publisher is not None:
-            self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
-
-    async def _finish(
-        self,
-        content: str,
-        produced: int,
-        usage: Usage | None,
-        finish_reason: str,
-        error: ProviderError | None,
-        retries: int,
-    ) -> None:
-        """Persist, settle, then tell readers. Runs shielded, bounded, exactly once.
-
-        In cluster mode the node first asks Redis whether it still owns the
-        stream; it gives the session claim back before ``done`` goes out and
-        takes the stream off the cluster's live list last.
-        """
-        hub = self.hub
-        link = hub.link
-        owner = released = False
-        try:
-            output_tokens = usage.output_tokens if usage else produced
-            input_tokens = usage.input_tokens if usage else self.reservation_input
-            # Only produced tokens are charged: a call that produced nothing costs nothing.
-            charge = self.model.price.cost(input_tokens, output_tokens) if output_tokens else 0
-            if not output_tokens:
-                input_tokens = 0
-            status = _STATUS.get(finish_reason, "interrupted")
-            call = CallRecord(
-                streaming_session_id=self.stream_id,
-                user_id=self.user_id,
-                model_id=self.model.id,
-                provider=hub.provider.name if hub.provider else "",
-                retries=retries,
-                ttft_ms=None
-                if self.first_token_at is None
-                else (self.first_token_at - self._t0) * 1000,
-                total_ms=(trio.current_time() - self._t0) * 1000,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                credits_charged=charge,
-                finish_reason=finish_reason,
-                error_code=error.error_code if error else None,
-            )
-            message_id, reservation_id, note = (
-                self.assistant_message["id"],
-                self.reservation.id,
-                self.cancel_note,
-            )
-
-            def end(store: StoreBackend, book: ledger.LedgerBackend) -> ledger.Settlement:
-                # One hop to the database thread: the message, the charge, the telemetry row.
-                store.finish_message(
-                    message_id,
-                    content=content,
-                    status=status,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    credits_charged=charge,
-                    finish_reason=finish_reason,
-                    cancel_reason=note,
-                )
-                settlement = book.settle(
-                    reservation_id,
-                    charge,
-                    model_id=call.model_id,
-                    streaming_session_id=call.streaming_session_id,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                )
-                store.add_telemetry("model_call", Telemetry.row(call))
-                return settlement
-
-            if link is None or await link.owns_ending(self.stream_id):
-                owner = True
-                charged = (await hub.db.write(end)).charged
-                hub.telemetry.count(call)
-                if link is not None:  # before `done`: its client may start the next one at once
-                    await link.release(self.admission)
-                    released = True
-            else:
-                # A survivor took the stream over and settled it: the database is its.
-                log.warning("stream %s: taken over by a survivor; not settling", self.stream_id)
-                charged, finish_reason, status = 0, "error", "interrupted"
-                error = NodeLostError()
-            self.assistant_message = {
-                **self.assistant_message,
-                "content": content,
-                "status": status,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens_used": input_tokens + output_tokens,
-                "credits_charged": charged,
-                "finish_reason": finish_reason,
-            }
-            self.outcome = Outcome(
-                self.user_message,
-                self.assistant_message,
-                input_tokens,
-                output_tokens,
-                charged,
-                finish_reason,
-                retries,
-                error,
-            )
-            if error is None and finish_reason in _TOLD:
-                error = _TOLD[finish_reason]()
-            ending = Ending(
-                stream_id=self.stream_id,
-                message_id=self.assistant_message["id"],
-                model_id=self.model.id,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                credits_charged=charged,
-                cost_usd=round(charged * hub.settings.credit_usd, 8),
-                finish_reason=finish_reason,
-                error=error,
-            )
-            await self._publish_final(self.dialect.ending(ending))
-        finally:
-            self.stream.close()
-            hub._forget(self)
-            try:
-                if link is not None:
-                    if not released:  # compare-and-delete: harmless if a survivor freed it
-                        await link.release(self.admission)
-                    if owner:
-                        await link.finished(self.stream_id)
-            finally:
-                self._done.set()
-
-    async def _publish_final(self, events: list[tuple[str, str]]) -> None:
-        """The closing events: a client that stalled gets them if it catches up
-        within :data:`FINAL_WAIT_S` (one bound for all of them, not one each)."""
-        publisher = self.publisher
-        try:
-            with trio.move_on_after(FINAL_WAIT_S):
-                for name, data in events:
-                    try:
-                        event = self.stream.publish_nowait(name, data)
-                    except trio.WouldBlock:
-                        event = await self.stream.publish(name, data)
-                    if publisher is not None:
-                        publisher.add(self.stream_id, event.id, name, data)
-        finally:
-            if publisher is not None:
-                publisher.end(self.stream_id)
-
-    @property
-    def reservation_input(self) -> int:
-        return request_tokens(self.request)
 
 
 def _turns(history: list[dict[str, Any]], text: str) -> tuple[ChatTurn, ...]:

@@ -16,8 +16,8 @@ from ..errors import ApiError, Conflict, NotFound, ValidationError
 from ..models import resolve
 from ..providers.base import Pace
 from ..providers.simulated import SCENARIOS
+from ..run import StreamRun
 from ..sse import CONNECTED, ConnectionReset, heartbeat, sse_response
-from ..streams import StreamRun
 from ..timers import Timers
 from ..validate import (
     EVENT_STREAM,
