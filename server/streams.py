@@ -14,7 +14,6 @@ session, a shutdown.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -65,8 +64,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .clustering import ClusterLink
-
-log = logging.getLogger("chinwag.streams")
 
 DEFAULT_MAX_TOKENS = 1024
 HISTORY_TURNS = 20
