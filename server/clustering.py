@@ -63,6 +63,10 @@ log = logging.getLogger("chinwag.cluster")
 HOUSEKEEPING_S = 1.0
 #: How often an observer waiting for a stream (``?wait=``) looks for one in Redis.
 WAIT_POLL_S = 0.1
+#: How long each Redis step of a stream's ending may take: the ending's whole budget
+#: (CLEANUP_TIMEOUT_S) is for the database and the closing events, so a Redis that
+#: hangs (rather than refuses) costs at most this much, then is retried later.
+ENDING_STEP_S = 1.0
 #: How long a stop or end-session waits for the stream's node to answer.
 ANSWER_WITHIN_S = CLEANUP_TIMEOUT_S + FINAL_WAIT_S + 2.0
 
@@ -243,26 +247,35 @@ class ClusterLink:
         exactly-once settlement refuses the second of the two settlements.
         """
         try:
-            return await self.cluster.registry.finishing(stream_id)
-        except ClusterUnavailable as exc:
-            log.warning("stream %s: Redis cannot say who ends it (%s); ending it", stream_id, exc)
-            return True
+            with trio.move_on_after(ENDING_STEP_S):
+                return await self.cluster.registry.finishing(stream_id)
+            exc: Exception = TimeoutError(f"no answer within {ENDING_STEP_S} s")
+        except ClusterUnavailable as unavailable:
+            exc = unavailable
+        log.warning("stream %s: Redis cannot say who ends it (%s); ending it", stream_id, exc)
+        return True
 
     async def release(self, admission: Admission | None) -> None:
         """Give the session claim and the cap place back (retried later if Redis is away)."""
         if admission is None:
             return
         try:
-            await self.cluster.claims.release(admission)
+            with trio.move_on_after(ENDING_STEP_S):
+                await self.cluster.claims.release(admission)
+                return
         except ClusterUnavailable:
-            self._unreleased.append(admission)
+            pass
+        self._unreleased.append(admission)  # compare-and-delete: safe to send again
 
     async def finished(self, stream_id: str) -> None:
         """Off the live lists; its traces expire after the buffer (retried if Redis is away)."""
         try:
-            await self.cluster.registry.finished(stream_id)
+            with trio.move_on_after(ENDING_STEP_S):
+                await self.cluster.registry.finished(stream_id)
+                return
         except ClusterUnavailable:
-            self._unfinished.append(stream_id)
+            pass
+        self._unfinished.append(stream_id)
 
     def on_lost(self, lost: Sequence[StreamInfo]) -> None:
         """A survivor took this node's streams over: stop them here, leave the database."""

@@ -66,17 +66,23 @@ _TROUBLE = (
 
 
 class _LostConnectionNotice(logging.Filter):
-    """coredis logs a lost connection as an error with an empty traceback
-    (``log.exception`` outside any exception). For chinwag that is Redis
-    trouble like any other, reported once by the part that notices it: keep
-    coredis's line, as a warning, without the empty traceback."""
+    """coredis logs a lost or cancelled connection as an error with a traceback
+    (an empty one, or a ``Cancelled`` when one of our timeouts ended its
+    connection attempt). For chinwag that is Redis trouble like any other,
+    reported by the part that notices it: keep coredis's line as a warning,
+    with the exception's one-line summary instead of the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info is not None and record.exc_info[0] is None:
-            record.exc_info = None
-            record.exc_text = None
-            if record.levelno > logging.WARNING:
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if record.exc_info is None:
+            return True
+        exc = record.exc_info[1]
+        if exc is not None:
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

@@ -7,7 +7,7 @@ import signal
 
 import trio
 
-from tests.sse import events, messages
+from tests.sse import Msg, events, messages
 
 from .conftest import OwnRedis
 from .conftest import own_redis as own_redis  # the fixture
@@ -196,3 +196,61 @@ async def test_redis_restarted_mid_stream_degrades_never_corrupts(
             assert r.status_code == 200
             after = await read_until(messages(r), lambda got: got[-1].event == "done")
         assert events(after)[-1].data["finishReason"] == "length"
+
+
+async def test_a_redis_that_hangs_never_holds_up_a_streams_ending(
+    tmp_path, pg_url, nursery, own_redis: OwnRedis
+):
+    """Redis stopped (SIGSTOP: connections hang rather than fail) mid-stream: the
+    stream still ends for its client, stored and settled; once Redis answers again the
+    claim and the live list catch up."""
+    async with open_cluster(tmp_path, pg_url, nursery, redis_url=own_redis.url) as c:
+        await c.start("a")
+        alice = c.user(credits=1_000_000)
+        sup = c.user("supervisor")
+        sid = await c.session("a", alice)
+        assert own_redis.proc is not None
+        async with c["a"].http.stream(
+            "POST",
+            f"/api/chat/sessions/{sid}/stream",
+            json={"message": "a long answer", "maxTokens": 60},
+            headers=paced(RATE, alice["headers"]),
+        ) as r:
+            stream_id = r.headers["x-streaming-session-id"]
+            feed = messages(r)
+            client = await read_until(feed, lambda got: len(events(got)) >= 5)
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(15):
+                    client += await read_until(feed, lambda got: got[-1].event == "done")
+                stored = c.store.message_by_stream(stream_id)
+                assert stored["status"] == "complete" and stored["output_tokens"] == 60
+                assert c.book.open_reservations(alice["id"]) == [] and c.book.verify() == []
+            finally:
+                own_redis.proc.send_signal(signal.SIGCONT)
+        assert events(client)[-1].data["finishReason"] == "length"
+
+        async def caught_up() -> bool:
+            active = await c["a"].http.get("/api/chat/streams/active", headers=sup["headers"])
+            return active.status_code == 200 and active.json()["streams"] == []
+
+        await until_true(caught_up, within=15)
+        # The claim's release is retried once Redis answers (every second): until then
+        # the session refuses a second stream (409), then takes it.
+        again: list[Msg] = []
+
+        async def next_stream_taken() -> bool:
+            async with c["a"].http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "again", "maxTokens": 5},
+                headers=alice["headers"],
+            ) as r:
+                if r.status_code == 409:
+                    return False
+                assert r.status_code == 200, r.status_code
+                again.extend(await read_until(messages(r), lambda got: got[-1].event == "done"))
+                return True
+
+        await until_true(next_stream_taken, within=15)
+        assert events(again)[-1].data["finishReason"] == "length"
