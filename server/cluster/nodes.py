@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from .lease import BEAT_S, LeaseKeeper
 from .publisher import END_ID, entry_id
 from .redis import ClusterRedis, ClusterUnavailable, text
 from .registry import Registry, info_from_meta
@@ -159,6 +160,13 @@ class Node:
         self._renew = redis.script(_RENEW)
         self._take_over = redis.script(_TAKE_OVER)
         self._leave = redis.script(_LEAVE)
+        #: Renews the lease from a thread while the loop runs (server.cluster.lease).
+        self.keeper = LeaseKeeper(redis.url, _RENEW, self._renew_args, lease_ms=lease_ms)
+
+    def _renew_args(self) -> tuple[list[str], list[str | int]]:
+        inc = self.identity.incarnation
+        keys = [self._key(inc), self._key(inc, "taken"), self.redis.keys("nodes")]
+        return keys, [self.lease_ms, inc]
 
     def _key(self, incarnation: str, *rest: str) -> str:
         return self.redis.keys("node", incarnation, *rest)
@@ -180,6 +188,8 @@ class Node:
 
     async def leave(self) -> bool:
         """Give the lease back at a clean exit; False (let it expire) if streams are left."""
+        # The keeper first: a renewal after the lease is gone would take it back.
+        await trio.to_thread.run_sync(self.keeper.stop)
         inc = self.identity.incarnation
         keys = [
             self._key(inc),
@@ -312,36 +322,57 @@ class Node:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Join, then every lease / 3: renew, and recover dead nodes' streams.
+        """Join, then keep the lease and, every lease / 3, recover dead nodes' streams.
 
         Reports started once the lease is held (so raises ``ClusterUnavailable``
-        before that if Redis is down). If this incarnation was taken over,
-        ``on_lost(streams)`` gets the :class:`~server.cluster.registry.StreamInfo`
-        of the streams it lost and the process goes on as a fresh incarnation.
-        Redis trouble later is logged and retried each tick. Runs until cancelled.
+        before that if Redis is down). The lease is renewed by the
+        :class:`~server.cluster.lease.LeaseKeeper`'s thread while this loop
+        beats; this task acts on what the keeper saw: a lease re-acquired
+        (Redis lost it) re-registers the live streams; a take-over calls
+        ``on_lost(streams)`` with the :class:`~server.cluster.registry.StreamInfo`
+        of the streams lost and goes on as a fresh incarnation. Redis trouble
+        is logged and retried each tick. Runs until cancelled.
         """
         await self.join()
-        task_status.started()
+        self.keeper.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._beat)
+                task_status.started()
+                while True:
+                    await trio.sleep(self.lease_ms / 3000)
+                    try:
+                        await self._tick(settle, on_lost)
+                    except ClusterUnavailable as exc:  # the next tick tries again
+                        log.warning("node %s: %s", self.identity.incarnation, exc)
+                    except Exception:  # a bug: logged; the keeper still renews
+                        log.exception("node %s: recovery failed", self.identity.incarnation)
+        finally:
+            self.keeper.stop_soon()
+
+    async def _beat(self) -> None:
+        """Tell the keeper this loop still runs."""
         while True:
-            await trio.sleep(self.lease_ms / 3000)
-            try:
-                if await self.renew() == -1:
-                    lost = self.registry.forget_all()
-                    log.error(
-                        "node %s was taken over by a survivor: %d streams lost",
-                        self.identity.incarnation,
-                        len(lost),
-                    )
-                    self.identity.lost.set()
-                    if on_lost is not None:
-                        on_lost(lost)
-                    self.identity.renew()
-                    await self.join()
-                await self.recover(settle)
-            except ClusterUnavailable as exc:  # the next tick tries again
-                log.warning("node %s: %s", self.identity.incarnation, exc)
-            except Exception:  # a bug: logged, and the lease is still renewed next tick
-                log.exception("node %s: renewal or recovery failed", self.identity.incarnation)
+            self.keeper.beat()
+            await trio.sleep(BEAT_S)
+
+    async def _tick(self, settle: Settle, on_lost: Callable[[list[Any]], Any] | None) -> None:
+        outcome, self.keeper.outcome = self.keeper.outcome, None
+        if outcome == -1:
+            lost = self.registry.forget_all()
+            log.error(
+                "node %s was taken over by a survivor: %d streams lost",
+                self.identity.incarnation,
+                len(lost),
+            )
+            self.identity.lost.set()
+            if on_lost is not None:
+                on_lost(lost)
+            self.identity.renew()
+            await self.join()
+        elif outcome == 0:  # the keeper took the lease back: Redis had lost it
+            await self.registry.reregister_all()
+        await self.recover(settle)
 
 
 def _info_dict(info: Any) -> dict[str, Any]:

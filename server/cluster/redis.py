@@ -135,11 +135,13 @@ class ClusterRedis:
     leaves the client usable.
     """
 
-    def __init__(self, client: coredis.Redis[bytes], keys: Keys, where: str) -> None:
+    def __init__(self, client: coredis.Redis[bytes], keys: Keys, where: str, url: str = "") -> None:
         self.client = client
         self.keys = keys
         #: The URL with its password masked: the only form ever logged.
         self.where = where
+        #: The URL itself (password and all), for a connection of the lease keeper's own.
+        self.url = url
 
     @contextmanager
     def guard(self, what: str, timeout: float | None = OP_TIMEOUT_S) -> Iterator[None]:
@@ -221,7 +223,7 @@ async def open_redis(
         connect_timeout=connect_timeout,
         max_connections=max_connections,
     )
-    redis = ClusterRedis(client, Keys(prefix or url_prefix), where)
+    redis = ClusterRedis(client, Keys(prefix or url_prefix), where, target)
     try:
         async with client:
             with redis.guard("connect", timeout=connect_timeout + 1):
