@@ -29,7 +29,10 @@ from .redis import ClusterRedis, ClusterUnavailable, open_redis
 from .registry import Registry
 from .signals import Handler, Signals
 
-__all__ = ["Cluster", "open_cluster"]
+__all__ = ["CLAIM_LEASES", "Cluster", "open_cluster"]
+
+#: A session claim's lease, in node leases.
+CLAIM_LEASES = 3
 
 
 @dataclass(slots=True)
@@ -92,7 +95,11 @@ async def open_cluster(
             claims=Claims(
                 redis,
                 identity,
-                lease_ms=settings.node_lease_ms,
+                # A dead node's claims are freed by the survivor's take-over at once
+                # (server.cluster.nodes); a claim's own lease only bounds one leaked by
+                # a cancelled admission, so it is long enough that a loop too busy to
+                # renew for a whole node lease never loses a live stream's claim.
+                lease_ms=CLAIM_LEASES * settings.node_lease_ms,
                 max_per_user=settings.max_streams_per_user,
             ),
             limiter=RateLimiter(redis, settings.rate_limit),
