@@ -84,8 +84,16 @@ class SqlLedger(ABC):
     """
 
     @abstractmethod
-    def _write(self, work: Callable[[Tx], T]) -> T:
-        """Run ``work`` in one read-write transaction (see the module docstring)."""
+    def _write(self, work: Callable[[Tx], T], *, durable: bool = True) -> T:
+        """Run ``work`` in one read-write transaction (see the module docstring).
+
+        ``durable=False``: the commit may return before it reaches the disk, so
+        a power cut (never a killed process) can lose it — whole, with its
+        effect on the balance. Only for :meth:`reserve`: a reservation
+        outlives its process only to be released by :meth:`recover` (or settled
+        by a cluster survivor from what Redis saw), so losing one loses
+        nothing; the next durable commit (its settlement) flushes it anyway.
+        """
 
     @abstractmethod
     def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
@@ -257,7 +265,7 @@ class SqlLedger(ABC):
             hold(tx, account_id, credits)
             return reservation
 
-        return self._write(work)
+        return self._write(work, durable=False)
 
     def settle(
         self,

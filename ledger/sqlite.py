@@ -14,6 +14,9 @@ Guarantees, beyond those of :mod:`ledger.core` (which holds every operation):
   exception rolls the whole transaction back: a rejected call changes nothing.
 * **Durable.** ``synchronous=FULL``: a committed credit movement survives a
   power cut; a process killed mid-transaction leaves nothing (the journal).
+  A reservation alone commits without its own fsync (``synchronous=NORMAL``
+  for that transaction): a power cut may lose it whole, which loses nothing
+  (recovery would release it); its settlement's fsync flushes it anyway.
 """
 
 from __future__ import annotations
@@ -91,20 +94,26 @@ class SqliteLedger(SqlLedger):
                 self._closed = True
                 self._conn.close()
 
-    def _write(self, work: Callable[[Tx], T]) -> T:
+    def _write(self, work: Callable[[Tx], T], *, durable: bool = True) -> T:
         with self._lock:
             conn = self._conn
-            # BEGIN IMMEDIATE: take the write lock before reading the balance.
-            conn.execute("BEGIN IMMEDIATE")
+            if not durable:  # WAL + NORMAL: no fsync at this commit (see SqlLedger._write)
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                with map_integrity_errors():
-                    result = work(self._tx)
-                    conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
+                # BEGIN IMMEDIATE: take the write lock before reading the balance.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    with map_integrity_errors():
+                        result = work(self._tx)
+                        conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                return result
+            finally:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = FULL")
 
     def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
         # A deferred transaction, even for one statement: every SELECT inside

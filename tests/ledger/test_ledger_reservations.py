@@ -247,3 +247,35 @@ def test_a_constraint_refuses_what_the_checks_missed(target: Target) -> None:
         with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
             target.sql("UPDATE ledger_accounts SET reserved = 11")
         assert book.balance("alice") == Balance("alice", 10, 0, 10)
+
+
+def test_only_a_reservation_commits_without_its_own_fsync(tmp_path) -> None:
+    """SQLite: the reservation's transaction runs with synchronous=NORMAL (a power
+    cut may lose it whole: recovery would release it anyway); everything else,
+    and the connection afterwards, even after a refused reservation, is FULL."""
+    book = Ledger(tmp_path / "l.db")
+    try:
+        book.open_account("alice")
+        book.allocate("alice", 100)
+        seen: list[str] = []
+        book._conn.set_trace_callback(seen.append)
+        res = book.reserve("alice", 40)
+        with pytest.raises(InsufficientCredits):
+            book.reserve("alice", 1000)
+        book.settle(res.id, 10)
+        book._conn.set_trace_callback(None)
+        syncs = [s for s in seen if "synchronous" in s or s.startswith(("BEGIN", "COMMIT"))]
+        assert syncs[:4] == [
+            "PRAGMA synchronous = NORMAL",
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+            "PRAGMA synchronous = FULL",
+        ]
+        assert (
+            syncs[4] == "PRAGMA synchronous = NORMAL" and syncs[-3] == "PRAGMA synchronous = FULL"
+        )
+        assert syncs[-2:] == ["BEGIN IMMEDIATE", "COMMIT"]  # the settlement: FULL
+        assert book._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert book.verify() == [] and book.balance("alice").balance == 90
+    finally:
+        book.close()
