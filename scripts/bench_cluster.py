@@ -3,7 +3,7 @@ Redis and one database, driven by the raw-socket load generators of the other sc
 
     .venv/bin/python scripts/bench_cluster.py --quick          # CI: tiny sizes, < 60 s
     .venv/bin/python scripts/bench_cluster.py [--json out.json] [--only observe,scale]
-        [--observers 10,1000] [--modes join,wait] [--tokens 500] [--rate 50]
+        [--observers 10,1000] [--modes join,wait] [--tokens 1000] [--rate 50]
         [--streams 2000] [--stream-rate 20] [--stream-tokens 600]
         [--configs w1,w1-redis,w2-redis] [--repeat 2] [--database auto|pg|sqlite]
 
@@ -32,7 +32,10 @@ It measures (the simulated model, ``CHINWAG_SIM_TTFT_MS=0``):
    stream starts, then are held ``--hold`` seconds waiting: the CPU that
    costs is reported; attach = the client's request -> ``history-end``).
    Lag = an observer's receive time of event k - the client's receive time of
-   event k, over every live event of every observer, p50/p99. Every observer
+   event k, over every live event of every observer, p50/p99. As the client
+   is itself late when the observers load its node, each observer's own
+   lateness is given too: receive time of chunk k - (the client's first chunk
+   + (k - 1)/rate), the client's schedule. Every observer
    is checked as in ``bench_observe.py`` (ids consecutive, every event
    byte-identical to the client's, no ``lagged``, ``done``). Reported: lag,
    join/attach, the client's own lateness, CPU of A, B, Redis, the database
@@ -52,7 +55,8 @@ It measures (the simulated model, ``CHINWAG_SIM_TTFT_MS=0``):
    the server (the sum of its processes), the load generator, Redis, the
    database's backends and everything else on the machine. With Redis, the
    copy itself is checked after the run: every stream's Redis Stream holds
-   every event and the end marker. A follower reads the copies of a few
+   every event and the end marker, within 30 s of the last client's ``done``
+   (the copy may run behind the clients: how long it took is reported). A follower reads the copies of a few
    streams (``--copy-sample``) from Redis as they are written: how far the
    copy runs behind the clients (copy lag p50/p99).
 
@@ -124,6 +128,8 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NAN = math.nan
 #: A scale run's streams that have not ended this long after their nominal duration fail.
 STREAM_SLACK_S = 300.0
+#: How long the Redis copies may take to be complete after the last client's ``done``.
+COPY_GRACE_S = 30.0
 CONFIGS = {
     # name: (serve argv, ready line, cluster mode)
     "w1": (("serve",), "chinwag listening on", False),
@@ -308,6 +314,28 @@ class ClusterEnv(Env):
         return Server(self, name, extra, argv=argv, ready=ready)
 
 
+def unsettled(env: ClusterEnv) -> dict[str, int]:
+    """Answers still ``streaming`` and reservations still ``open`` in the database.
+
+    Read after a server has stopped (SIGTERM: it settles everything it runs),
+    the difference from before its run is what it left unsettled.
+    """
+    queries = {
+        "streaming": "SELECT count(*) FROM messages WHERE status = 'streaming'",
+        "open": "SELECT count(*) FROM ledger_reservations WHERE status = 'open'",
+    }
+    url = env.settings.get("CHINWAG_DATABASE_URL")
+    if url:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {k: int(conn.execute(q).fetchone()[0]) for k, q in queries.items()}  # type: ignore[index]
+    import sqlite3
+
+    with sqlite3.connect(f"file:{env.db}?mode=ro", uri=True) as conn:
+        return {k: int(conn.execute(q).fetchone()[0]) for k, q in queries.items()}
+
+
 def server_pids(server: Server) -> Callable[[], list[int]]:
     """The server's processes: itself and (``--workers N``) its workers."""
     return lambda: [server.pid, *children(server.pid)]
@@ -389,7 +417,8 @@ async def bench_observe(
         elif why:
             failures.append(o.label)
     ct = client.times
-    lags = array("d")
+    lags, obs_late = array("d"), array("d")
+    slot0 = ct[1] if len(ct) > 1 else NAN  # chunk k's slot: slot0 + (k - 1) / rate
     for o in observers:
         if o.done_id is None or o.history_end is None:
             continue
@@ -398,6 +427,8 @@ async def bench_observe(
             x, y = ot[i], ct[i]
             if x == x and y == y:  # neither is nan
                 lags.append(x - y)
+                if i <= tokens:
+                    obs_late.append(x - slot0 - (i - 1) / rate)
     late = lateness(client, tokens, rate)
     joined = [o for o in observers if not math.isnan(o.t_history_end)]
     out.update(
@@ -406,6 +437,10 @@ async def bench_observe(
             "lagP50Ms": ms(pct(lags, 50)),
             "lagP99Ms": ms(pct(lags, 99)),
             "lagMaxMs": ms(max(lags)) if lags else NAN,
+            # The observers' own lateness, against the stream's schedule as the client
+            # measures its own: comparable whether the client's node is busy or not.
+            "observerLatenessP50Ms": ms(pct(obs_late, 50)),
+            "observerLatenessP99Ms": ms(pct(obs_late, 99)),
             "clientLatenessP50Ms": ms(pct(late, 50)),
             "clientLatenessP99Ms": ms(pct(late, 99)),
             "clientChunks": client.events - (1 if client.done_id else 0),
@@ -436,7 +471,9 @@ def run_observe(env: ClusterEnv, args: Any) -> dict[str, Any]:
     node_env = {
         "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
         "CHINWAG_SIM_ANSWER_TOKENS": str(args.tokens),
-        "CHINWAG_STREAM_BUFFER_MS": "2000",
+        # Long enough that an observer joining after the end (a slow join of 1,000 on a
+        # saturated node) replays the stream rather than getting a 404.
+        "CHINWAG_STREAM_BUFFER_MS": "30000",
     }
     a = env.serve("node-a", node_id="bench-a", cluster_tag="observe", **node_env)
     b = env.serve("node-b", node_id="bench-b", cluster_tag="observe", **node_env)
@@ -530,27 +567,48 @@ async def follow_copies(
             nursery.start_soon(follow, redis, conn)
 
 
-async def check_copies(redis_url: str, conns: list[StreamConn]) -> list[str]:
-    """Every stream's Redis copy: all its events (0-1 .. 0-done) and the end marker."""
+async def check_copies(
+    redis_url: str, conns: list[StreamConn], within: float = COPY_GRACE_S
+) -> tuple[list[str], float]:
+    """Every stream's Redis copy: all its events (0-1 .. 0-done) and the end marker.
+
+    The copy may run behind the clients (the publisher is a node's task like any
+    other): the check is repeated until every copy is complete or ``within``
+    seconds have passed. Returns what is still incomplete then, and how long
+    after the last client's ``done`` the copies were complete (nan: never).
+    """
     from server.cluster.redis import open_redis
 
-    bad: list[str] = []
+    t0 = time.perf_counter()
+    todo = [c for c in conns if c.stream_id and c.done_id]
     async with open_redis(redis_url) as redis:
         client = redis.client
-        for i in range(0, len(conns), 200):
-            part = [c for c in conns[i : i + 200] if c.stream_id and c.done_id]
-            async with client.pipeline(transaction=False) as pipe:
-                lens = [pipe.xlen(redis.keys("stream", c.stream_id)) for c in part]
-                ends = [pipe.xrange(redis.keys("stream", c.stream_id), "1-0", "1-0") for c in part]
-            for c, n_req, end_req in zip(part, lens, ends, strict=True):
-                n, end = await n_req, await end_req
-                end_id = int(end[0].field_values[b"end"]) if end else None
-                if end_id != c.done_id or n != (c.done_id or 0) + 1:
-                    bad.append(
-                        f"copy of {c.stream_id}: {n} entries, end {end_id}, client's done id "
-                        f"{c.done_id}"
-                    )
-    return bad
+        while True:
+            bad: list[str] = []
+            left: list[StreamConn] = []
+            for i in range(0, len(todo), 200):
+                part = todo[i : i + 200]
+                async with client.pipeline(transaction=False) as pipe:
+                    lens = [pipe.xlen(redis.keys("stream", c.stream_id)) for c in part]
+                    ends = [
+                        pipe.xrange(redis.keys("stream", c.stream_id), "1-0", "1-0") for c in part
+                    ]
+                for c, n_req, end_req in zip(part, lens, ends, strict=True):
+                    n, end = await n_req, await end_req
+                    end_id = int(end[0].field_values[b"end"]) if end else None
+                    if end_id != c.done_id or n != (c.done_id or 0) + 1:
+                        left.append(c)
+                        bad.append(
+                            f"copy of {c.stream_id}: {n} entries, end {end_id}, the client's "
+                            f"done id {c.done_id}"
+                        )
+            todo = left
+            waited = time.perf_counter() - t0
+            if not todo:
+                return [], waited
+            if waited >= within:
+                return bad, NAN
+            await trio.sleep(0.5)
 
 
 async def bench_scale(
@@ -614,7 +672,7 @@ async def bench_scale(
             failures.append(why[0])
     # What kind of failures, counted: "HTTP 503", "client: no done", "timeout"...
     kinds = Counter(re.sub(r"\(.*|: b.*|\d+ events", "", f).strip() for f in failures)
-    copy_bad = await check_copies(redis_url, conns) if redis_url else []
+    copy_bad, copy_after = await check_copies(redis_url, conns) if redis_url else ([], NAN)
 
     # Each stream is live from its first chunk to its done. When every stream is
     # live at once (the plateau), its rate is the steady one; opening can be so
@@ -666,6 +724,7 @@ async def bench_scale(
         "copyLagP99Ms": ms(pct(copy_lags, 99)),
         "copyLagSamples": len(copy_lags),
         "copyIncomplete": len(copy_bad),
+        "copyCompleteAfterS": round(copy_after, 2),
         "failures": len(failures) + len(copy_bad),
         "failureSamples": sorted(set(failures))[:5] + copy_bad[:3],
         "failureKinds": dict(kinds.most_common()),
@@ -756,6 +815,7 @@ def run_scale(env: ClusterEnv, args: Any) -> list[dict[str, Any]]:
                 CHINWAG_STREAM_BUFFER_MS="120000",
             )
             redis_url = srv.settings.get("CHINWAG_REDIS_URL")
+            before = unsettled(env)
             groups = {"server": server_pids(srv), "db": database_pids(env)}
             if redis_url:
                 groups["redis"] = redis_pids(env)
@@ -775,6 +835,11 @@ def run_scale(env: ClusterEnv, args: Any) -> list[dict[str, Any]]:
             finally:
                 code = srv.stop()
             r["serverWarnings"] = log_warnings(srv.err_path)
+            after = unsettled(env)
+            r["leftUnsettled"] = {k: after[k] - before[k] for k in after}
+            if any(r["leftUnsettled"].values()):
+                r["failures"] += 1
+                r["failureSamples"].append(f"left unsettled after SIGTERM: {r['leftUnsettled']}")
             runs.append({**r, "config": config, "run": i + 1, "exit": code})
             if code != 0:
                 runs[-1]["failures"] += 1
@@ -853,8 +918,12 @@ def report(results: dict[str, Any]) -> None:
                 (
                     "  client late p50/p99",
                     f"{fmt(r['clientLatenessP50Ms'])} / {fmt(r['clientLatenessP99Ms'])} ms",
-                    "cpu " + cpu_note(r["cpu"], ("a", "b", "redis", "db", "loadgen", "other")),
+                    f"observers late p50/p99 {fmt(r['observerLatenessP50Ms'])} / "
+                    f"{fmt(r['observerLatenessP99Ms'])} ms (vs the schedule)",
                 )
+            )
+            rows.append(
+                ("  cpu", "", cpu_note(r["cpu"], ("a", "b", "redis", "db", "loadgen", "other")))
             )
     for r in results.get("scale", []):
         rows += scale_rows(r)
@@ -913,6 +982,14 @@ def scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if r["failureKinds"]:
         kinds = "; ".join(f"{k} x {v}" for k, v in r["failureKinds"].items())
         rows.append(("  failures", fmt(r["failures"]), kinds))
+    left = r.get("leftUnsettled", {})
+    rows.append(
+        (
+            "  after SIGTERM",
+            f"{left.get('streaming', 0)} / {left.get('open', 0)}",
+            "answers left 'streaming' / reservations left 'open' (should be 0 / 0)",
+        )
+    )
     for what, count in r.get("serverWarnings", {}).items():
         rows.append(("  server log", f"{count} x", what))
     if r["copyLagSamples"]:
@@ -920,7 +997,8 @@ def scale_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             (
                 "  Redis copy lag p50/p99",
                 f"{fmt(r['copyLagP50Ms'])} / {fmt(r['copyLagP99Ms'])} ms",
-                f"{fmt(r['copyLagSamples'])} events of sampled streams; incomplete copies "
+                f"{fmt(r['copyLagSamples'])} events of sampled streams; all copies complete "
+                f"{fmt(r['copyCompleteAfterS'])} s after the last done; incomplete "
                 f"{r['copyIncomplete']}",
             )
         )
@@ -946,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="observe,scale", help="comma-separated: observe, scale")
     p.add_argument("--observers", default="10,1000", help="comma-separated observer counts")
     p.add_argument("--modes", default="join,wait", help="comma-separated: join, wait")
-    p.add_argument("--tokens", type=int, default=500, help="chunks of the observed stream")
+    p.add_argument("--tokens", type=int, default=1000, help="chunks of the observed stream")
     p.add_argument("--rate", type=float, default=50.0, help="chunks/s of the observed stream")
     p.add_argument("--hold", type=float, default=3.0, help="wait mode: seconds held waiting")
     p.add_argument("--streams", type=int, default=2000, help="scale: concurrent streams")
