@@ -205,7 +205,12 @@ class Claims:
                     for a in held
                 ]
             results = [await request for request in pending]
-        lost = [a for a, ok in zip(held, results, strict=True) if not ok]
+        # A claim released while the renewal was in flight is not lost: it is gone.
+        lost = [
+            a
+            for a, ok in zip(held, results, strict=True)
+            if not ok and self._held.get(a.stream_id) is a
+        ]
         for admission in lost:
             self._held.pop(admission.stream_id, None)
         return lost
