@@ -95,6 +95,18 @@ class _RemoteRun:
         self.link._tell(self.owner, "detach", {"streamId": self.stream_id})
 
 
+class _Watch:
+    """Observers waiting for a chat session's next stream on this node."""
+
+    __slots__ = ("found", "started", "stream", "waiters")
+
+    def __init__(self) -> None:
+        self.found = trio.Event()
+        self.stream: Stream | None = None
+        self.waiters = 0
+        self.started = False
+
+
 class ClusterLink:
     """This process's side of the cluster (see the module docstring)."""
 
@@ -121,6 +133,8 @@ class ClusterLink:
         self._unreleased: list[Admission] = []
         self._unfinished: list[str] = []
         self._observers_told: dict[str, int] = {}
+        #: Observers waiting (``?wait=``) for a stream, per chat session.
+        self._watches: dict[str, _Watch] = {}
 
     # -- running -------------------------------------------------------------------
 
@@ -326,13 +340,48 @@ class ClusterLink:
             return self.observations.latest(session_id)  # what this node has is all it knows
 
     async def wait_for_stream(self, session_id: str, until: float) -> Stream | None:
-        """The session's stream once one starts anywhere; None if none has by ``until``."""
-        while True:
-            with trio.move_on_at(min(until, trio.current_time() + WAIT_POLL_S)):
-                return await self.observations.wait_for_stream(session_id)
-            stream = await self.latest(session_id)
-            if stream is not None or trio.current_time() >= until:
-                return stream
+        """The session's stream once one starts anywhere; None if none has by ``until``.
+
+        One watcher per session per node (not one per waiter: a thousand
+        observers waiting cost one Redis read per :data:`WAIT_POLL_S`) waits for
+        a local ring to open for the session and, between, looks in Redis and
+        mirrors the stream it finds; every waiter gets what it found.
+        """
+        # A stream found while the caller was away (writing a heartbeat) counts: the
+        # session had none when the observer came, so any it has now is new.
+        stream = self.observations.latest(session_id)
+        if stream is not None:
+            return stream
+        watch = self._watches.get(session_id)
+        if watch is None or watch.found.is_set():
+            watch = self._watches[session_id] = _Watch()
+            assert self._nursery is not None, "ClusterLink.run() is not running"
+            self._nursery.start_soon(self._watch_for_stream, session_id, watch)
+        watch.waiters += 1
+        try:
+            with trio.move_on_at(until):
+                await watch.found.wait()
+            return watch.stream
+        finally:
+            watch.waiters -= 1
+
+    async def _watch_for_stream(self, session_id: str, watch: _Watch) -> None:
+        try:
+            while watch.waiters or not watch.started:
+                watch.started = True
+                with trio.move_on_after(WAIT_POLL_S):
+                    watch.stream = await self.observations.wait_for_stream(session_id)
+                if watch.stream is None:
+                    try:
+                        watch.stream = await self.cluster.mirror.open_latest(session_id)
+                    except ClusterUnavailable as exc:
+                        log.debug("waiting for a stream on %s: %s", session_id, exc)
+                if watch.stream is not None:
+                    watch.found.set()
+                    return
+        finally:
+            if self._watches.get(session_id) is watch:
+                del self._watches[session_id]
 
     async def stream(self, stream_id: str) -> Stream | None:
         """A stream by id: this node's, or mirrored from the cluster (None: unknown)."""

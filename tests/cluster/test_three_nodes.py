@@ -318,3 +318,49 @@ async def test_a_node_shutting_down_tells_observers_on_other_nodes(cluster: Clus
     assert cluster.book.open_reservations(alice["id"]) == [] and cluster.book.verify() == []
     # A left the cluster cleanly: nobody recovers (or double-settles) its stream.
     assert cluster.book.charges_for_stream(stream_id) == stored["credits_charged"]
+
+
+async def test_many_observers_waiting_on_another_node_share_one_watch(tmp_path, pg_url, nursery):
+    """Twenty observers wait on B (heartbeats every 150 ms, so some are writing one
+    when the stream appears); the stream starts on A; every one gets all of it."""
+    from .nodes import open_cluster
+
+    async with open_cluster(tmp_path, pg_url, nursery, CHINWAG_SSE_HEARTBEAT_MS="150") as c:
+        async with trio.open_nursery() as starting:
+            for name in "ab":
+                starting.start_soon(c.start, name)
+        alice = c.user(credits=1_000_000)
+        sup = c.user("supervisor")
+        sid = await c.session("a", alice)
+        results: list[list[Msg]] = []
+        waiting = trio.Semaphore(0)
+
+        async def observe() -> None:
+            async with c["b"].http.stream(
+                "GET",
+                f"/api/chat/sessions/{sid}/observe",
+                params={"wait": 30},
+                headers=sup["headers"],
+            ) as o:
+                feed = messages(o)
+                got = await read_until(feed, lambda got: got[-1].event == "observer")
+                waiting.release()
+                got += await read_until(feed, lambda got: got[-1].event == "done")
+                results.append(got)
+
+        async with trio.open_nursery() as observers:
+            for _ in range(20):
+                observers.start_soon(observe)
+            for _ in range(20):
+                await waiting.acquire()
+            await trio.sleep(0.4)  # a few heartbeats while waiting: nothing to await
+            async with c["a"].http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "now", "maxTokens": 20},
+                headers=paced(RATE, alice["headers"]),
+            ) as r:
+                client = await read_until(messages(r), lambda got: got[-1].event == "done")
+    assert len(results) == 20
+    for got in results:
+        assert triples(got) == triples(client)
