@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +89,28 @@ class Cluster:
             proc = await trio.lowlevel.open_process(
                 command, env=environment, stdout=-1, stderr=sink
             )
-        assert proc.stdout is not None
-        out = b""
-        with trio.fail_after(30):
-            while (found := re.search(rb"listening on (http://127\.0\.0\.1:\d+)", out)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"node {name} exited: {log.read_text()[-3000:]}"
-                out += chunk
-        url = found.group(1).decode()
+        url = await announced_url(proc, rb"listening on (http://127\.0\.0\.1:\d+)", log)
         node = Node(name, url, proc, httpx.AsyncClient(base_url=url, timeout=30), log)
         self.nodes[name] = node
         await until_true(lambda: healthy(node), within=30)
         return node
+
+    async def start_all(self, names: str, **env: str) -> None:
+        """Start several nodes (one letter each) at once."""
+        async with trio.open_nursery() as starting:
+            for name in names:
+                starting.start_soon(partial(self.start, name, **env))
+
+    def resume(
+        self, node: str, sid: str, user: dict[str, Any], stream_id: str, after: int | None
+    ) -> Any:
+        """``GET …/stream`` (SPEC §5.4) through ``node``: replay after ``after``, then live."""
+        return self[node].http.stream(
+            "GET",
+            f"/api/chat/sessions/{sid}/stream",
+            params={"streamingSessionId": stream_id},
+            headers={**user["headers"], "Last-Event-ID": str(after)},
+        )
 
     def kill(self, name: str) -> None:
         """``kill -9``: no clean-up of any kind."""
@@ -154,6 +165,20 @@ class Cluster:
         assert not unclean, f"{unclean}\n{self.logs()}"
 
 
+async def announced_url(proc: trio.Process, pattern: bytes, log: Path | None = None) -> str:
+    """The URL a starting ``chinwag serve`` prints on stdout (group 1 of ``pattern``)."""
+    assert proc.stdout is not None
+    out = b""
+    with trio.fail_after(30):
+        while (found := re.search(pattern, out)) is None:
+            chunk = await proc.stdout.receive_some()
+            if not chunk:
+                tail = (await trio.Path(log).read_text())[-3000:] if log else ""
+                raise AssertionError(f"it exited: {out!r} {tail}")
+            out += chunk
+    return found.group(1).decode()
+
+
 async def until_true(check: Callable[[], Awaitable[bool]], *, within: float) -> None:
     """Poll another process's state (no event of ours can say when it changes)."""
     with trio.fail_after(within):
@@ -193,7 +218,5 @@ async def open_cluster(
 async def cluster(tmp_path: Path, pg_url: str, nursery: trio.Nursery) -> AsyncIterator[Cluster]:
     """Three nodes a, b, c (lease 2 s, paced answers possible, disconnect grace 0)."""
     async with open_cluster(tmp_path, pg_url, nursery, CHINWAG_NODE_LEASE_MS="2000") as made:
-        async with trio.open_nursery() as starting:
-            for name in "abc":
-                starting.start_soon(made.start, name)
+        await made.start_all("abc")
         yield made

@@ -79,12 +79,7 @@ async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluste
     assert len(rows) == 1 and rows[0]["error_code"] == "NODE_LOST"
 
     # Its client resumes through C and is told the same; the session is free again.
-    async with cluster["c"].http.stream(
-        "GET",
-        f"/api/chat/sessions/{sid}/stream",
-        params={"streamingSessionId": stream_id},
-        headers={**alice["headers"], "Last-Event-ID": str(events(client)[-1].id)},
-    ) as resumed:
+    async with cluster.resume("c", sid, alice, stream_id, events(client)[-1].id) as resumed:
         rest = await read_until(messages(resumed), lambda got: got[-1].event == "done")
     assert events(rest)[-1].data == done
     active = await cluster["c"].http.get("/api/chat/streams/active", headers=sup["headers"])
@@ -146,9 +141,7 @@ async def test_redis_restarted_mid_stream_degrades_never_corrupts(
     async with open_cluster(
         tmp_path, pg_url, nursery, redis_url=own_redis.url, CHINWAG_NODE_LEASE_MS="2000"
     ) as c:
-        async with trio.open_nursery() as starting:
-            for name in "ab":
-                starting.start_soon(c.start, name)
+        await c.start_all("ab")
         alice = c.user(credits=1_000_000)
         sid = await c.session("a", alice)
         other = await c.session("b", alice)

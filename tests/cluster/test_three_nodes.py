@@ -77,12 +77,7 @@ async def test_started_on_a_observed_late_on_b_then_resumed_on_c(cluster: Cluste
 
     # A resume on C after the end replays from the cluster's copy, byte for byte.
     last_seen = events(client)[5].id
-    async with cluster["c"].http.stream(
-        "GET",
-        f"/api/chat/sessions/{sid}/stream",
-        params={"streamingSessionId": stream_id},
-        headers={**alice["headers"], "Last-Event-ID": str(last_seen)},
-    ) as again:
+    async with cluster.resume("c", sid, alice, stream_id, last_seen) as again:
         assert again.status_code == 200
         replay = await read_until(messages(again), lambda got: got[-1].event == "done")
     assert triples(replay) == [t for t in triples(client) if t[0] > last_seen]
@@ -104,9 +99,7 @@ async def test_a_dropped_client_resumes_on_another_node_within_the_grace(tmp_pat
     async with open_cluster(
         tmp_path, pg_url, nursery, CHINWAG_DISCONNECT_GRACE_MS="1500"
     ) as grace_cluster:
-        async with trio.open_nursery() as starting:
-            for name in "ac":
-                starting.start_soon(grace_cluster.start, name)
+        await grace_cluster.start_all("ac")
         alice = grace_cluster.user(credits=1_000_000)
         sid = await grace_cluster.session("a", alice)
         async with grace_cluster["a"].http.stream(
@@ -119,12 +112,7 @@ async def test_a_dropped_client_resumes_on_another_node_within_the_grace(tmp_pat
             first = await read_until(messages(r), lambda got: len(events(got)) >= 5)
         # The connection is closed: the run on A has 1.5 s before it is aborted.
         last = events(first)[-1].id
-        async with grace_cluster["c"].http.stream(
-            "GET",
-            f"/api/chat/sessions/{sid}/stream",
-            params={"streamingSessionId": stream_id},
-            headers={**alice["headers"], "Last-Event-ID": str(last)},
-        ) as resumed:
+        async with grace_cluster.resume("c", sid, alice, stream_id, last) as resumed:
             assert resumed.status_code == 200
             rest = await read_until(messages(resumed), lambda got: got[-1].event == "done")
     got = events(first) + events(rest)
@@ -229,9 +217,7 @@ async def test_rate_limit_is_cluster_wide(tmp_path, pg_url, nursery):
     from .nodes import open_cluster
 
     async with open_cluster(tmp_path, pg_url, nursery, CHINWAG_RATE_LIMIT="6") as limited:
-        async with trio.open_nursery() as starting:
-            for name in "abc":
-                starting.start_soon(limited.start, name)
+        await limited.start_all("abc")
         alice = limited.user()
         codes = []
         for i in range(9):
@@ -326,9 +312,7 @@ async def test_many_observers_waiting_on_another_node_share_one_watch(tmp_path, 
     from .nodes import open_cluster
 
     async with open_cluster(tmp_path, pg_url, nursery, CHINWAG_SSE_HEARTBEAT_MS="150") as c:
-        async with trio.open_nursery() as starting:
-            for name in "ab":
-                starting.start_soon(c.start, name)
+        await c.start_all("ab")
         alice = c.user(credits=1_000_000)
         sup = c.user("supervisor")
         sid = await c.session("a", alice)

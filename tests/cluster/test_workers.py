@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import sys
@@ -17,6 +16,7 @@ import trio
 from server.cluster.redis import open_redis
 
 from .conftest import REDIS_URL, require_redis
+from .nodes import announced_url
 
 SECRET = "workers-test-secret-0123456789-abcdefgh"
 
@@ -53,13 +53,7 @@ async def test_two_workers_serve_one_port_and_stop_on_sigterm(tmp_path: Path):
     )
     assert proc.stdout is not None
     try:
-        out = b""
-        with trio.fail_after(30):
-            while (found := re.search(rb"2 workers on (http://127\.0\.0\.1:\d+)", out)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, out
-                out += chunk
-        url = found.group(1).decode()
+        url = await announced_url(proc, rb"2 workers on (http://127\.0\.0\.1:\d+)")
         with ledger.Ledger(tmp_path / "chinwag.db") as book:
             assert [r.streaming_session_id for r in book.open_reservations("u1")] == ["stream-dead"]
             assert book.balance("u1").available == 60
@@ -130,13 +124,7 @@ async def test_observe_and_resume_through_the_shared_port(tmp_path: Path):
     )
     assert proc.stdout is not None
     try:
-        out = b""
-        with trio.fail_after(30):
-            while (found := re.search(rb"2 workers on (http://127\.0\.0\.1:\d+)", out)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, out
-                out += chunk
-        url = found.group(1).decode()
+        url = await announced_url(proc, rb"2 workers on (http://127\.0\.0\.1:\d+)")
         store = open_store(tmp_path / "chinwag.db")
         with ledger.Ledger(tmp_path / "chinwag.db") as book:
             alice = store.add_user("alice", "x", "enduser", "a@example.com")

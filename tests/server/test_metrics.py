@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from server.cluster.redis import open_redis
 from server.telemetry import MULTIPROC_ENV, CallRecord, Telemetry
 from tests.cluster.conftest import REDIS_URL, require_redis, unreachable_reason
+from tests.cluster.nodes import announced_url
 from tests.storage.pg import in_ci
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -188,13 +188,7 @@ async def test_metrics_sum_both_workers_of_serve_workers(tmp_path: Path):
     proc = await trio.lowlevel.open_process(command, env=env, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
-        out = b""
-        with trio.fail_after(30):
-            while (found := re.search(rb"2 workers on (http://127\.0\.0\.1:\d+)", out)) is None:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, out
-                out += chunk
-        url = found.group(1).decode()
+        url = await announced_url(proc, rb"2 workers on (http://127\.0\.0\.1:\d+)")
         # The workers' metrics directory, removed when the parent exits (checked below).
         assert len(metrics_dirs(proc.pid)) == 1
         async with httpx.AsyncClient(base_url=url, timeout=10, headers=user) as http:
