@@ -327,7 +327,12 @@ async def test_many_observers_waiting_on_another_node_share_one_watch(tmp_path, 
                 headers=sup["headers"],
             ) as o:
                 feed = messages(o)
-                got = await read_until(feed, lambda got: got[-1].event == "observer")
+                # Waiting, and already through a heartbeat or two (its wait restarted).
+                got = await read_until(
+                    feed,
+                    lambda got: sum((m.comment or "").startswith("heartbeat") for m in got) >= 2,
+                )
+                assert got[1].event == "observer" and got[1].data["status"] == "waiting"
                 waiting.release()
                 got += await read_until(feed, lambda got: got[-1].event == "done")
                 results.append(got)
@@ -337,7 +342,6 @@ async def test_many_observers_waiting_on_another_node_share_one_watch(tmp_path, 
                 observers.start_soon(observe)
             for _ in range(20):
                 await waiting.acquire()
-            await trio.sleep(0.4)  # a few heartbeats while waiting: nothing to await
             async with c["a"].http.stream(
                 "POST",
                 f"/api/chat/sessions/{sid}/stream",
