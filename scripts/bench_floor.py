@@ -78,7 +78,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_streams import STREAM_SLACK_S, BenchEnv, bench_concurrent, start_chinwag
+from bench_streams import (
+    STREAM_SLACK_S,
+    BenchEnv,
+    bench_concurrent,
+    bench_first_byte,
+    start_chinwag,
+)
 from benchlib import (
     ROOT,
     Server,
@@ -94,7 +100,7 @@ from benchlib import (
     sched_wait_s,
 )
 
-TARGETS = ("floor-sleep", "floor-timer", "chinwag")
+TARGETS = ("floor-sleep", "floor-timer", "floor-quart", "chinwag")
 TTFT_MS = 50
 FLOOR_READY = "floor listening on"
 LINE_NO = re.compile(r":\d+\)$")
@@ -186,8 +192,51 @@ def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., A
     return app
 
 
+def quart_floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Any:
+    """The same two routes as a Quart-Trio app: what Quart's request layer adds.
+
+    The stream route is a plain ``Response`` over a generator, as chinwag's
+    is; nothing else (no auth, no database, no hooks).
+    """
+    from quart import Response, request
+    from quart_trio import QuartTrio
+
+    interval = 1 / rate
+    session_ids = itertools.count(1)
+    app = QuartTrio("floor")
+
+    @app.post("/api/chat/sessions")
+    async def create_session() -> Any:
+        return {"sessionId": str(next(session_ids))}, 201
+
+    @app.post("/api/chat/sessions/<session_id>/stream")
+    async def stream(session_id: str) -> Response:
+        tokens = int((await request.get_json() or {}).get("maxTokens", 200))
+
+        async def events() -> Any:
+            yield b": connected\n\n"
+            deadline = trio.current_time() + ttft_s
+            await sleep_until(deadline)
+            for k in range(1, tokens + 1):
+                deadline += interval
+                await sleep_until(deadline)
+                word = _WORDS[k % len(_WORDS)]
+                yield b'id: %d\nevent: chunk\ndata: {"text":" %s"}\n\n' % (k, word)
+            yield b'id: %d\nevent: done\ndata: {"outputTokens":%d,"finishReason":"stop"}\n\n' % (
+                tokens + 1,
+                tokens,
+            )
+
+        response = Response(events(), headers={k.decode(): v.decode() for k, v in _SSE_HEADERS})
+        response.timeout = None
+        return response
+
+    return app
+
+
 def floor_serve(argv: list[str]) -> int:
-    """``floor-serve --pacing sleep|timer``: the floor app on chinwag's Hypercorn config."""
+    """``floor-serve --pacing sleep|timer [--app bare|quart]``: a floor app on chinwag's
+    Hypercorn config."""
     import argparse
 
     p = argparse.ArgumentParser(prog="bench_floor.py floor-serve")
@@ -195,6 +244,7 @@ def floor_serve(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--ttft-ms", type=float, default=TTFT_MS)
     p.add_argument("--grid-ms", type=float, default=5.0)
+    p.add_argument("--app", choices=("bare", "quart"), default="bare")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -216,7 +266,8 @@ def floor_serve(argv: list[str]) -> int:
     async def main() -> None:
         timers = Timers(grid=args.grid_ms / 1000)
         sleep_until: Sleep = timers.sleep_until if args.pacing == "timer" else trio.sleep_until
-        app = floor_app(sleep_until, args.rate, args.ttft_ms / 1000)
+        make = quart_floor_app if args.app == "quart" else floor_app
+        app = make(sleep_until, args.rate, args.ttft_ms / 1000)
         async with trio.open_nursery() as nursery:
             if args.pacing == "timer":
                 await nursery.start(timers.run)
@@ -237,16 +288,27 @@ def floor_serve(argv: list[str]) -> int:
     return 0
 
 
-def start_floor(env: BenchEnv, name: str, pacing: str, rate: float, grid_ms: float) -> Server:
+def start_floor(
+    env: BenchEnv,
+    name: str,
+    target: str,
+    rate: float,
+    grid_ms: float,
+    ttft_ms: float = TTFT_MS,
+) -> Server:
+    """The floor ``target`` (floor-sleep, floor-timer, floor-quart) in a child process."""
+    pacing = "sleep" if target == "floor-sleep" else "timer"
     command = [
         str(Path(__file__).resolve()),
         "floor-serve",
         "--pacing",
         pacing,
+        "--app",
+        "quart" if target == "floor-quart" else "bare",
         "--rate",
         f"{rate:g}",
         "--ttft-ms",
-        str(TTFT_MS),
+        f"{ttft_ms:g}",
         "--grid-ms",
         f"{grid_ms:g}",
     ]
@@ -491,6 +553,29 @@ async def measure(
     return result
 
 
+def bench_first(env: BenchEnv, args: Any) -> dict[str, Any]:
+    """Request → first byte, ``--sequential`` streams one after another, per target.
+
+    No TTFT and no pacing (the first byte is the headers and ``: connected``,
+    flushed before any upstream call); each stream is 5 chunks.
+    """
+    out: dict[str, Any] = {"streams": args.sequential, "targets": {}}
+    for target in args.targets:
+        print(f"[first] {target}: {args.sequential} sequential streams", flush=True)
+        if target == "chinwag":
+            srv = start_chinwag(
+                env, "chinwag-first", CHINWAG_SIM_TTFT_MS="0", CHINWAG_SIM_TOKENS_PER_S="0"
+            )
+        else:
+            srv = start_floor(env, f"{target}-first", target, 100_000, args.grid_ms, ttft_ms=0)
+        try:
+            result = trio.run(bench_first_byte, srv.port, srv.pid, env.token, args.sequential)
+        finally:
+            srv.stop()
+        out["targets"][target] = result
+    return out
+
+
 def bench_level(env: BenchEnv, n: int, args: Any) -> dict[str, Any]:
     tokens = round(args.rate * args.seconds)
     level: dict[str, Any] = {
@@ -514,7 +599,7 @@ def bench_level(env: BenchEnv, n: int, args: Any) -> dict[str, Any]:
                 CHINWAG_SIM_ANSWER_TOKENS=str(tokens),
             )
         else:
-            srv = start_floor(env, f"{target}-{n}", target.split("-")[1], args.rate, args.grid_ms)
+            srv = start_floor(env, f"{target}-{n}", target, args.rate, args.grid_ms)
         profilers: list[Profiler] = []
         profile = None
         if args.profile and target in args.profile_targets:
@@ -582,6 +667,23 @@ def report(results: dict[str, Any]) -> None:
             if r["mode"] == "timers":
                 note += f", {fmt(r['passes'])} passes, {fmt(r['vsTrio'])}x less than trio"
             rows.append((f"  {name}", f"{fmt(r['cpuUsPerWakeup'])} µs", note))
+    if first := results.get("first"):
+        rows.append(
+            (
+                f"request -> first byte, {fmt(first['streams'])} sequential streams",
+                "p50",
+                "p99; first chunk p50; server cpu",
+            )
+        )
+        for target, r in first["targets"].items():
+            rows.append(
+                (
+                    f"  {target}",
+                    f"{fmt(r['firstByteP50Ms'])} ms",
+                    f"{fmt(r['firstByteP99Ms'])} ms; {fmt(r['firstChunkP50Ms'])} ms; "
+                    f"{fmt((r['cpu'] or {}).get('serverCpuPct'))}%; failures {r['failures']}",
+                )
+            )
     for level in results.get("levels", []):
         n = level["streams"]
         rows.append(
@@ -646,6 +748,9 @@ def report(results: dict[str, Any]) -> None:
 
 def functional_failures(results: dict[str, Any]) -> list[str]:
     bad = []
+    for target, r in results.get("first", {}).get("targets", {}).items():
+        if r["failures"] or math.isnan(r["firstByteP50Ms"]):
+            bad.append(f"first byte {target}: {r['failures']} failures {r['failureSamples']}")
     for level in results.get("levels", []):
         for target, entry in level["targets"].items():
             d = entry["detail"]
@@ -675,7 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--grid-ms", type=float, default=5.0, help="the timer service's grid")
     p.add_argument("--open-window", type=int, default=64, help="handshakes in flight (0: all)")
-    p.add_argument("--only", default="micro,streams", help="comma-separated: micro,streams")
+    p.add_argument(
+        "--only", default="micro,first,streams", help="comma-separated: micro,first,streams"
+    )
+    p.add_argument("--sequential", type=int, default=300, help="streams for first byte")
     p.add_argument("--micro-tasks", type=int, default=500)
     p.add_argument("--micro-seconds", type=float, default=5.0)
     p.add_argument("--profile", metavar="DIR", help="py-spy the servers (see above)")
@@ -685,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
     args = p.parse_args(argv)
     if args.quick:
-        args.streams, args.seconds = "20", 2.0
+        args.streams, args.seconds, args.sequential = "20", 2.0, 20
         args.micro_tasks, args.micro_seconds = 100, 1.0
     levels = [int(x) for x in args.streams.split(",") if x.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -716,11 +824,14 @@ def main(argv: list[str] | None = None) -> int:
         results["micro"] = bench_micro(
             args.micro_tasks, args.rate, args.micro_seconds, args.grid_ms / 1000
         )
-    if "streams" in only and levels:
+    if {"first", "streams"} & only:
         env = BenchEnv(keep=args.keep)
         try:
             env.create_user()
-            results["levels"] = [bench_level(env, n, args) for n in levels]
+            if "first" in only:
+                results["first"] = bench_first(env, args)
+            if "streams" in only and levels:
+                results["levels"] = [bench_level(env, n, args) for n in levels]
         finally:
             env.cleanup()
     return finish(results, t0, report, functional_failures, args.json)
