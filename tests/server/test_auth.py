@@ -156,3 +156,48 @@ async def test_password_is_never_stored_in_clear(harness):
     assert PASSWORD not in row["password_hash"]
     assert row["password_hash"].startswith("scrypt$")
     assert user["id"] == row["id"]
+
+
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch):
+    from server import auth
+
+    tokens = auth.TokenService(SECRET, ttl_s=60)
+    token = tokens.mint("u1", "sue", "enduser")
+    decoded = []
+    real_decode = auth.TokenService._decode
+    monkeypatch.setattr(
+        auth.TokenService,
+        "_decode",
+        staticmethod(lambda *a: decoded.append(a) or real_decode(*a)),
+    )
+    assert tokens.verify(token) == auth.Principal("u1", "sue", "enduser")
+    assert tokens.verify(token) == auth.Principal("u1", "sue", "enduser")
+    assert len(decoded) == 1  # the second time, from memory
+
+    # Another token (a forged signature on the same claims) is checked in full.
+    head, claims, sig = token.split(".")
+    forged = f"{head}.{claims}.{sig[:-4]}{'AAAA' if sig[-4:] != 'AAAA' else 'BBBB'}"
+    with pytest.raises(auth.Unauthorized, match="Invalid token"):
+        tokens.verify(forged)
+    assert len(decoded) == 2
+
+    # Past its exp a remembered token is refused, and forgotten.
+    exp = int(time.time()) + 1
+    short = jwt.encode({"sub": "u1", "role": "enduser", "exp": exp}, SECRET, algorithm="HS256")
+    assert tokens.verify(short).user_id == "u1"
+    while time.time() < exp + 0.01:  # the clock passing exp is the event waited for
+        time.sleep(0.05)
+    with pytest.raises(auth.Unauthorized, match="expired"):
+        tokens.verify(short)
+    assert short not in tokens._verified
+
+
+def test_the_verified_tokens_kept_are_bounded(monkeypatch):
+    from server import auth
+
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_SIZE", 3)
+    tokens = auth.TokenService(SECRET, ttl_s=60)
+    minted = [tokens.mint(f"u{i}", f"user{i}", "enduser") for i in range(5)]
+    for token in minted:
+        tokens.verify(token)
+    assert list(tokens._verified) == minted[2:]  # the oldest went first
