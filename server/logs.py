@@ -2,12 +2,21 @@
 
 At info level chinwag logs requests (method, path, status, duration, user id)
 and lifecycle events; never a message body, a password, a token or a secret.
+
+A log call only queues its record: the JSON is made and written by one
+thread of the process's own (:func:`configure`), so the event loop never
+formats a line or blocks on a slow stderr (a pipe nobody reads fast enough).
+The queue is flushed when the process exits normally.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 import time
 
 
@@ -25,12 +34,47 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # made where it was logged (see _Enqueue)
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str)
 
 
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues a copy of the record with what can't wait: the message with its
+    arguments and the traceback are made here, while they still describe the
+    moment of the call; the JSON is left to the writer thread."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+_listener: logging.handlers.QueueListener | None = None
+
+
+@atexit.register
+def _stop() -> None:
+    """Write out what is queued and end the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
+
+
 def configure(level: int = logging.INFO) -> None:
+    """JSON lines on stderr, written by a thread of their own (see above)."""
+    global _listener
+    _stop()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level)

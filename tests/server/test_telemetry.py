@@ -54,3 +54,41 @@ async def test_access_logs_are_json_with_request_ids_and_no_secrets(client, harn
     assert entry["requestId"] == "log-1" and entry["status"] == 200
     assert entry["path"] == "/api/auth/login"
     assert PASSWORD not in line and token not in line
+
+
+def test_log_lines_are_written_by_a_thread_of_their_own(capsys):
+    """A log call queues; the writer thread writes the JSON, in order, the
+    traceback made at the call; everything queued is written at the end."""
+    import threading
+
+    from server import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    writers: list[str] = []
+    real_format = logs.JsonFormatter.format
+
+    def format_and_note(self, record):
+        writers.append(threading.current_thread().name)
+        return real_format(self, record)
+
+    try:
+        logs.JsonFormatter.format = format_and_note  # type: ignore[method-assign]
+        logs.configure()
+        log = logging.getLogger("chinwag.test")
+        for i in range(50):
+            log.info("line %d", i, extra={"fields": {"i": i}})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        logs._stop()  # what the process does at exit
+    finally:
+        logs.JsonFormatter.format = real_format  # type: ignore[method-assign]
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["i"] for line in lines[:50]] == list(range(50))
+    assert lines[0]["message"] == "line 0" and lines[0]["logger"] == "chinwag.test"
+    assert lines[50]["level"] == "error" and "ValueError: boom" in lines[50]["exception"]
+    assert len(writers) == 51 and threading.current_thread().name not in writers
