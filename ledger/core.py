@@ -93,6 +93,8 @@ class SqlLedger(ABC):
         outlives its process only to be released by :meth:`recover` (or settled
         by a cluster survivor from what Redis saw), so losing one loses
         nothing; the next durable commit (its settlement) flushes it anyway.
+        And for :meth:`open_account`'s new empty account, made again on its
+        next use if a power cut took it.
         """
 
     @abstractmethod
@@ -133,7 +135,9 @@ class SqlLedger(ABC):
             )
             return read_balance(tx, account_id)
 
-        return self._write(work)
+        # Not durable: an empty account lost to a power cut is made again on
+        # its first use, and it lets a stream's opening commit without an fsync.
+        return self._write(work, durable=False)
 
     def has_account(self, account_id: str) -> bool:
         return self._read(

@@ -87,6 +87,12 @@ class SqliteLedger(SqlLedger):
         """A private in-memory ledger (gone when closed)."""
         return cls(":memory:")
 
+    def manual_checkpoints(self) -> None:
+        """This connection's commits never checkpoint the WAL: its owner does
+        (``PRAGMA wal_checkpoint`` on any connection to the file)."""
+        with self._lock:
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+
     def close(self) -> None:
         """Close the connection. Idempotent. Open reservations stay open (see :meth:`recover`)."""
         with self._lock:

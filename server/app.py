@@ -73,7 +73,8 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keys in the documented order
     store = open_store(settings.database)
     book = ledger.open_ledger(settings.database)
-    db = Db.open(settings.database, store, book)
+    # Cluster mode: other processes may write the same SQLite file (see Db.open).
+    db = Db.open(settings.database, store, book, shared=bool(settings.redis_url))
     # One timer service paces every simulated stream and every reader's
     # heartbeat: one heap, no cancel scope per wait (DESIGN.md §2).
     timers = Timers(grid=TIMER_GRID_S)

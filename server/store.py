@@ -63,6 +63,11 @@ class Store:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    def manual_checkpoints(self) -> None:
+        """This connection's commits never checkpoint the WAL: its owner does
+        (``PRAGMA wal_checkpoint`` on any connection to the file)."""
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+
     def _migrate(self) -> None:
         self.conn.execute("CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value)")
         with self._tx():

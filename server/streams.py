@@ -160,9 +160,10 @@ class StreamHub:
         The chat session's slot (and the user's and the process's counts) is
         claimed before the first await, so two calls racing on one session
         cannot both pass the check. The writes (account, reservation, both
-        messages) are one hop to the database thread, shielded: once started
-        they finish and the run starts, even if the caller is cancelled
-        meanwhile (the run then ends on its own when no client attaches).
+        messages) are one moment of the database, shielded: once started they
+        finish and the run starts, even if the caller is cancelled meanwhile
+        (the run then ends on its own when no client attaches). On SQLite it
+        is a light moment (:meth:`Db.write`): on the loop when the writer is idle.
         """
         if self._nursery is None or self.provider is None or not self.accepting:
             raise ApiError(
@@ -281,7 +282,8 @@ class StreamHub:
             )
         try:
             with trio.CancelScope(shield=True):
-                reservation, user_msg, assistant_msg = await self.db.write(open_rows)
+                # Light: no commit in it waits for the disk (a reservation's does not).
+                reservation, user_msg, assistant_msg = await self.db.write(open_rows, light=True)
         except BaseException:
             if link is not None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
