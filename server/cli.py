@@ -443,16 +443,14 @@ def _guarded(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import configure
+    from .logs import configure, flush
 
     configure()
     args = build_parser().parse_args(argv)
     try:
         result: Any = _guarded(args)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (DatabaseProblem, RedisProblem) as exc:
+    except (SettingsError, DatabaseProblem, RedisProblem) as exc:
+        flush()  # the logs so far, then the one line that says why, last
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,6 +66,13 @@ def _stop() -> None:
         _listener = None
 
 
+def flush() -> None:
+    """Write out what is queued now (before a line printed to stderr, say)."""
+    if _listener is not None:
+        _listener.stop()
+        _listener.start()
+
+
 def configure(level: int = logging.INFO) -> None:
     """JSON lines on stderr, written by a thread of their own (see above)."""
     global _listener
