@@ -31,8 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
     from hypercorn.trio import serve
 
     from .app import create_app
-    from .serving import cut_connections, hypercorn_config
+    from .serving import cut_connections, freeze_heap, hypercorn_config, tune_gc
 
+    tune_gc()
     settings = Settings.from_env()
     _check_redis(settings)
     host = args.host or settings.host
@@ -95,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
                     binds = await serving.start(
                         partial(serve, app, config, shutdown_trigger=shutdown_trigger)
                     )
+                    freeze_heap()
                     print(
                         f"chinwag listening on {' '.join(binds)} "
                         f"(provider={settings.provider}, db={_describe_db(settings)})",
