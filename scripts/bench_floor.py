@@ -7,7 +7,8 @@
 
 "The floor" is what this stack costs before chinwag does anything: a bare
 ASGI app (no Quart) served by ``hypercorn.trio.serve`` with chinwag's own
-Hypercorn configuration (``server.serving.hypercorn_config``), one task per
+Hypercorn configuration (``server.serving.hypercorn_config``) and garbage
+collector settings (``tune_gc``, ``freeze_heap``), one task per
 connection, answering a POST like chinwag's stream endpoint: SSE headers,
 ``: connected``, a TTFT (50 ms), then one ~60-byte event per write
 (``id: n`` / ``event: chunk`` / ``data: {"text":" word"}``) paced at
@@ -16,6 +17,9 @@ connection, answering a POST like chinwag's stream endpoint: SSE headers,
 - ``floor-sleep``: ``trio.sleep_until`` per chunk (a cancel scope per wait);
 - ``floor-timer``: one timer task for the process (``server.timers.Timers``,
   deadlines on a ``--grid-ms`` grid).
+
+and ``floor-quart``: the same routes as a Quart-Trio app (timer pacing), the
+floor of the stack as the design card fixes it (``--app quart``).
 
 It also answers ``POST /api/chat/sessions`` (201 and an id), so the one load
 generator drives it exactly as it drives chinwag. This script runs itself as
@@ -250,9 +254,11 @@ def floor_serve(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     from hypercorn.trio import serve
 
-    from server.serving import hypercorn_config
+    from server.serving import freeze_heap, hypercorn_config, tune_gc
     from server.settings import Settings
     from server.timers import Timers
+
+    tune_gc()  # the process as `chinwag serve` sets it up, so the ratio is chinwag's own code
 
     settings = Settings.from_env()
     config = hypercorn_config(settings)
@@ -282,6 +288,7 @@ def floor_serve(argv: list[str]) -> int:
                 nursery.cancel_scope.cancel()  # the timer service too
 
             binds = await nursery.start(serving)
+            freeze_heap()
             print(f"{FLOOR_READY} {' '.join(binds)} (pacing={args.pacing})", flush=True)
 
     trio.run(main)
