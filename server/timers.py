@@ -80,12 +80,14 @@ from trio.lowlevel import (
     wait_task_rescheduled,
 )
 
-__all__ = ["Lot", "Timers", "TimersStatistics"]
+__all__ = ["Alarm", "Lot", "Timers", "TimersStatistics"]
 
-# A heap entry is a list, so heapq compares it in C: [deadline, seq, task, lot].
-# ``seq`` is unique, so a comparison never reaches the task. ``task`` is None
-# once the entry is dead (fired, cancelled, or woken through its lot).
-_DEADLINE, _SEQ, _TASK, _LOT = 0, 1, 2, 3
+# A heap entry is a list, so heapq compares it in C: [deadline, seq, task, lot,
+# in_heap]. ``seq`` is unique, so a comparison never reaches the task. ``task``
+# is None once the entry is dead (fired, cancelled, or woken through its lot).
+# ``in_heap`` turns False when the entry leaves the heap; until then a dead
+# entry may be revived by its :class:`Alarm` for the same deadline.
+_DEADLINE, _SEQ, _TASK, _LOT, _IN_HEAP = 0, 1, 2, 3, 4
 _Entry = list[Any]
 
 #: The value a parked waiter is rescheduled with when the service stopped.
@@ -167,6 +169,23 @@ class Lot:
                 entry[_TASK] = None
             reschedule(task, Value(True))
         return len(parked)
+
+
+class Alarm:
+    """One task's deadline, kept in the heap across its waits for the same deadline.
+
+    A reader waits for "the next event or my heartbeat" once per event, and
+    its heartbeat deadline stays the same for all the waits in between:
+    passed to :meth:`Timers.park_until`, an alarm lets those waits share one
+    heap entry (revived in place) instead of pushing one per wait. For one
+    task's waits, one at a time.
+    """
+
+    __slots__ = ("_deadline", "_entry")
+
+    def __init__(self) -> None:
+        self._entry: _Entry | None = None
+        self._deadline = math.nan
 
 
 class Timers:
@@ -265,7 +284,7 @@ class Timers:
                     del lot._parked[task]
                 reschedule(task, Value(False))
                 fired += 1
-            heapq.heappop(heap)
+            heapq.heappop(heap)[_IN_HEAP] = False
         self._wakeups += fired
         self._passes += 1
         self._next = heap[0][_DEADLINE] if heap else math.inf
@@ -282,6 +301,8 @@ class Timers:
             if lot is not None:
                 del lot._parked[task]
             reschedule(task, Value(_CLOSED))
+        for entry in self._heap:
+            entry[_IN_HEAP] = False
         self._heap.clear()
         self._next = math.inf
 
@@ -321,7 +342,7 @@ class Timers:
             await trio.sleep_until(deadline)
 
     @enable_ki_protection
-    async def park_until(self, lot: Lot, deadline: float) -> bool:
+    async def park_until(self, lot: Lot, deadline: float, alarm: Alarm | None = None) -> bool:
         """Park in ``lot`` until it is unparked (True) or until ``deadline`` (False).
 
         Whichever comes first wakes the task, once; the other registration
@@ -329,6 +350,8 @@ class Timers:
         False after a checkpoint. True may also be spurious (the service
         stopped meanwhile): as with any lot, re-check the condition.
         Cancellation: the task leaves the lot and its heap entry dies; raises.
+        ``alarm``: the task's :class:`Alarm`; waits for the same deadline
+        share its heap entry.
         """
         if self._service is None and self._not_running():
             with trio.move_on_at(deadline):
@@ -338,7 +361,17 @@ class Timers:
         if deadline <= trio.current_time():
             await trio.lowlevel.checkpoint()
             return False
-        entry = self._push(deadline, lot)
+        kept = alarm._entry if alarm is not None and alarm._deadline == deadline else None
+        if kept is not None and kept[_IN_HEAP]:
+            # Still in the heap, dead since the last wake-up: revive it in place.
+            # Its deadline is where it was, so the service's next wake-up covers it.
+            kept[_TASK] = current_task()
+            kept[_LOT] = lot
+            entry = kept
+        else:
+            entry = self._push(deadline, lot)
+            if alarm is not None:
+                alarm._entry, alarm._deadline = entry, deadline
         lot._parked[entry[_TASK]] = entry
         return await self._wait(entry) is not False
 
@@ -352,9 +385,15 @@ class Timers:
         heap = self._heap
         if len(heap) > 2 * self._waiting + _COMPACT_MIN:
             # Mostly dead entries (waits retired early by cancellation or their lot).
-            heap[:] = [e for e in heap if e[_TASK] is not None]
+            kept = []
+            for e in heap:
+                if e[_TASK] is not None:
+                    kept.append(e)
+                else:
+                    e[_IN_HEAP] = False
+            heap[:] = kept
             heapq.heapify(heap)
-        entry = [deadline, next(self._seq), current_task(), lot]
+        entry = [deadline, next(self._seq), current_task(), lot, True]
         heapq.heappush(heap, entry)
         if deadline < self._next:
             # The service sleeps until later: wake it to sleep until this one.

@@ -22,7 +22,7 @@ from observation import Batch, ObservationManager, Reader, Stream
 from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
 from ..sse import encode_event, heartbeat, sse_response
-from ..timers import Timers
+from ..timers import Alarm, Timers
 from ..validate import EVENT_STREAM, Param, operation
 
 if TYPE_CHECKING:
@@ -195,9 +195,10 @@ async def _tail(
     without a cancel scope per wait (as the client's own feed waits). Ends
     when the stream has ended and everything was delivered.
     """
+    alarm = Alarm()  # this feed's heartbeat: one heap entry per heartbeat, not per event
     while True:
         try:
-            batch = await _next_batch(reader, beats.due, timers)
+            batch = await _next_batch(reader, beats.due, timers, alarm)
         except trio.EndOfChannel:
             return
         if batch is None:
@@ -209,10 +210,12 @@ async def _tail(
             yield [batch]
 
 
-async def _next_batch(reader: Reader, until: float, timers: Timers | None) -> Batch | None:
+async def _next_batch(
+    reader: Reader, until: float, timers: Timers | None, alarm: Alarm | None = None
+) -> Batch | None:
     """The reader's next batch, or None at ``until``; EndOfChannel once it is all read."""
     if timers is not None:
-        return await reader.next_batch_or(lambda lot: timers.park_until(lot, until))
+        return await reader.next_batch_or(lambda lot: timers.park_until(lot, until, alarm))
     with trio.move_on_at(until):
         return await reader.next_batch()
     return None

@@ -18,7 +18,7 @@ from ..providers.base import Pace
 from ..providers.simulated import SCENARIOS
 from ..run import StreamRun
 from ..sse import CONNECTED, ConnectionReset, heartbeat, sse_response
-from ..timers import Timers
+from ..timers import Alarm, Timers
 from ..validate import (
     EVENT_STREAM,
     MAX_INT,
@@ -216,9 +216,10 @@ async def client_feed(
             # paced(), inlined: this loop runs once per event of every stream.
             next_beat = trio.current_time() + interval
             park_until = timers.park_until
+            alarm = Alarm()  # one heap entry per heartbeat, not one per event
 
             def park(lot: Any) -> Awaitable[bool]:
-                return park_until(lot, next_beat)
+                return park_until(lot, next_beat, alarm)
 
             while True:
                 try:
@@ -264,9 +265,10 @@ async def paced(
             yield batch
 
     park_until = timers.park_until
+    alarm = Alarm()
 
     def park(lot: Any) -> Awaitable[bool]:
-        return park_until(lot, next_beat)
+        return park_until(lot, next_beat, alarm)
 
     while True:
         try:

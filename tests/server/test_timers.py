@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from server.timers import Lot, Timers, TimersStatistics
+from server.timers import Alarm, Lot, Timers, TimersStatistics
 
 
 @pytest.fixture
@@ -443,4 +443,94 @@ async def test_random_mix_of_waits_cancels_and_unparks(
     assert stats.waiters == 0
     assert stats.cancelled > 0
     assert stats.wakeups > 0
+    assert all(len(lot) == 0 for lot in lots)
+
+
+async def test_an_alarm_keeps_one_heap_entry_per_heartbeat(
+    timers: Timers, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The reader pattern with an Alarm: every wait for the same heartbeat
+    revives one heap entry, and the beats still come on time."""
+    lot = Lot()
+    alarm = Alarm()
+    pending: list[str] = []
+    seen: list[tuple[str, float]] = []
+
+    async def reader() -> None:
+        next_beat = 1.0
+        while len(seen) < 104:
+            if pending:
+                seen.append((pending.pop(0), trio.current_time()))
+            elif not await timers.park_until(lot, next_beat, alarm):
+                seen.append(("beat", trio.current_time()))
+                next_beat += 1.0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        for i in range(100):  # 100 events before the first beat
+            await trio.sleep_until(0.005 * (i + 1))
+            pending.append("event")
+            lot.unpark_all()
+            await trio.testing.wait_all_tasks_blocked()
+            assert timers.statistics().heap == 1  # one entry, revived each time
+        for at in (1.5, 2.5):
+            await trio.sleep_until(at)
+            pending.append("event")
+            lot.unpark_all()
+    assert [kind for kind, _ in seen].count("event") == 102
+    assert [t for kind, t in seen if kind == "beat"] == [1.0, 2.0]
+    assert timers.statistics().wakeups == 2
+
+
+async def test_random_mix_with_alarms(autojump_clock: trio.testing.MockClock) -> None:
+    """Waits through alarms (deadlines repeated, passed while away, cancelled)
+    interleaved with unparks: every wait ends once, on time, never early."""
+    grid = 0.001
+    timers = Timers(grid=grid)
+    lots = [Lot() for _ in range(3)]
+    unparked: list[list[float]] = [[] for _ in lots]
+    rng = random.Random(7)
+    problems: list[str] = []
+
+    async def worker(seed: int) -> None:
+        r = random.Random(seed)
+        alarm = Alarm()
+        deadline = trio.current_time() + r.random() * 0.2
+        for _ in range(40):
+            now = trio.current_time()
+            if r.random() < 0.3 or deadline <= now:  # a new heartbeat, else the same one
+                deadline = now + r.choice([0.0, r.random() * 0.05, r.random() * 0.3])
+            cancel_at = now + r.random() * 0.4 if r.random() < 0.2 else math.inf
+            i = r.randrange(len(lots))
+            with trio.move_on_at(cancel_at) as scope:
+                woken = await timers.park_until(lots[i], deadline, alarm)
+            t = trio.current_time()
+            if scope.cancelled_caught:
+                if t != cancel_at or cancel_at > deadline + grid:
+                    problems.append(f"cancelled at {t}, scope {cancel_at}, deadline {deadline}")
+            elif woken:
+                if t not in unparked[i] or t > deadline + grid:
+                    problems.append(f"lot wake at {t}, deadline {deadline}")
+            elif not (deadline <= t < deadline + grid + 1e-9):
+                problems.append(f"deadline {deadline} woke at {t}")
+            if r.random() < 0.3:  # away for a while: the deadline may pass meanwhile
+                await trio.sleep(r.random() * 0.1)
+
+    async def unparker() -> None:
+        while True:
+            await trio.sleep(rng.random() * 0.02)
+            i = rng.randrange(len(lots))
+            unparked[i].append(trio.current_time())
+            lots[i].unpark_all()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        nursery.start_soon(unparker)
+        async with trio.open_nursery() as workers:
+            for seed in range(150):
+                workers.start_soon(worker, seed)
+        nursery.cancel_scope.cancel()
+    assert problems == []
+    stats = timers.statistics()
+    assert stats.waiters == 0 and stats.wakeups > 0 and stats.cancelled > 0
     assert all(len(lot) == 0 for lot in lots)
