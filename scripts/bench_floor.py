@@ -132,6 +132,17 @@ _SSE_HEADERS = [
 Sleep = Callable[[float], Awaitable[None]]
 
 
+def _chunk(k: int) -> bytes:
+    return b'id: %d\nevent: chunk\ndata: {"text":" %s"}\n\n' % (k, _WORDS[k % len(_WORDS)])
+
+
+def _done(tokens: int) -> bytes:
+    return b'id: %d\nevent: done\ndata: {"outputTokens":%d,"finishReason":"stop"}\n\n' % (
+        tokens + 1,
+        tokens,
+    )
+
+
 def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., Awaitable[None]]:
     """The bare ASGI app: chinwag's two routes that the load generator uses, nothing else.
 
@@ -184,14 +195,8 @@ def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., A
         for k in range(1, tokens + 1):
             deadline += interval
             await sleep_until(deadline)
-            word = _WORDS[k % len(_WORDS)]
-            chunk = b'id: %d\nevent: chunk\ndata: {"text":" %s"}\n\n' % (k, word)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        done = b'id: %d\nevent: done\ndata: {"outputTokens":%d,"finishReason":"stop"}\n\n' % (
-            tokens + 1,
-            tokens,
-        )
-        await send({"type": "http.response.body", "body": done, "more_body": False})
+            await send({"type": "http.response.body", "body": _chunk(k), "more_body": True})
+        await send({"type": "http.response.body", "body": _done(tokens), "more_body": False})
 
     return app
 
@@ -224,12 +229,8 @@ def quart_floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Any:
             for k in range(1, tokens + 1):
                 deadline += interval
                 await sleep_until(deadline)
-                word = _WORDS[k % len(_WORDS)]
-                yield b'id: %d\nevent: chunk\ndata: {"text":" %s"}\n\n' % (k, word)
-            yield b'id: %d\nevent: done\ndata: {"outputTokens":%d,"finishReason":"stop"}\n\n' % (
-                tokens + 1,
-                tokens,
-            )
+                yield _chunk(k)
+            yield _done(tokens)
 
         response = Response(events(), headers={k.decode(): v.decode() for k, v in _SSE_HEADERS})
         response.timeout = None

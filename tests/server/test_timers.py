@@ -389,16 +389,58 @@ def test_grid_validated() -> None:
             Timers(grid=bad)
 
 
+class _Mix:
+    """A random mix of waits on ``lots`` with an unparker: checks each wait's end."""
+
+    def __init__(self, *, grid: float, lots: int, seed: int) -> None:
+        self.grid = grid
+        self.timers = Timers(grid=grid)
+        self.lots = [Lot() for _ in range(lots)]
+        self.unparked: list[list[float]] = [[] for _ in self.lots]
+        self.problems: list[str] = []
+        self.rng = random.Random(seed)
+
+    def check(self, deadline: float, cancel_at: float, cancelled: bool, i: int, woken: object):
+        """A wait on lot ``i`` (or a sleep) ended now: cancelled on time, woken
+        by an unpark of its lot before its deadline, or at its deadline."""
+        t, grid = trio.current_time(), self.grid
+        if cancelled:
+            if t != cancel_at or cancel_at > deadline + grid:
+                self.problems.append(f"cancelled at {t}, scope {cancel_at}, deadline {deadline}")
+        elif woken:
+            if t not in self.unparked[i] or t > deadline + grid:
+                self.problems.append(f"lot wake at {t}, deadline {deadline}")
+        elif not (deadline <= t < deadline + grid + 1e-9):
+            self.problems.append(f"deadline {deadline} woke at {t}")
+
+    async def run(self, worker, *, workers: int, pause: float) -> None:
+        """``worker(seed)`` x ``workers`` beside an unparker; then every wait ended right."""
+
+        async def unparker() -> None:
+            while True:
+                await trio.sleep(self.rng.random() * pause)
+                i = self.rng.randrange(len(self.lots))
+                self.unparked[i].append(trio.current_time())
+                self.lots[i].unpark_all()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.timers.run)
+            nursery.start_soon(unparker)
+            async with trio.open_nursery() as inner:
+                for seed in range(workers):
+                    inner.start_soon(worker, seed)
+            nursery.cancel_scope.cancel()
+        assert self.problems == []
+        stats = self.timers.statistics()
+        assert stats.waiters == 0 and stats.cancelled > 0 and stats.wakeups > 0
+        assert all(len(lot) == 0 for lot in self.lots)
+
+
 async def test_random_mix_of_waits_cancels_and_unparks(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Sleeps, lot waits, cancellations and unparks interleaved: every wait ends once, on time."""
-    grid = 0.001
-    timers = Timers(grid=grid)
-    lots = [Lot() for _ in range(4)]
-    unparked: list[list[float]] = [[] for _ in lots]
-    rng = random.Random(2024)
-    problems: list[str] = []
+    mix = _Mix(grid=0.001, lots=4, seed=2024)
 
     async def worker(seed: int) -> None:
         r = random.Random(seed)
@@ -406,44 +448,17 @@ async def test_random_mix_of_waits_cancels_and_unparks(
             now = trio.current_time()
             deadline = now + r.choice([0.0, r.random() * 0.05, r.random() * 0.5])
             cancel_at = now + r.random() * 0.6 if r.random() < 0.3 else math.inf
-            i = r.randrange(len(lots))
+            i = r.randrange(len(mix.lots))
             use_lot = r.random() < 0.5
+            woken = None
             with trio.move_on_at(cancel_at) as scope:
-                woken = (
-                    await timers.park_until(lots[i], deadline)
-                    if use_lot
-                    else await timers.sleep_until(deadline)
-                )
-            t = trio.current_time()
-            if scope.cancelled_caught:
-                if t != cancel_at or cancel_at > deadline + grid:
-                    problems.append(f"cancelled at {t}, scope {cancel_at}, deadline {deadline}")
-            elif use_lot and woken:
-                if t not in unparked[i] or t > deadline + grid:
-                    problems.append(f"lot wake at {t}, deadline {deadline}")
-            elif not (deadline <= t < deadline + grid + 1e-9):
-                problems.append(f"deadline {deadline} woke at {t}")
+                if use_lot:
+                    woken = await mix.timers.park_until(mix.lots[i], deadline)
+                else:
+                    await mix.timers.sleep_until(deadline)
+            mix.check(deadline, cancel_at, scope.cancelled_caught, i, woken)
 
-    async def unparker() -> None:
-        while True:
-            await trio.sleep(rng.random() * 0.05)
-            i = rng.randrange(len(lots))
-            unparked[i].append(trio.current_time())
-            lots[i].unpark_all()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(timers.run)
-        nursery.start_soon(unparker)
-        async with trio.open_nursery() as workers:
-            for seed in range(200):
-                workers.start_soon(worker, seed)
-        nursery.cancel_scope.cancel()
-    assert problems == []
-    stats = timers.statistics()
-    assert stats.waiters == 0
-    assert stats.cancelled > 0
-    assert stats.wakeups > 0
-    assert all(len(lot) == 0 for lot in lots)
+    await mix.run(worker, workers=200, pause=0.05)
 
 
 async def test_an_alarm_keeps_one_heap_entry_per_heartbeat(
@@ -485,12 +500,7 @@ async def test_an_alarm_keeps_one_heap_entry_per_heartbeat(
 async def test_random_mix_with_alarms(autojump_clock: trio.testing.MockClock) -> None:
     """Waits through alarms (deadlines repeated, passed while away, cancelled)
     interleaved with unparks: every wait ends once, on time, never early."""
-    grid = 0.001
-    timers = Timers(grid=grid)
-    lots = [Lot() for _ in range(3)]
-    unparked: list[list[float]] = [[] for _ in lots]
-    rng = random.Random(7)
-    problems: list[str] = []
+    mix = _Mix(grid=0.001, lots=3, seed=7)
 
     async def worker(seed: int) -> None:
         r = random.Random(seed)
@@ -501,36 +511,12 @@ async def test_random_mix_with_alarms(autojump_clock: trio.testing.MockClock) ->
             if r.random() < 0.3 or deadline <= now:  # a new heartbeat, else the same one
                 deadline = now + r.choice([0.0, r.random() * 0.05, r.random() * 0.3])
             cancel_at = now + r.random() * 0.4 if r.random() < 0.2 else math.inf
-            i = r.randrange(len(lots))
+            i = r.randrange(len(mix.lots))
+            woken = None
             with trio.move_on_at(cancel_at) as scope:
-                woken = await timers.park_until(lots[i], deadline, alarm)
-            t = trio.current_time()
-            if scope.cancelled_caught:
-                if t != cancel_at or cancel_at > deadline + grid:
-                    problems.append(f"cancelled at {t}, scope {cancel_at}, deadline {deadline}")
-            elif woken:
-                if t not in unparked[i] or t > deadline + grid:
-                    problems.append(f"lot wake at {t}, deadline {deadline}")
-            elif not (deadline <= t < deadline + grid + 1e-9):
-                problems.append(f"deadline {deadline} woke at {t}")
+                woken = await mix.timers.park_until(mix.lots[i], deadline, alarm)
+            mix.check(deadline, cancel_at, scope.cancelled_caught, i, woken)
             if r.random() < 0.3:  # away for a while: the deadline may pass meanwhile
                 await trio.sleep(r.random() * 0.1)
 
-    async def unparker() -> None:
-        while True:
-            await trio.sleep(rng.random() * 0.02)
-            i = rng.randrange(len(lots))
-            unparked[i].append(trio.current_time())
-            lots[i].unpark_all()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(timers.run)
-        nursery.start_soon(unparker)
-        async with trio.open_nursery() as workers:
-            for seed in range(150):
-                workers.start_soon(worker, seed)
-        nursery.cancel_scope.cancel()
-    assert problems == []
-    stats = timers.statistics()
-    assert stats.waiters == 0 and stats.wakeups > 0 and stats.cancelled > 0
-    assert all(len(lot) == 0 for lot in lots)
+    await mix.run(worker, workers=150, pause=0.02)
