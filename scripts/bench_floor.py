@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_floor.py --quick              # CI: tiny sizes, < 60 s
     .venv/bin/python scripts/bench_floor.py [--streams 250,500,1000] [--rate 20]
-        [--seconds 30] [--targets floor-sleep,floor-timer,chinwag] [--grid-ms 5]
+        [--seconds 30] [--targets floor-sleep,floor-timer,floor-quart,chinwag] [--grid-ms 5]
+        [--repeat 1] [--sequential 300]
         [--only micro,streams] [--profile DIR] [--json benchmarks/floor.json]
 
 "The floor" is what this stack costs before chinwag does anything: a bare
@@ -43,7 +44,12 @@ handshakes in flight), driven by ``bench_streams``' load generator
 - the share of wall time each process was runnable but had no CPU (from
   ``/proc/PID/task/*/schedstat``): above 5% the row says NOISY, the
   machine's other load is in the figures;
-- chinwag ÷ floor-timer (and ÷ floor-sleep): CPU per event and lateness p99.
+- chinwag ÷ each floor: CPU per event and lateness p99.
+
+``--repeat N``: N rounds per stream count, every target once per round in
+turn, so that a drift of the machine's speed (±15% between runs here) falls
+on all of them alike; each figure is the median of its runs, and a ratio is
+the median of the rounds' own ratios (paired within a round).
 
 Targets (issue 10), reported, never an exit status: at 250 x 20/s chinwag's
 CPU per event <= 1.25 x the floor's; at 500 x 20/s all open within 3 s,
@@ -71,6 +77,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -584,67 +591,123 @@ def bench_first(env: BenchEnv, args: Any) -> dict[str, Any]:
     return out
 
 
+def run_target(env: BenchEnv, n: int, target: str, args: Any, tokens: int) -> dict[str, Any]:
+    """One run of ``target`` at ``n`` streams on a fresh server: its summary, detail, profile."""
+    if target == "chinwag":
+        srv = start_chinwag(
+            env,
+            f"chinwag-{n}",
+            CHINWAG_SIM_TTFT_MS=str(TTFT_MS),
+            CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
+            CHINWAG_SIM_ANSWER_TOKENS=str(tokens),
+        )
+    else:
+        srv = start_floor(env, f"{target}-{n}", target, args.rate, args.grid_ms)
+    profilers: list[Profiler] = []
+    profile = None
+    if args.profile and target in args.profile_targets:
+        seconds = max(1.0, tokens / args.rate - (3 + n / 150) - 2)
+        profile = partial(start_profiler, profilers, Path(args.profile), f"{target}-{n}", seconds)
+    try:
+        result = trio.run(
+            measure,
+            srv.port,
+            srv.pid,
+            env.token,
+            n,
+            args.rate,
+            tokens,
+            args.open_window,
+            profile,
+        )
+    finally:
+        code = srv.stop()
+    entry = {"summary": summarize(result), "detail": result, "exitCode": code}
+    if profilers and (top := profilers[0].top()):
+        entry["profile"] = top
+    return entry
+
+
+#: Summary figures that are combined over repeated runs by their median.
+MEDIAN_FIELDS = (
+    "serverCpuPct",
+    "cpuUsPerEvent",
+    "cpuUsPerEventRun",
+    "eventsPerS",
+    "allOpenS",
+    "allFirstChunkS",
+    "latenessP50Ms",
+    "latenessP99Ms",
+    "latenessMaxMs",
+    "clientCpuPct",
+    "runqWaitPct",
+    "clientRunqWaitPct",
+)
+
+
+def combine(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's repeated runs as one entry: medians, summed failures, the worst detail."""
+    if len(entries) == 1:
+        return entries[0]
+    runs = [e["summary"] for e in entries]
+    summary = dict(runs[-1])
+    for field in MEDIAN_FIELDS:
+        values = [r[field] for r in runs if r.get(field) is not None]
+        summary[field] = statistics.median(values) if values else None
+    summary["steady"] = all(r["steady"] for r in runs)
+    summary["failures"] = sum(r["failures"] for r in runs)
+    worst = max(entries, key=lambda e: (e["detail"]["failures"], not e["detail"]["chunks"]))
+    return {
+        "summary": summary,
+        "runs": runs,
+        "detail": worst["detail"],
+        "exitCode": next((e["exitCode"] for e in entries if e["exitCode"] != 0), 0),
+        **({"profile": entries[0]["profile"]} if "profile" in entries[0] else {}),
+    }
+
+
 def bench_level(env: BenchEnv, n: int, args: Any) -> dict[str, Any]:
+    """Every target at ``n`` streams, ``--repeat`` rounds, the targets in turn in each round
+    (so a drift of the machine's speed falls on all of them alike)."""
     tokens = round(args.rate * args.seconds)
     level: dict[str, Any] = {
         "streams": n,
         "rate": args.rate,
         "seconds": args.seconds,
         "tokens": tokens,
+        "repeat": args.repeat,
         "targets": {},
     }
-    for target in args.targets:
-        print(
-            f"[streams] {target}: {n} streams x {args.rate:g}/s x {tokens} chunks",
-            flush=True,
-        )
-        if target == "chinwag":
-            srv = start_chinwag(
-                env,
-                f"chinwag-{n}",
-                CHINWAG_SIM_TTFT_MS=str(TTFT_MS),
-                CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
-                CHINWAG_SIM_ANSWER_TOKENS=str(tokens),
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for i in range(args.repeat):
+        this: dict[str, dict[str, Any]] = {}
+        for target in args.targets:
+            round_note = f" (round {i + 1} of {args.repeat})" if args.repeat > 1 else ""
+            print(
+                f"[streams] {target}: {n} streams x {args.rate:g}/s x {tokens} chunks{round_note}",
+                flush=True,
             )
-        else:
-            srv = start_floor(env, f"{target}-{n}", target, args.rate, args.grid_ms)
-        profilers: list[Profiler] = []
-        profile = None
-        if args.profile and target in args.profile_targets:
-            seconds = max(1.0, tokens / args.rate - (3 + n / 150) - 2)
-            profile = partial(
-                start_profiler, profilers, Path(args.profile), f"{target}-{n}", seconds
-            )
-        try:
-            result = trio.run(
-                measure,
-                srv.port,
-                srv.pid,
-                env.token,
-                n,
-                args.rate,
-                tokens,
-                args.open_window,
-                profile,
-            )
-        finally:
-            code = srv.stop()
-        entry = {"summary": summarize(result), "detail": result, "exitCode": code}
-        if profilers and (top := profilers[0].top()):
-            entry["profile"] = top
-        level["targets"][target] = entry
-    t = {k: v["summary"] for k, v in level["targets"].items()}
+            this[target] = run_target(env, n, target, args, tokens)
+        rounds.append(this)
+    level["targets"] = {t: combine([r[t] for r in rounds]) for t in args.targets}
     level["ratios"] = {}
-    if "chinwag" in t:
-        for floor in ("floor-timer", "floor-sleep"):
-            if floor in t:
-                suffix = "VsFloorTimer" if floor == "floor-timer" else "VsFloorSleep"
-                level["ratios"]["cpuPerEvent" + suffix] = ratio(
-                    t["chinwag"]["cpuUsPerEvent"], t[floor]["cpuUsPerEvent"]
+    if "chinwag" in args.targets:
+        for floor in ("floor-timer", "floor-sleep", "floor-quart"):
+            if floor not in args.targets:
+                continue
+            suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
+            for field, name in (("cpuUsPerEvent", "cpuPerEvent"), ("latenessP99Ms", "latenessP99")):
+                # Each round's own ratio, then their median: paired within a round.
+                per_round = [
+                    ratio(r["chinwag"]["summary"][field], r[floor]["summary"][field])
+                    for r in rounds
+                ]
+                values = [x for x in per_round if x is not None]
+                level["ratios"][name + suffix] = (
+                    round(statistics.median(values), 2) if values else None
                 )
-                level["ratios"]["latenessP99" + suffix] = ratio(
-                    t["chinwag"]["latenessP99Ms"], t[floor]["latenessP99Ms"]
-                )
+                if args.repeat > 1:
+                    level["ratios"][name + suffix + "Rounds"] = per_round
     level["issueTargets"] = [{"target": d, "met": ok} for d, ok in targets_for(n, level)]
     return level
 
@@ -718,20 +781,32 @@ def report(results: dict[str, Any]) -> None:
                     + (
                         f"; NOISY: waited for a CPU {fmt(s['runqWaitPct'])}% srv / "
                         f"{fmt(s['clientRunqWaitPct'])}% cli"
-                        if max(s["runqWaitPct"], s["clientRunqWaitPct"]) > NOISY_RUNQ_PCT
+                        if max(s["runqWaitPct"] or 0, s["clientRunqWaitPct"] or 0) > NOISY_RUNQ_PCT
+                        else ""
+                    )
+                    + (
+                        "; runs: "
+                        + " / ".join(f"{fmt(x['cpuUsPerEvent'], places=1)}" for x in entry["runs"])
+                        + " µs"
+                        if "runs" in entry
                         else ""
                     ),
                 )
             )
         r = level["ratios"]
-        if r:
+        for floor in ("floor-timer", "floor-quart", "floor-sleep"):
+            suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
+            if r.get("cpuPerEvent" + suffix) is None:
+                continue
+            rounds = r.get("cpuPerEvent" + suffix + "Rounds")
             rows.append(
                 (
-                    "  chinwag ÷ floor-timer",
-                    f"{fmt(r.get('cpuPerEventVsFloorTimer'))} x",
-                    f"lateness p99 {fmt(r.get('latenessP99VsFloorTimer'))} x; ÷ floor-sleep: cpu "
-                    f"{fmt(r.get('cpuPerEventVsFloorSleep'))} x, lateness p99 "
-                    f"{fmt(r.get('latenessP99VsFloorSleep'))} x",
+                    f"  chinwag ÷ {floor}",
+                    f"{fmt(r['cpuPerEvent' + suffix])} x",
+                    f"cpu/event; lateness p99 {fmt(r.get('latenessP99' + suffix))} x"
+                    + (
+                        f"; median of rounds {' / '.join(fmt(x) for x in rounds)}" if rounds else ""
+                    ),
                 )
             )
         for t in level["issueTargets"]:
@@ -787,6 +862,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(TARGETS)}",
     )
     p.add_argument("--grid-ms", type=float, default=5.0, help="the timer service's grid")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds per stream count, the targets in turn in each (medians; ratios paired per round)",
+    )
     p.add_argument("--open-window", type=int, default=64, help="handshakes in flight (0: all)")
     p.add_argument(
         "--only", default="micro,first,streams", help="comma-separated: micro,first,streams"
