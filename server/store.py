@@ -30,7 +30,7 @@ from sqlite_utils import Database
 from .storage.base import MAX_SEARCH_TERMS as MAX_SEARCH_TERMS
 from .storage.base import WORD as _WORD
 from .storage.base import Page as Page
-from .storage.base import SchemaTooNew
+from .storage.base import SchemaTooNew, message_row
 from .storage.base import UsernameTaken as UsernameTaken
 from .storage.base import now_iso as now_iso
 from .storage.base import search_terms as search_terms
@@ -270,31 +270,50 @@ class Store:
         credits_charged: int = 0,
         finish_reason: str | None = None,
     ) -> dict[str, Any]:
+        row = message_row(
+            session_id,
+            user_id,
+            role=role,
+            content=content,
+            model_id=model_id,
+            status=status,
+            streaming_session_id=streaming_session_id,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            credits_charged=credits_charged,
+            finish_reason=finish_reason,
+        )
         with self._tx():
-            seq = self.conn.execute(
-                "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()[0]
-            row = {
-                "id": str(uuid.uuid4()),
-                "session_id": session_id,
-                "user_id": user_id,
-                "role": role,
-                "content": content,
-                "model_id": model_id,
-                "status": status,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
-                "tokens_used": input_tokens + output_tokens,
-                "credits_charged": credits_charged,
-                "finish_reason": finish_reason,
-                "streaming_session_id": streaming_session_id,
-                "seq": seq,
-                "created_at": now_iso(),
-            }
-            self._insert("messages", row)
+            self._number_and_insert(row)
             self.touch_session(session_id)
         return row
+
+    def start_turn(
+        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        user = message_row(session_id, user_id, role="user", content=text, model_id=model_id)
+        assistant = message_row(
+            session_id,
+            user_id,
+            role="assistant",
+            content="",
+            model_id=model_id,
+            status="streaming",
+            streaming_session_id=streaming_session_id,
+        )
+        with self._tx():
+            self._number_and_insert(user)
+            self._number_and_insert(assistant)
+            self.touch_session(session_id)
+        return user, assistant
+
+    def _number_and_insert(self, row: dict[str, Any]) -> None:
+        """Inside a transaction: the session's next ``seq``, then the row."""
+        row["seq"] = self.conn.execute(
+            "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = ?",
+            (row["session_id"],),
+        ).fetchone()[0]
+        self._insert("messages", row)
 
     def finish_message(
         self,

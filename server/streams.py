@@ -253,16 +253,11 @@ class StreamHub:
                 user_id, amount, model_id=model.id, streaming_session_id=stream_id
             )
             try:
-                user_msg = store.add_message(
-                    session_id, user_id, role="user", content=text, model_id=model.id
-                )
-                assistant_msg = store.add_message(
+                user_msg, assistant_msg = store.start_turn(
                     session_id,
                     user_id,
-                    role="assistant",
-                    content="",
+                    text=text,
                     model_id=model.id,
-                    status="streaming",
                     streaming_session_id=stream_id,
                 )
             except BaseException:

@@ -23,6 +23,7 @@ raises ``sqlite3.Error`` for a database it cannot use, as it always has.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -36,6 +37,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "UsernameTaken",
+    "message_row",
     "now_iso",
     "search_terms",
 ]
@@ -75,6 +77,40 @@ class SchemaTooNew(StoreError):
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_row(
+    session_id: str,
+    user_id: str,
+    *,
+    role: str,
+    content: str,
+    model_id: str | None,
+    status: str = "complete",
+    streaming_session_id: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    credits_charged: int = 0,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    """A new message's row, in column order; ``seq`` (0 here) is the backend's to number."""
+    return {
+        "id": str(uuid.uuid4()),
+        "session_id": session_id,
+        "user_id": user_id,
+        "role": role,
+        "content": content,
+        "model_id": model_id,
+        "status": status,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tokens_used": input_tokens + output_tokens,
+        "credits_charged": credits_charged,
+        "finish_reason": finish_reason,
+        "streaming_session_id": streaming_session_id,
+        "seq": 0,
+        "created_at": now_iso(),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +229,17 @@ class StoreBackend(Protocol):
         credits_charged: int = 0,
         finish_reason: str | None = None,
     ) -> Row: ...
+
+    def start_turn(
+        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
+    ) -> tuple[Row, Row]:
+        """The user's message and the assistant's, ``streaming``, in one transaction.
+
+        Numbered one after the other after every earlier message of the
+        session; the session is touched once. (Opening a stream: one commit
+        instead of two.)
+        """
+        ...
 
     def finish_message(
         self,

@@ -9,12 +9,11 @@ reads, one committed state). Semantics match ``server.store.Store``.
 
 from __future__ import annotations
 
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
 
-from .base import Page, Row, now_iso, search_terms
+from .base import Page, Row, message_row, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
 
 __all__ = ["PostgresMessages"]
@@ -42,6 +41,43 @@ def tsquery_of(terms: list[str]) -> str:
     leaves no tsquery operator a user could inject.
     """
     return " | ".join(f"'{term}'" for term in terms)
+
+
+#: Messages are numbered by the database: the session's next seq, in the INSERT itself.
+_MESSAGE_COLUMNS = ", ".join(message_row("", "", role="", content="", model_id=None))
+_MESSAGE_VALUES = ", ".join(
+    "(SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %(session_id)s)"
+    if name == "seq"
+    else f"%({name})s"
+    for name in message_row("", "", role="", content="", model_id=None)
+)
+_INSERT_MESSAGE = (
+    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES}) RETURNING seq"
+)
+
+
+def _insert_numbered(c: Conn, session_id: str, rows: list[Row]) -> list[Row]:
+    """Inside the unit's transaction: ``rows`` numbered after every committed
+    message of the session, in order; all statements in one round trip.
+
+    Touch the session first: its row lock serialises writers of this
+    session, and each INSERT, a later statement (READ COMMITTED: a fresh
+    snapshot, which sees this transaction's own earlier rows), numbers its
+    message after the others. (BEGIN and COMMIT stay apart from the
+    pipeline: a connection lost before COMMIT is sent is then known to have
+    committed nothing, and the unit is retried.)
+    """
+    with c.pipeline():
+        c.execute(
+            "UPDATE chat_sessions SET updated_at = %s WHERE id = %s",
+            (rows[-1]["created_at"], session_id),
+        )
+        cursors = [c.execute(_INSERT_MESSAGE, row) for row in rows]
+    numbered = []
+    for row, cur in zip(rows, cursors, strict=True):
+        (seq,) = cur.fetchone() or (0,)
+        numbered.append({**row, "seq": int(seq)})
+    return numbered
 
 
 class PostgresMessages(ABC):
@@ -72,52 +108,37 @@ class PostgresMessages(ABC):
         credits_charged: int = 0,
         finish_reason: str | None = None,
     ) -> Row:
-        row = {
-            "id": str(uuid.uuid4()),
-            "session_id": session_id,
-            "user_id": user_id,
-            "role": role,
-            "content": content,
-            "model_id": model_id,
-            "status": status,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "tokens_used": input_tokens + output_tokens,
-            "credits_charged": credits_charged,
-            "finish_reason": finish_reason,
-            "streaming_session_id": streaming_session_id,
-            "seq": 0,  # numbered by the database, below
-            "created_at": now_iso(),
-        }
-        columns = ", ".join(row)
-        values = ", ".join(
-            "(SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %(session_id)s)"
-            if name == "seq"
-            else f"%({name})s"
-            for name in row
+        row = message_row(
+            session_id,
+            user_id,
+            role=role,
+            content=content,
+            model_id=model_id,
+            status=status,
+            streaming_session_id=streaming_session_id,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            credits_charged=credits_charged,
+            finish_reason=finish_reason,
         )
+        (numbered,) = self._tx(lambda c: _insert_numbered(c, session_id, [row]))
+        return numbered
 
-        def work(c: Conn) -> Row:
-            # Both statements in one round trip (pipelined), inside the unit's
-            # transaction. Touch the session first: its row lock serialises
-            # writers of this session, and the INSERT, a later statement (READ
-            # COMMITTED: a fresh snapshot), numbers the message after every
-            # committed one. (BEGIN and COMMIT stay apart from the pipeline: a
-            # connection lost before COMMIT is sent is then known to have
-            # committed nothing, and the unit is retried.)
-            with c.pipeline():
-                c.execute(
-                    "UPDATE chat_sessions SET updated_at = %s WHERE id = %s",
-                    (row["created_at"], session_id),
-                )
-                cur = c.execute(
-                    f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING seq",
-                    row,
-                )
-            (seq,) = cur.fetchone() or (0,)
-            return {**row, "seq": int(seq)}
-
-        return self._tx(work)
+    def start_turn(
+        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
+    ) -> tuple[Row, Row]:
+        user = message_row(session_id, user_id, role="user", content=text, model_id=model_id)
+        assistant = message_row(
+            session_id,
+            user_id,
+            role="assistant",
+            content="",
+            model_id=model_id,
+            status="streaming",
+            streaming_session_id=streaming_session_id,
+        )
+        first, second = self._tx(lambda c: _insert_numbered(c, session_id, [user, assistant]))
+        return first, second
 
     def finish_message(
         self,

@@ -5,11 +5,12 @@ value types in every row, ``UsernameTaken``, ``None`` for a taken session
 id or client key, the same orderings: every text column is ``COLLATE "C"``,
 byte order, as SQLite's ``BINARY``), with these engine differences:
 
-* **Concurrency.** READ COMMITTED. ``add_message`` first updates its
-  session's ``updated_at``, which takes the session row's lock, and only
-  then inserts with ``max(seq) + 1`` (both statements pipelined in one
-  round trip): two writers to one session (threads, processes, nodes) are
-  serialised and never number two messages alike. Multi-row
+* **Concurrency.** READ COMMITTED. ``add_message`` (and ``start_turn``,
+  for its two messages) first updates its session's ``updated_at``, which
+  takes the session row's lock, and only then inserts with ``max(seq) + 1``
+  (all statements pipelined in one round trip): two writers to one session
+  (threads, processes, nodes) are serialised and never number two messages
+  alike. Multi-row
   changes (``delete_session``, ``delete_sessions_before``) are one
   transaction each.
 * **Memory search.** ``to_tsvector('english', content)`` under a GIN

@@ -255,6 +255,32 @@ def test_search_finds_stems_ranks_and_stays_in_scope(store: StoreBackend) -> Non
     assert len(store.search_messages(alice, "kubernetes", limit=1)) == 1
 
 
+def test_a_turn_is_both_messages_numbered_in_one_go(store: StoreBackend) -> None:
+    alice = _user(store, "alice")
+    s = _session(store, alice)
+    store.add_message(s, alice, role="user", content="earlier", model_id="m")
+    before = store.get_session(s)
+    user, assistant = store.start_turn(
+        s, alice, text="hello", model_id="m", streaming_session_id="stream-9"
+    )
+    assert list(user) == list(assistant) == MESSAGE_COLUMNS[:-1]
+    assert (user["seq"], user["role"], user["content"], user["status"]) == (
+        2,
+        "user",
+        "hello",
+        "complete",
+    )
+    assert (assistant["seq"], assistant["role"], assistant["content"]) == (3, "assistant", "")
+    assert (assistant["status"], assistant["streaming_session_id"]) == ("streaming", "stream-9")
+    rows, total = store.list_messages(s)
+    assert total == 3 and [r["id"] for r in rows[1:]] == [user["id"], assistant["id"]]
+    assert store.message_by_stream("stream-9")["id"] == assistant["id"]  # type: ignore[index]
+    assert store.get_session(s)["updated_at"] >= before["updated_at"]  # type: ignore[index]
+    # The next turn numbers after both.
+    again, _ = store.start_turn(s, alice, text="more", model_id="m", streaming_session_id="s-10")
+    assert again["seq"] == 4
+
+
 def test_content_written_by_finish_message_is_found(store: StoreBackend) -> None:
     alice = _user(store, "alice")
     s = _session(store, alice)
