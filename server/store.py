@@ -29,8 +29,8 @@ from sqlite_utils import Database
 
 from .storage.base import MAX_SEARCH_TERMS as MAX_SEARCH_TERMS
 from .storage.base import WORD as _WORD
+from .storage.base import NewMessages, SchemaTooNew
 from .storage.base import Page as Page
-from .storage.base import SchemaTooNew, message_row
 from .storage.base import UsernameTaken as UsernameTaken
 from .storage.base import now_iso as now_iso
 from .storage.base import search_terms as search_terms
@@ -47,7 +47,7 @@ log = logging.getLogger("chinwag.store")
 _warned_no_fts = False
 
 
-class Store:
+class Store(NewMessages):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if str(path) != ":memory:":
@@ -255,57 +255,12 @@ class Store:
 
     # -- messages ------------------------------------------------------------------
 
-    def add_message(
-        self,
-        session_id: str,
-        user_id: str,
-        *,
-        role: str,
-        content: str,
-        model_id: str | None,
-        status: str = "complete",
-        streaming_session_id: str | None = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        credits_charged: int = 0,
-        finish_reason: str | None = None,
-    ) -> dict[str, Any]:
-        row = message_row(
-            session_id,
-            user_id,
-            role=role,
-            content=content,
-            model_id=model_id,
-            status=status,
-            streaming_session_id=streaming_session_id,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            credits_charged=credits_charged,
-            finish_reason=finish_reason,
-        )
+    def _insert_messages(self, session_id: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self._tx():
-            self._number_and_insert(row)
+            for row in rows:
+                self._number_and_insert(row)
             self.touch_session(session_id)
-        return row
-
-    def start_turn(
-        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        user = message_row(session_id, user_id, role="user", content=text, model_id=model_id)
-        assistant = message_row(
-            session_id,
-            user_id,
-            role="assistant",
-            content="",
-            model_id=model_id,
-            status="streaming",
-            streaming_session_id=streaming_session_id,
-        )
-        with self._tx():
-            self._number_and_insert(user)
-            self._number_and_insert(assistant)
-            self.touch_session(session_id)
-        return user, assistant
+        return rows
 
     def _number_and_insert(self, row: dict[str, Any]) -> None:
         """Inside a transaction: the session's next ``seq``, then the row."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -31,13 +32,13 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 __all__ = [
     "MAX_SEARCH_TERMS",
+    "NewMessages",
     "Page",
     "SchemaTooNew",
     "StoreBackend",
     "StoreError",
     "StoreUnavailable",
     "UsernameTaken",
-    "message_row",
     "now_iso",
     "search_terms",
 ]
@@ -79,38 +80,78 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def message_row(
-    session_id: str,
-    user_id: str,
-    *,
-    role: str,
-    content: str,
-    model_id: str | None,
-    status: str = "complete",
-    streaming_session_id: str | None = None,
-    input_tokens: int = 0,
-    output_tokens: int = 0,
-    credits_charged: int = 0,
-    finish_reason: str | None = None,
-) -> dict[str, Any]:
-    """A new message's row, in column order; ``seq`` (0 here) is the backend's to number."""
-    return {
-        "id": str(uuid.uuid4()),
-        "session_id": session_id,
-        "user_id": user_id,
-        "role": role,
-        "content": content,
-        "model_id": model_id,
-        "status": status,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "tokens_used": input_tokens + output_tokens,
-        "credits_charged": credits_charged,
-        "finish_reason": finish_reason,
-        "streaming_session_id": streaming_session_id,
-        "seq": 0,
-        "created_at": now_iso(),
-    }
+class NewMessages(ABC):
+    """``add_message`` and ``start_turn`` for a backend that can number and insert
+    a session's new rows in one transaction (:meth:`_insert_messages`)."""
+
+    @abstractmethod
+    def _insert_messages(self, session_id: str, rows: list[Row]) -> list[Row]:
+        """In one transaction: touch the session, number ``rows`` after its other
+        messages, in order, and insert them; the rows with their ``seq``."""
+
+    def add_message(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        role: str,
+        content: str,
+        model_id: str | None,
+        status: str = "complete",
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        credits_charged: int = 0,
+        finish_reason: str | None = None,
+    ) -> Row:
+        row = {
+            **self._draft(session_id, user_id, model_id),
+            "role": role,
+            "content": content,
+            "status": status,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "tokens_used": input_tokens + output_tokens,
+            "credits_charged": credits_charged,
+            "finish_reason": finish_reason,
+            "streaming_session_id": streaming_session_id,
+        }
+        (numbered,) = self._insert_messages(session_id, [row])
+        return numbered
+
+    def start_turn(
+        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
+    ) -> tuple[Row, Row]:
+        user = {**self._draft(session_id, user_id, model_id), "role": "user", "content": text}
+        assistant = {
+            **self._draft(session_id, user_id, model_id),
+            "role": "assistant",
+            "status": "streaming",
+            "streaming_session_id": streaming_session_id,
+        }
+        first, second = self._insert_messages(session_id, [user, assistant])
+        return first, second
+
+    @staticmethod
+    def _draft(session_id: str, user_id: str, model_id: str | None) -> Row:
+        """A new message's row, in column order, before its role and content."""
+        return {
+            "id": str(uuid.uuid4()),
+            "session_id": session_id,
+            "user_id": user_id,
+            "role": "",
+            "content": "",
+            "model_id": model_id,
+            "status": "complete",
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "tokens_used": 0,
+            "credits_charged": 0,
+            "finish_reason": None,
+            "streaming_session_id": None,
+            "seq": 0,
+            "created_at": now_iso(),
+        }
 
 
 @dataclass(frozen=True, slots=True)

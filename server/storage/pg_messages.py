@@ -9,11 +9,11 @@ reads, one committed state). Semantics match ``server.store.Store``.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
 
-from .base import Page, Row, message_row, now_iso, search_terms
+from .base import NewMessages, Page, Row, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
 
 __all__ = ["PostgresMessages"]
@@ -44,12 +44,12 @@ def tsquery_of(terms: list[str]) -> str:
 
 
 #: Messages are numbered by the database: the session's next seq, in the INSERT itself.
-_MESSAGE_COLUMNS = ", ".join(message_row("", "", role="", content="", model_id=None))
+_MESSAGE_COLUMNS = ", ".join(NewMessages._draft("", "", None))
 _MESSAGE_VALUES = ", ".join(
     "(SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = %(session_id)s)"
     if name == "seq"
     else f"%({name})s"
-    for name in message_row("", "", role="", content="", model_id=None)
+    for name in NewMessages._draft("", "", None)
 )
 _INSERT_MESSAGE = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES}) RETURNING seq"
@@ -80,7 +80,7 @@ def _insert_numbered(c: Conn, session_id: str, rows: list[Row]) -> list[Row]:
     return numbered
 
 
-class PostgresMessages(ABC):
+class PostgresMessages(NewMessages):
     @abstractmethod
     def _read(self, work: Callable[[Conn], T]) -> T: ...
 
@@ -93,52 +93,8 @@ class PostgresMessages(ABC):
     @abstractmethod
     def _snapshot(self, work: Callable[[Conn], T]) -> T: ...
 
-    def add_message(
-        self,
-        session_id: str,
-        user_id: str,
-        *,
-        role: str,
-        content: str,
-        model_id: str | None,
-        status: str = "complete",
-        streaming_session_id: str | None = None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        credits_charged: int = 0,
-        finish_reason: str | None = None,
-    ) -> Row:
-        row = message_row(
-            session_id,
-            user_id,
-            role=role,
-            content=content,
-            model_id=model_id,
-            status=status,
-            streaming_session_id=streaming_session_id,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            credits_charged=credits_charged,
-            finish_reason=finish_reason,
-        )
-        (numbered,) = self._tx(lambda c: _insert_numbered(c, session_id, [row]))
-        return numbered
-
-    def start_turn(
-        self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
-    ) -> tuple[Row, Row]:
-        user = message_row(session_id, user_id, role="user", content=text, model_id=model_id)
-        assistant = message_row(
-            session_id,
-            user_id,
-            role="assistant",
-            content="",
-            model_id=model_id,
-            status="streaming",
-            streaming_session_id=streaming_session_id,
-        )
-        first, second = self._tx(lambda c: _insert_numbered(c, session_id, [user, assistant]))
-        return first, second
+    def _insert_messages(self, session_id: str, rows: list[Row]) -> list[Row]:
+        return self._tx(lambda c: _insert_numbered(c, session_id, rows))
 
     def finish_message(
         self,
