@@ -236,7 +236,10 @@ async def test_redis_restart_mid_stream(own_redis: OwnRedis):
             + b"".join(encode_event(i, "chunk", chunk(i - 1)) for i in range(31, 46))
             + encode_event(46, "done", "{}")
         )
-        assert producer.publisher.statistics().dropped == 25
+        # The Publisher dropped 25 of them itself, or 24 when its write of one more
+        # reached the dying Redis, which lost it with everything else it held (it
+        # keeps nothing on disk): the mirror's account above is the same either way.
+        assert producer.publisher.statistics().dropped in (24, 25)
         assert producer.publisher.statistics().healthy
         # Its own ring (16) has its newest events, whatever Redis did.
         assert (await read_all(stream)).startswith(encode_event(31, "chunk", chunk(30)))
