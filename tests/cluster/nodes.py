@@ -16,7 +16,7 @@ import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -193,6 +193,18 @@ async def healthy(node: Node) -> bool:
 def paced(rate: int, headers: dict[str, str]) -> dict[str, str]:
     """The user's headers plus a per-request simulated token rate (SPEC §8)."""
     return {**headers, "X-Sim-Tokens-Per-S": str(rate)}
+
+
+def post_stream(
+    node: Node, sid: str, headers: dict[str, str], message: str, max_tokens: int
+) -> AbstractAsyncContextManager[httpx.Response]:
+    """Start a stream on ``node`` (SPEC §5): the open response, read with ``messages``."""
+    return node.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": message, "maxTokens": max_tokens},
+        headers=headers,
+    )
 
 
 @asynccontextmanager

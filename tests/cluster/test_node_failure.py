@@ -11,7 +11,7 @@ from tests.sse import Msg, events, messages
 
 from .conftest import OwnRedis
 from .conftest import own_redis as own_redis  # the fixture
-from .nodes import Cluster, healthy, open_cluster, paced, until_true
+from .nodes import Cluster, healthy, open_cluster, paced, post_stream, until_true
 from .nodes import cluster as cluster  # the fixture
 from .test_three_nodes import RATE, read_until
 
@@ -29,11 +29,8 @@ async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluste
     alice = cluster.user(credits=1_000_000)
     sup = cluster.user("supervisor")
     sid = await cluster.session("a", alice)
-    async with cluster["a"].http.stream(
-        "POST",
-        f"/api/chat/sessions/{sid}/stream",
-        json={"message": "a long answer", "maxTokens": 400},
-        headers=paced(RATE, alice["headers"]),
+    async with post_stream(
+        cluster["a"], sid, paced(RATE, alice["headers"]), "a long answer", 400
     ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         client_feed = messages(r)  # kept: dropping it would close the connection
@@ -84,12 +81,7 @@ async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluste
     assert events(rest)[-1].data == done
     active = await cluster["c"].http.get("/api/chat/streams/active", headers=sup["headers"])
     assert active.json()["streams"] == []
-    async with cluster["c"].http.stream(
-        "POST",
-        f"/api/chat/sessions/{sid}/stream",
-        json={"message": "again", "maxTokens": 5},
-        headers=alice["headers"],
-    ) as r:
+    async with post_stream(cluster["c"], sid, alice["headers"], "again", 5) as r:
         assert r.status_code == 200
         again = await read_until(messages(r), lambda got: got[-1].event == "done")
     assert events(again)[-1].data["finishReason"] == "length"
@@ -98,11 +90,8 @@ async def test_kill_9_mid_stream_is_recovered_once_by_a_survivor(cluster: Cluste
 async def test_a_node_paused_past_its_lease_does_not_undo_the_recovery(cluster: Cluster):
     alice = cluster.user(credits=1_000_000)
     sid = await cluster.session("a", alice)
-    async with cluster["a"].http.stream(
-        "POST",
-        f"/api/chat/sessions/{sid}/stream",
-        json={"message": "a long answer", "maxTokens": 400},
-        headers=paced(RATE, alice["headers"]),
+    async with post_stream(
+        cluster["a"], sid, paced(RATE, alice["headers"]), "a long answer", 400
     ) as r:
         stream_id = r.headers["x-streaming-session-id"]
         feed = messages(r)
@@ -145,11 +134,8 @@ async def test_redis_restarted_mid_stream_degrades_never_corrupts(
         alice = c.user(credits=1_000_000)
         sid = await c.session("a", alice)
         other = await c.session("b", alice)
-        async with c["a"].http.stream(
-            "POST",
-            f"/api/chat/sessions/{sid}/stream",
-            json={"message": "a long answer", "maxTokens": 120},
-            headers=paced(RATE, alice["headers"]),
+        async with post_stream(
+            c["a"], sid, paced(RATE, alice["headers"]), "a long answer", 120
         ) as r:
             feed = messages(r)
             client = await read_until(feed, lambda got: len(events(got)) >= 5)
@@ -180,12 +166,7 @@ async def test_redis_restarted_mid_stream_degrades_never_corrupts(
         assert c.book.open_reservations(alice["id"]) == [] and c.book.verify() == []
         # Once Redis is back, the nodes are healthy and take new streams again.
         await until_true(lambda: healthy(c["b"]), within=15)
-        async with c["b"].http.stream(
-            "POST",
-            f"/api/chat/sessions/{other}/stream",
-            json={"message": "y", "maxTokens": 5},
-            headers=alice["headers"],
-        ) as r:
+        async with post_stream(c["b"], other, alice["headers"], "y", 5) as r:
             assert r.status_code == 200
             after = await read_until(messages(r), lambda got: got[-1].event == "done")
         assert events(after)[-1].data["finishReason"] == "length"
@@ -203,11 +184,8 @@ async def test_a_redis_that_hangs_never_holds_up_a_streams_ending(
         sup = c.user("supervisor")
         sid = await c.session("a", alice)
         assert own_redis.proc is not None
-        async with c["a"].http.stream(
-            "POST",
-            f"/api/chat/sessions/{sid}/stream",
-            json={"message": "a long answer", "maxTokens": 60},
-            headers=paced(RATE, alice["headers"]),
+        async with post_stream(
+            c["a"], sid, paced(RATE, alice["headers"]), "a long answer", 60
         ) as r:
             stream_id = r.headers["x-streaming-session-id"]
             feed = messages(r)
@@ -233,12 +211,7 @@ async def test_a_redis_that_hangs_never_holds_up_a_streams_ending(
         again: list[Msg] = []
 
         async def next_stream_taken() -> bool:
-            async with c["a"].http.stream(
-                "POST",
-                f"/api/chat/sessions/{sid}/stream",
-                json={"message": "again", "maxTokens": 5},
-                headers=alice["headers"],
-            ) as r:
+            async with post_stream(c["a"], sid, alice["headers"], "again", 5) as r:
                 if r.status_code == 409:
                     return False
                 assert r.status_code == 200, r.status_code

@@ -12,7 +12,7 @@ from trio_websocket import open_websocket_url
 
 from tests.sse import Msg, events, messages
 
-from .nodes import Cluster, paced
+from .nodes import Cluster, paced, post_stream
 from .nodes import cluster as cluster  # the fixture
 
 RATE = 40  # tokens/s: a 120-token answer lasts 3 s
@@ -102,11 +102,8 @@ async def test_a_dropped_client_resumes_on_another_node_within_the_grace(tmp_pat
         await grace_cluster.start_all("ac")
         alice = grace_cluster.user(credits=1_000_000)
         sid = await grace_cluster.session("a", alice)
-        async with grace_cluster["a"].http.stream(
-            "POST",
-            f"/api/chat/sessions/{sid}/stream",
-            json={"message": "go", "maxTokens": 160},
-            headers=paced(RATE, alice["headers"]),
+        async with post_stream(
+            grace_cluster["a"], sid, paced(RATE, alice["headers"]), "go", 160
         ) as r:
             stream_id = r.headers["x-streaming-session-id"]
             first = await read_until(messages(r), lambda got: len(events(got)) >= 5)
@@ -252,12 +249,7 @@ async def test_observers_waiting_on_other_nodes_over_sse_and_websocket(cluster: 
         first = json.loads(await ws.get_message())
         assert first["data"] == {"status": "waiting", "sessionId": sid}
         # Both wait on B and C; the stream starts on A.
-        async with cluster["a"].http.stream(
-            "POST",
-            f"/api/chat/sessions/{sid}/stream",
-            json={"message": "now", "maxTokens": 30},
-            headers=paced(RATE, alice["headers"]),
-        ) as r:
+        async with post_stream(cluster["a"], sid, paced(RATE, alice["headers"]), "now", 30) as r:
             client = await read_until(messages(r), lambda got: got[-1].event == "done")
         observed = await read_until(observer_feed, lambda got: got[-1].event == "done")
         with trio.fail_after(10):
@@ -275,12 +267,7 @@ async def test_a_node_shutting_down_tells_observers_on_other_nodes(cluster: Clus
     alice = cluster.user(credits=1_000_000)
     sup = cluster.user("supervisor")
     sid = await cluster.session("a", alice)
-    async with cluster["a"].http.stream(
-        "POST",
-        f"/api/chat/sessions/{sid}/stream",
-        json={"message": "long", "maxTokens": 400},
-        headers=paced(RATE, alice["headers"]),
-    ) as r:
+    async with post_stream(cluster["a"], sid, paced(RATE, alice["headers"]), "long", 400) as r:
         stream_id = r.headers["x-streaming-session-id"]
         client_feed = messages(r)
         await read_until(client_feed, lambda got: len(events(got)) >= 3)
@@ -342,12 +329,7 @@ async def test_many_observers_waiting_on_another_node_share_one_watch(tmp_path, 
                 observers.start_soon(observe)
             for _ in range(20):
                 await waiting.acquire()
-            async with c["a"].http.stream(
-                "POST",
-                f"/api/chat/sessions/{sid}/stream",
-                json={"message": "now", "maxTokens": 20},
-                headers=paced(RATE, alice["headers"]),
-            ) as r:
+            async with post_stream(c["a"], sid, paced(RATE, alice["headers"]), "now", 20) as r:
                 client = await read_until(messages(r), lambda got: got[-1].event == "done")
     assert len(results) == 20
     for got in results:
