@@ -111,7 +111,7 @@ from benchlib import (
     sched_wait_s,
 )
 
-TARGETS = ("floor-sleep", "floor-timer", "floor-quart", "chinwag")
+TARGETS = ("floor-sleep", "floor-timer", "floor-quart", "floor-relay", "chinwag")
 TTFT_MS = 50
 FLOOR_READY = "floor listening on"
 LINE_NO = re.compile(r":\d+\)$")
@@ -208,6 +208,59 @@ def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., A
     return app
 
 
+def relay_floor_app(
+    sleep_until: Sleep, rate: float, ttft_s: float, nursery: trio.Nursery
+) -> Callable[..., Awaitable[None]]:
+    """The bare app with chinwag's shape: two tasks per stream, two wake-ups per event.
+
+    A producer task (in a nursery of the server's, not the connection's)
+    paces the chunks into a list and wakes the connection's task parked on
+    a ``ParkingLot``, which writes everything pending in one ``send``. Set
+    against ``floor-timer`` it prices the second task switch alone.
+    """
+    interval = 1 / rate
+    bare = floor_app(sleep_until, rate, ttft_s)
+
+    async def produce(tokens: int, pending: list[bytes], lot: trio.lowlevel.ParkingLot) -> None:
+        deadline = trio.current_time() + ttft_s
+        await sleep_until(deadline)
+        for k in range(1, tokens + 1):
+            deadline += interval
+            await sleep_until(deadline)
+            pending.append(_chunk(k))
+            lot.unpark_all()
+        pending.append(b"")  # the end
+        lot.unpark_all()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/stream"):
+            return await bare(scope, receive, send)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        tokens = int(json.loads(body or b"{}").get("maxTokens", 200))
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b": connected\n\n", "more_body": True})
+        pending: list[bytes] = []
+        lot = trio.lowlevel.ParkingLot()
+        nursery.start_soon(produce, tokens, pending, lot)
+        while True:
+            if not pending:
+                await lot.park()
+            wire = b"".join(pending)
+            ended = pending[-1] == b""
+            pending.clear()
+            if ended:
+                break
+            await send({"type": "http.response.body", "body": wire, "more_body": True})
+        await send({"type": "http.response.body", "body": wire + _done(tokens), "more_body": False})
+
+    return app
+
+
 def quart_floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Any:
     """The same two routes as a Quart-Trio app: what Quart's request layer adds.
 
@@ -256,7 +309,7 @@ def floor_serve(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--ttft-ms", type=float, default=TTFT_MS)
     p.add_argument("--grid-ms", type=float, default=5.0)
-    p.add_argument("--app", choices=("bare", "quart"), default="bare")
+    p.add_argument("--app", choices=("bare", "quart", "relay"), default="bare")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -280,9 +333,12 @@ def floor_serve(argv: list[str]) -> int:
     async def main() -> None:
         timers = Timers(grid=args.grid_ms / 1000)
         sleep_until: Sleep = timers.sleep_until if args.pacing == "timer" else trio.sleep_until
-        make = quart_floor_app if args.app == "quart" else floor_app
-        app = make(sleep_until, args.rate, args.ttft_ms / 1000)
         async with trio.open_nursery() as nursery:
+            if args.app == "relay":
+                app = relay_floor_app(sleep_until, args.rate, args.ttft_ms / 1000, nursery)
+            else:
+                make = quart_floor_app if args.app == "quart" else floor_app
+                app = make(sleep_until, args.rate, args.ttft_ms / 1000)
             if args.pacing == "timer":
                 await nursery.start(timers.run)
 
@@ -319,7 +375,7 @@ def start_floor(
         "--pacing",
         pacing,
         "--app",
-        "quart" if target == "floor-quart" else "bare",
+        {"floor-quart": "quart", "floor-relay": "relay"}.get(target, "bare"),
         "--rate",
         f"{rate:g}",
         "--ttft-ms",
@@ -692,7 +748,7 @@ def bench_level(env: BenchEnv, n: int, args: Any) -> dict[str, Any]:
     level["targets"] = {t: combine([r[t] for r in rounds]) for t in args.targets}
     level["ratios"] = {}
     if "chinwag" in args.targets:
-        for floor in ("floor-timer", "floor-sleep", "floor-quart"):
+        for floor in ("floor-timer", "floor-sleep", "floor-quart", "floor-relay"):
             if floor not in args.targets:
                 continue
             suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
@@ -794,7 +850,7 @@ def report(results: dict[str, Any]) -> None:
                 )
             )
         r = level["ratios"]
-        for floor in ("floor-timer", "floor-quart", "floor-sleep"):
+        for floor in ("floor-timer", "floor-quart", "floor-relay", "floor-sleep"):
             suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
             if r.get("cpuPerEvent" + suffix) is None:
                 continue
