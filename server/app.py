@@ -37,7 +37,7 @@ from .models import Catalog
 from .providers import open_provider
 from .retention import run_retention
 from .settings import Settings
-from .sse import encode_event, quiet_resets
+from .sse import Connection, encode_event, quiet_resets
 from .storage import StoreUnavailable, open_store
 from .streams import StreamHub
 from .telemetry import Telemetry
@@ -65,6 +65,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
     settings = settings.with_secret()
     quiet_resets(logging.getLogger("hypercorn.error"))  # reset_midway is not an error
     app = QuartTrio("chinwag")
+    app.asgi_http_class = Connection  # SSE bodies written through ASGI send (server.sse)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         BODY_TIMEOUT=60,

@@ -49,6 +49,7 @@ from .telemetry import CallRecord, Telemetry
 
 if TYPE_CHECKING:
     from .cluster import Admission
+    from .push import Push
     from .streams import StreamHub
 
 log = logging.getLogger("chinwag.streams")
@@ -153,6 +154,10 @@ class StreamRun:
         #: Cluster mode: the session claim held in Redis, and where events are copied.
         self.admission = admission
         self.publisher = hub.link.publisher if hub.link is not None else None
+        #: The client's response while it is attached on this node (see attach).
+        self.push: Push | None = None
+        #: When the run was told to stop (:meth:`cancel`); None until then.
+        self.stop_requested_at: float | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
         if not streaming:
@@ -160,14 +165,21 @@ class StreamRun:
 
     # -- the client side ---------------------------------------------------------
 
-    def attach(self) -> None:
-        """The client (or a resumed client) is reading: lift any disconnect deadline."""
+    def attach(self, push: Push | None = None) -> None:
+        """The client (or a resumed client) is reading: lift any disconnect deadline.
+
+        ``push``: the client's response on this node, which the run then
+        writes itself after each publish (:mod:`server.push`).
+        """
+        self.push = push
         self._attached.set()
         if not self._done.is_set():
             self.cancel_scope.deadline = math.inf
 
-    def detach(self) -> None:
+    def detach(self, push: Push | None = None) -> None:
         """The client went away: abort after the grace (0 = at once)."""
+        if push is not None and self.push is push:
+            self.push = None
         if self._done.is_set():
             return
         grace = self.hub.settings.disconnect_grace_ms / 1000
@@ -182,7 +194,10 @@ class StreamRun:
         if not self._done.is_set() and not self.cancel_scope.cancel_called:
             self.cancel_reason = reason
             self.cancel_note = note
+            self.stop_requested_at = trio.current_time()
             self.cancel_scope.cancel()
+            if self.push is not None:  # it watches for a write of ours stuck on its client
+                self.push.wake()
 
     @property
     def done(self) -> bool:
@@ -273,6 +288,9 @@ class StreamRun:
             return
         if self.publisher is not None:
             self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
+        push = self.push
+        if push is not None and self.stop_requested_at is None:
+            await push.pump()  # the client's bytes, written by this task: no second wake-up
 
     async def _finish(
         self,
@@ -393,6 +411,8 @@ class StreamRun:
             await self._publish_final(self.dialect.ending(ending))
         finally:
             self.stream.close()
+            if self.push is not None:  # it writes the closing events and ends the response
+                self.push.wake()
             hub._forget(self)
             try:
                 if link is not None:

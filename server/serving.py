@@ -25,8 +25,9 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import closing
+from typing import Any
 
 from hypercorn.config import Config, Sockets
 
@@ -127,6 +128,36 @@ def cut_connections(ports: Collection[int]) -> int:
         except OSError:
             continue  # closed meanwhile, or not a socket we can use: not ours to cut
     return cut
+
+
+def cut_peer(scope: Mapping[str, Any]) -> bool:
+    """Abort the one connection an ASGI ``scope`` came in on (as :func:`cut_connections`).
+
+    Found by its two ends (``scope["client"]``, ``scope["server"]``'s port)
+    among the process's descriptors: a scan, for the rare stream whose run
+    must stop while it is stuck writing to a client that does not read
+    (:mod:`server.push`). False if it was not found (already gone, or no
+    descriptor list on this system).
+    """
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not server:
+        return False
+    peer, port = (client[0], int(client[1])), int(server[1])
+    for fd in _open_fds():
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with closing(_duplicate(fd)) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if sock.getsockname()[1] != port or tuple(sock.getpeername()[:2]) != peer:
+                    continue
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _open_fds() -> Iterator[int]:

@@ -3,16 +3,26 @@
 Events are encoded to bytes exactly once, when they are published into the
 observation ring (:func:`encode_event` is the ring's encoder); readers only
 concatenate and write bytes.
+
+An SSE response is an :class:`EventStream`: instead of a body for Quart to
+iterate, it has a ``serve(send)`` that writes the body itself through the
+ASGI ``send`` (:class:`Connection`, the app's ``asgi_http_class``, hands
+it over). That drops Quart's per-chunk layers, and it lets a stream's run
+write its own client's bytes (:mod:`server.push`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import trio
+from hypercorn.typing import ASGISendCallable
 from quart import Response
+from quart.utils import encode_headers
+from quart_trio.asgi import TrioASGIHTTPConnection
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -78,12 +88,62 @@ def heartbeat() -> bytes:
     return comment(f"heartbeat {int(time.time() * 1000)}")
 
 
-def sse_response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Response:
-    """A streaming response with the SPEC headers and no response timeout.
+#: Writes a response's body through the ASGI ``send`` (its chunks: ``more_body`` True).
+Serve = Callable[[ASGISendCallable], Awaitable[None]]
 
-    Quart's RESPONSE_TIMEOUT (60 s by default) would silently cut a long
-    stream, so it is switched off for this response only.
+
+class EventStream(Response):
+    """A 200 ``text/event-stream`` response whose body :attr:`serve` writes.
+
+    No response timeout: Quart's RESPONSE_TIMEOUT (60 s by default) would
+    silently cut a long stream. The after-request hooks see it as any
+    response (status, headers); only :class:`Connection` sends it.
     """
-    response = Response(body, status=200, headers={**SSE_HEADERS, **(headers or {})})
-    response.timeout = None
-    return response
+
+    def __init__(self, serve: Serve, headers: dict[str, str] | None = None) -> None:
+        super().__init__(b"", status=200, headers={**SSE_HEADERS, **(headers or {})})
+        del self.headers["Content-Length"]  # of the placeholder body: this one is open-ended
+        self.timeout = None
+        self.serve = serve
+
+
+class Connection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, sending an :class:`EventStream` itself.
+
+    Headers, then ``serve(send)``, then the end of the body. Everything else
+    is Quart's. Disconnects are Quart-Trio's as before: ``http.disconnect``
+    cancels the task that runs ``serve``.
+    """
+
+    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        if not isinstance(response, EventStream):
+            await super()._send_response(send, response)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": encode_headers(response.headers),
+                "trailers": False,
+            }
+        )
+        await response.serve(send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def sse_response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> EventStream:
+    """An :class:`EventStream` writing each chunk ``body`` yields, in one ``send`` each."""
+
+    async def serve(send: ASGISendCallable) -> None:
+        try:
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            # Cancelled in a send (the client went away): the body's own
+            # ``finally`` must run now, not whenever the collector finds it.
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
+
+    return EventStream(serve, headers)

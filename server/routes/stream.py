@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
+from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
 
 from observation import Batch, Reader, Stream
@@ -16,8 +17,9 @@ from ..errors import ApiError, Conflict, NotFound, ValidationError
 from ..models import resolve
 from ..providers.base import Pace
 from ..providers.simulated import SCENARIOS
+from ..push import serve_push
 from ..run import StreamRun
-from ..sse import CONNECTED, ConnectionReset, heartbeat, sse_response
+from ..sse import CONNECTED, ConnectionReset, EventStream, heartbeat, sse_response
 from ..timers import Alarm, Timers
 from ..validate import (
     EVENT_STREAM,
@@ -130,14 +132,34 @@ def read_controls() -> Controls:
     return Controls(scenario, pace)
 
 
+def push_response(run: StreamRun, stream: Stream, *, after_id: int) -> EventStream:
+    """The SSE response of a run of this node: the run writes it (:mod:`server.push`).
+
+    ``: connected`` is flushed before the reader attaches (the run waits for
+    that attach before it calls upstream); ``after_id`` as for a reader.
+    """
+    svc = services()
+    interval = svc.settings.sse_heartbeat_ms / 1000
+    connected = getattr(stream.info, "connected", CONNECTED)
+    scope = request.scope
+
+    async def serve(send: ASGISendCallable) -> None:
+        await send({"type": "http.response.body", "body": connected, "more_body": True})
+        with stream.reader(after_id, primary=True) as reader:
+            await serve_push(run, reader, send, interval=interval, timers=svc.timers, scope=scope)
+
+    return EventStream(serve, {"X-Streaming-Session-Id": stream.stream_id})
+
+
 def stream_response(run: StreamRun, controls: Controls) -> Response:
     """The SSE response of a new stream: its client is the run's primary reader."""
-    cut_after = None
-    if controls.scenario == "reset_midway":
-        # Half the answer: the simulated model's length, else maxTokens.
-        settings = services().settings
-        length = min(run.request.max_tokens, settings.sim_answer_tokens)
-        cut_after = max(1, length // 2)
+    if controls.scenario != "reset_midway":
+        return push_response(run, run.stream, after_id=0)
+    # Half the answer (the simulated model's length, else maxTokens), then the
+    # connection is cut: the response's own task reads the ring and cuts it.
+    settings = services().settings
+    length = min(run.request.max_tokens, settings.sim_answer_tokens)
+    cut_after = max(1, length // 2)
     feed = client_feed(
         run,
         run.stream,
@@ -311,7 +333,10 @@ async def resume_stream(session_id: str) -> Response:
         raise Conflict(
             "This stream already has a connected client.", error_code="STREAM_ALREADY_ACTIVE"
         )
-    run: Attachable | None = svc.hub.for_stream(stream_id)
+    local = svc.hub.for_stream(stream_id)
+    if local is not None and local.stream is stream:
+        return push_response(local, stream, after_id=after)
+    run: Attachable | None = local
     if run is None and svc.link is not None and not stream.ended:
         run = await svc.link.remote_run(stream_id)  # its node lifts the disconnect deadline
     interval = svc.settings.sse_heartbeat_ms / 1000

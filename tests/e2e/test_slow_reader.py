@@ -55,3 +55,54 @@ async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
         with trio.fail_after(10):
             while live.harness.svc.observations.statistics().readers:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+
+
+async def test_a_stop_is_prompt_while_the_run_waits_on_a_client_that_stopped_reading(
+    live_factory, settings
+):
+    """The run writes its client's bytes itself (server.push), so with a client
+    that stopped reading it ends up waiting in a write no cancellation reaches.
+    A supervisor's stop still ends it in about HURRY_GRACE_S (its connection is
+    cut), not after the slow-client timeout (a minute here), and only produced
+    tokens are charged."""
+    live = await live_factory(
+        with_settings(settings, sim_answer_tokens=8000, slow_client_timeout_ms=60_000)
+    )
+    alice = live.harness.user(credits=1_000_000)
+    sid = await new_session(live, alice)
+    url = urlsplit(live.url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((url.hostname, url.port))
+    body = b'{"message": "flood me", "maxTokens": 8000, "modelId": "amazon.titan-text-express-v1"}'
+    hub = live.harness.svc.hub
+    async with trio.SocketStream(sock) as stuck:
+        await stuck.send_all(
+            f"POST /api/chat/sessions/{sid}/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {alice['token']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert (await stuck.receive_some(200)).startswith(b"HTTP/1.1 200")
+        run = hub.for_session(sid)
+        assert run is not None
+        # Wait until the run is in a write that does not return (the kernel's
+        # buffers are full); nothing signals it, so watch the write's age, bounded.
+        with trio.fail_after(10):
+            while not _stuck_for(run, 0.5):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        started = trio.current_time()
+        with trio.fail_after(10):
+            assert await hub.stop(run.stream_id, "enough") == "cancelled"
+        took = trio.current_time() - started
+    assert took < 5, f"the stop took {took:.1f} s"
+    msg = live.harness.svc.store.message_by_stream(run.stream_id)
+    assert msg["status"] == "cancelled" and 0 < msg["output_tokens"] < 8000
+    bal = live.harness.svc.ledger.balance(alice["id"])
+    assert bal.reserved == 0 and bal.balance == 1_000_000 - msg["credits_charged"]
+
+
+def _stuck_for(run, seconds: float) -> bool:
+    """The run's write to its client has been in flight for ``seconds``."""
+    since = run.push.busy_since if run.push is not None else None
+    return since is not None and trio.current_time() - since >= seconds
