@@ -143,6 +143,11 @@ class Reader:
             raise trio.WouldBlock
         return batch
 
+    def take(self) -> Batch | None:
+        """As :meth:`next_batch_nowait`, but None when nothing is pending (no
+        exception: for a writer that drains the reader after every publish)."""
+        return self._take()
+
     async def next_batch(self) -> Batch:
         """Wait until something is pending, then take all of it.
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_floor.py --quick              # CI: tiny sizes, < 60 s
     .venv/bin/python scripts/bench_floor.py [--streams 250,500,1000] [--rate 20]
         [--seconds 30] [--targets floor-sleep,floor-timer,floor-quart,chinwag] [--grid-ms 5]
-        [--repeat 1] [--sequential 300]
+        [--repeat 1] [--sequential 300] [--pin]
         [--only micro,streams] [--profile DIR] [--json benchmarks/floor.json]
 
 "The floor" is what this stack costs before chinwag does anything: a bare
@@ -45,6 +45,9 @@ handshakes in flight), driven by ``bench_streams``' load generator
   ``/proc/PID/task/*/schedstat``): above 5% the row says NOISY, the
   machine's other load is in the figures;
 - chinwag ÷ each floor: CPU per event and lateness p99.
+
+``--pin``: each server on the last CPU, the load generator on the others
+(``benchlib.pin``), so that neither takes the other's core.
 
 ``--repeat N``: N rounds per stream count, every target once per round in
 turn, so that a drift of the machine's speed (±15% between runs here) falls
@@ -106,6 +109,8 @@ from benchlib import (
     git_commit,
     ms,
     pct,
+    pin,
+    pin_cpus,
     print_table,
     raise_fd_limit,
     sched_wait_s,
@@ -880,6 +885,11 @@ def report(results: dict[str, Any]) -> None:
     print(
         f"chinwag vs floor - commit {m.get('commit')}, {m['nproc']} cpus ({m.get('cpu')}), "
         f"Python {m['python']}, load average {m.get('loadAvg')}"
+        + (
+            f", servers pinned to cpu {m['pinned']['server']}, load to {m['pinned']['client']}"
+            if m.get("pinned")
+            else ""
+        )
     )
     print("  (~ = never all live at once: whole run, stream setup and settle included)")
     print_table(rows)
@@ -936,6 +946,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile-targets", default="chinwag", help="comma-separated targets to profile"
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each server on the last CPU and the load generator on the others",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.streams, args.seconds, args.sequential = "20", 2.0, 20
@@ -948,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
     args.profile_targets = {t.strip() for t in args.profile_targets.split(",")}
 
     nofile = raise_fd_limit(max(levels, default=0) * 2 + 4096)
+    pinned = pin_cpus() if args.pin else None
+    if pinned is not None:
+        pin(*pinned)
     results: dict[str, Any] = {
         "machine": {
             "nproc": os.cpu_count(),
@@ -956,6 +974,9 @@ def main(argv: list[str] | None = None) -> int:
             "commit": git_commit(),
             "fdLimit": nofile,
             "loadAvg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "pinned": None
+            if pinned is None
+            else {"server": sorted(pinned[0]), "client": sorted(pinned[1])},
         },
         "args": vars(args),
         "streamSlackS": STREAM_SLACK_S,

@@ -295,6 +295,37 @@ class Env:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+#: CPUs the servers started from now on are pinned to (``pin``); None: not pinned.
+_SERVER_CPUS: set[int] | None = None
+
+
+def pin(server_cpus: set[int], client_cpus: set[int]) -> None:
+    """Servers started from now on run on ``server_cpus``, this process on ``client_cpus``.
+
+    A benchmark's server and its load generator otherwise share the cores as
+    the kernel sees fit, and their figures move with it (±15% between runs
+    on a 2-core machine); pinned, neither takes the other's core.
+    """
+    global _SERVER_CPUS
+    _SERVER_CPUS = set(server_cpus)
+    os.sched_setaffinity(0, client_cpus)
+
+
+def pin_cpus() -> tuple[set[int], set[int]] | None:
+    """(server, client) CPU sets for ``--pin``: the last usable CPU for the
+    server, the others for the load generator; None with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def _pinned(cpus: set[int] | None) -> Callable[[], None] | None:
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class Server:
     """A ``server.cli`` child process that prints ``<ready> http://127.0.0.1:PORT`` on stdout.
 
@@ -326,6 +357,7 @@ class Server:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=self._err,
+            preexec_fn=_pinned(_SERVER_CPUS),
         )
         env.servers.append(self)
         self.port = self._wait_ready(ready)

@@ -105,11 +105,10 @@ class Push:
             with trio.CancelScope(shield=True):
                 while not self._closed:
                     try:
-                        wire = reader.next_batch_nowait().wire
-                    except trio.WouldBlock:
-                        wire = b""
+                        batch = reader.take()
                     except trio.EndOfChannel:
-                        self._ended, wire = True, b""
+                        self._ended, batch = True, None
+                    wire = b"" if batch is None else batch.wire
                     if self._extra:
                         wire, self._extra = self._extra + wire, b""
                     if not wire:

@@ -169,9 +169,12 @@ class StreamRun:
         """The client (or a resumed client) is reading: lift any disconnect deadline.
 
         ``push``: the client's response on this node, which the run then
-        writes itself after each publish (:mod:`server.push`).
+        writes itself after each publish (:mod:`server.push`). Without one
+        (a client resumed on another node: server.clustering) the run's own
+        push, if any, stays.
         """
-        self.push = push
+        if push is not None:
+            self.push = push
         self._attached.set()
         if not self._done.is_set():
             self.cancel_scope.deadline = math.inf

@@ -111,6 +111,21 @@ async def test_next_batch_nowait_would_block_when_nothing_is_pending(
         assert reader.position == 1
 
 
+async def test_take_is_none_when_nothing_is_pending_then_ends(manager: ObservationManager) -> None:
+    stream = manager.open_stream("s1", group="g")
+    with stream.reader() as reader:
+        assert reader.take() is None and reader.position == 0
+        publish_many(stream, 2)
+        batch = reader.take()
+        assert batch is not None and [e.id for e in batch.events] == [1, 2]
+        assert reader.take() is None and reader.position == 2
+        stream.close()
+        with pytest.raises(trio.EndOfChannel):
+            reader.take()
+    with pytest.raises(trio.ClosedResourceError):
+        reader.take()
+
+
 async def test_a_reader_cancelled_mid_wait_leaves_no_trace(manager: ObservationManager) -> None:
     stream = manager.open_stream("s1", group="g")
     publish_many(stream, 2)
