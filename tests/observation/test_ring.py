@@ -64,3 +64,19 @@ def test_release_drops_events_and_keeps_counting() -> None:
     for i in range(6, 11):
         ring.append(event(i))
     assert [e.id for e in ring.slice(8, 10)] == [8, 9, 10]
+
+
+def test_the_ring_keeps_no_object_the_garbage_collector_must_walk() -> None:
+    """Events live as long as their stream: the ring holds them as tuples of
+    atoms, which the collector stops tracking after one collection (an Event
+    instance stays tracked for good, and made every old-generation pass walk
+    every buffered event)."""
+    import gc
+
+    ring = Ring(8)
+    for i in range(1, 11):
+        ring.append(event(i))
+    gc.collect()
+    held = ring._buffer
+    assert len(held) == 8 and not any(gc.is_tracked(fields) for fields in held)
+    assert ring.slice(3, 10) == tuple(event(i) for i in range(3, 11))
