@@ -7,7 +7,7 @@ The ring holds each event as a plain tuple of its fields, not as the
 cyclic garbage collector's lists the first time it survives a collection,
 an instance of a class never is. A ring holds thousands of events that live
 as long as the stream, and as instances they were ~90% of what every
-collection of the older generations had to walk: at 500 streams × 20/s,
+collection of the older generations had to walk: at 500 streams x 20/s,
 pauses of 30-100 ms, the streams' lateness maximum (BENCHMARKS.md). Events
 are built again, on demand, by :meth:`Ring.slice`.
 """

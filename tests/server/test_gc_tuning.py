@@ -13,7 +13,7 @@ def test_serve_collects_young_objects_less_often_and_freezes_its_start_up_heap()
         serving.tune_gc()
         assert gc.get_threshold() == serving.GC_THRESHOLDS
         assert serving.GC_THRESHOLDS[0] > thresholds[0]  # fewer young collections
-        young, middle, old = serving.GC_THRESHOLDS
+        _young, middle, old = serving.GC_THRESHOLDS
         assert middle * old >= 200  # full collections no more often than every 200 young ones
         serving.freeze_heap()
         assert gc.get_freeze_count() > 0
