@@ -239,7 +239,9 @@ class StreamRun:
                             if not parts:
                                 self.first_token_at = trio.current_time()
                             parts.append(event.text)
-                            await self._publish(*self.dialect.chunk(event.text))
+                            await self._publish(
+                                *self.dialect.chunk(event.text), flush=not event.more
+                            )
                         elif isinstance(event, Usage):
                             usage = event
                         elif isinstance(event, Stop):
@@ -268,7 +270,7 @@ class StreamRun:
                     # releases it; the message stays "streaming" until then too.
                     log.exception("stream %s: could not persist/settle", self.stream_id)
 
-    async def _publish(self, name: str, data: str) -> None:
+    async def _publish(self, name: str, data: str, *, flush: bool = True) -> None:
         """Publish a chunk, waiting for a client that is a whole ring behind — but not forever.
 
         The fast path never waits. A client whose reader has not moved for
@@ -280,6 +282,10 @@ class StreamRun:
         try:
             event = self.stream.publish_nowait(name, data)
         except trio.WouldBlock:
+            # The client is a whole ring behind. Perhaps only what this run held
+            # back for one write (a run of due tokens, or since a stop): have it
+            # written first, then wait for the client as before.
+            self._flush_held()
             with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
                 event = await self.stream.publish(name, data)
                 if self.publisher is not None:
@@ -292,8 +298,15 @@ class StreamRun:
         if self.publisher is not None:
             self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
         push = self.push
-        if push is not None and self.stop_requested_at is None:
-            await push.pump()  # the client's bytes, written by this task: no second wake-up
+        if flush and push is not None and self.stop_requested_at is None:
+            # The client's bytes, written by this task: no second wake-up. A run of
+            # tokens already due (``flush`` False until its last) goes in one write.
+            await push.pump()
+
+    def _flush_held(self) -> None:
+        """Have the client's response write what this run has not (never waits)."""
+        if self.push is not None:
+            self.push.wake()
 
     async def _finish(
         self,
@@ -436,6 +449,7 @@ class StreamRun:
                     try:
                         event = self.stream.publish_nowait(name, data)
                     except trio.WouldBlock:
+                        self._flush_held()
                         event = await self.stream.publish(name, data)
                     if publisher is not None:
                         publisher.add(self.stream_id, event.id, name, data)

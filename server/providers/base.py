@@ -67,6 +67,9 @@ class Started:
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
+    #: Another event follows at once (a run of tokens already due): the
+    #: stream may wait for it before writing to its client (server.push).
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,11 @@ class SimulatedProvider:
             else:
                 behind = 0
                 await sleep_until(deadline)
-            yield TextDelta(token)
+            # The next token follows at once if it is due already and the run
+            # is not at its bound: the client's write can wait for it.
+            more = (
+                i < n - 1 and behind < CATCH_UP_MAX and deadline + interval <= trio.current_time()
+            )
+            yield TextDelta(token, more)
         yield Usage(input_tokens=input_tokens, output_tokens=n)
         yield Stop("length" if n >= request.max_tokens and n < self.answer_tokens else "stop")

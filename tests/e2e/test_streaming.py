@@ -139,6 +139,27 @@ async def test_headers_and_first_comment_flush_before_the_first_token(live_facto
         assert r2.status_code == 409 and r2.json()["errorCode"] == "STREAM_IN_PROGRESS"
 
 
+async def test_an_unpaced_answer_many_rings_long_reaches_its_client_whole(live_factory, settings):
+    """Unpaced, the model hands over runs of 32 due tokens; the run writes each
+    run in one go (server.push). With a 16-event ring a run does not fit: the
+    run has its client's response write what it held back, then goes on."""
+    live = await live_factory(with_settings(settings, observe_ring=16, sim_answer_tokens=600))
+    alice = live.harness.user(credits=100_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "a long one", "maxTokens": 600},
+        headers=alice["headers"],
+    ) as r:
+        with trio.fail_after(10):
+            got = [m async for m in messages(r) if not m.comment]
+    ids = [m.id for m in got]
+    assert ids == list(range(1, len(got) + 1))  # in order, no gap, no duplicate
+    assert [m.event for m in got].count("chunk") == 600 and got[-1].event == "done"
+    assert got[-1].data["finishReason"] == "stop"
+
+
 async def test_heartbeats_at_the_configured_interval_while_waiting(live_factory, settings):
     live = await live_factory(with_settings(settings, sim_ttft_ms=60_000, sse_heartbeat_ms=100))
     alice = live.harness.user(credits=10_000)

@@ -66,3 +66,22 @@ async def test_an_unpaced_model_yields_in_bounded_runs() -> None:
         # Runs of CATCH_UP_MAX tokens, then a checkpoint: others still get the loop.
         assert 1 <= passes.count - before <= 5
         nursery.cancel_scope.cancel()
+
+
+async def test_a_token_says_whether_the_next_follows_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``more``: True inside a run of due tokens, False at the end of each run
+    (a wait, or the bound) and on the last token, so the run writes its client
+    once a run (server.push), and at once when paced."""
+    unpaced = SimulatedProvider(ttft_ms=0, tokens_per_s=0, answer_tokens=3 * CATCH_UP_MAX)
+    async with unpaced.stream(_request(3 * CATCH_UP_MAX)) as events:
+        more = [e.more async for e in events if isinstance(e, TextDelta)]
+    ends = [i for i, m in enumerate(more) if not m]
+    assert len(more) == 3 * CATCH_UP_MAX and ends[-1] == len(more) - 1
+    assert all(b - a <= CATCH_UP_MAX + 1 for a, b in zip([-1, *ends], ends, strict=False))
+    assert len(ends) <= 4  # a few runs, not a write per token
+
+    paced = SimulatedProvider(ttft_ms=0, tokens_per_s=1000, answer_tokens=5)
+    async with paced.stream(_request(5)) as events:
+        assert [e.more async for e in events if isinstance(e, TextDelta)] == [False] * 5
