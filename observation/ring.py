@@ -2,22 +2,23 @@
 
 Pure data structure: no trio, no waking. The stream owns one.
 
-The ring holds each event as a plain tuple of its fields, not as the
-:class:`Event` itself: a tuple of ints, strings and bytes is dropped from the
-cyclic garbage collector's lists the first time it survives a collection,
-an instance of a class never is. A ring holds thousands of events that live
-as long as the stream, and as instances they were ~90% of what every
-collection of the older generations had to walk: at 500 streams x 20/s,
-pauses of 30-100 ms, the streams' lateness maximum (BENCHMARKS.md). Events
-are built again, on demand, by :meth:`Ring.slice`.
+The ring holds each event as a plain tuple of its fields (all but the id,
+which is where it is held), not as the :class:`Event` itself: a tuple of
+strings and bytes is dropped from the cyclic garbage collector's lists the
+first time it survives a collection, an instance of a class never is. A
+ring holds thousands of events that live as long as the stream, and as
+instances they were ~90% of what every collection of the older generations
+had to walk: at 500 streams x 20/s, pauses of 30-100 ms, the streams'
+lateness maximum (BENCHMARKS.md). Events are built again, on demand, by
+:meth:`Ring.slice`.
 """
 
 from __future__ import annotations
 
 from .events import Event
 
-#: How the ring keeps an event: its fields, in Event's order.
-_Fields = tuple[int, str, str, bytes]
+#: How the ring keeps an event: its fields but the id (known from where it is held).
+_Fields = tuple[str, str, bytes]
 
 
 class Ring:
@@ -69,7 +70,7 @@ class Ring:
         """Add the next event; when full, the oldest one is dropped."""
         if event.id != self._last_id + 1:
             raise ValueError(f"expected id {self._last_id + 1}, got {event.id}")
-        fields = (event.id, event.name, event.data, event.wire)
+        fields = (event.name, event.data, event.wire)
         if len(self._buffer) < self._size:
             self._buffer.append(fields)
         else:
@@ -89,7 +90,7 @@ class Ring:
         stop = (last - self._base) % self._size + 1
         buffer = self._buffer
         held = buffer[start:stop] if start < stop else buffer[start:] + buffer[:stop]
-        return tuple([Event(*fields) for fields in held])
+        return tuple([Event(i, *fields) for i, fields in enumerate(held, first)])
 
     def release(self) -> None:
         """Drop every event (the memory goes with them); ids keep counting."""
