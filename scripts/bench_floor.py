@@ -155,6 +155,15 @@ def _done(tokens: int) -> bytes:
     )
 
 
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., Awaitable[None]]:
     """The bare ASGI app: chinwag's two routes that the load generator uses, nothing else.
 
@@ -175,12 +184,7 @@ def floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Callable[..., A
                     return
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await _read_body(receive)
         path = scope["path"]
         if scope["method"] == "POST" and path == "/api/chat/sessions":
             payload = json.dumps({"sessionId": str(next(session_ids))}).encode()
@@ -240,12 +244,7 @@ def relay_floor_app(
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].endswith("/stream"):
             return await bare(scope, receive, send)
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await _read_body(receive)
         tokens = int(json.loads(body or b"{}").get("maxTokens", 200))
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         await send({"type": "http.response.body", "body": b": connected\n\n", "more_body": True})

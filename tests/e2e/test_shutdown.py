@@ -3,12 +3,9 @@ persisted and settled, and the process exits 0 within the bound."""
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import sqlite3
 from contextlib import closing
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -17,6 +14,7 @@ import trio.testing
 
 import ledger
 from server.serving import cut_connections
+from tests.e2e.stuck import stuck_stream
 from tests.e2e.test_cli import _run, start_server
 from tests.sse import events, messages
 
@@ -126,26 +124,6 @@ async def _read_to_the_end(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _stuck_stream(url: str, token: str, session_id: str) -> trio.SocketStream:
-    """A client that asks for a long answer, reads the response head, then never reads again."""
-    parts = urlsplit(url)
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((parts.hostname, parts.port))
-    stream = trio.SocketStream(sock)
-    body = json.dumps(
-        {"message": "flood me", "maxTokens": LONG, "modelId": "amazon.titan-text-express-v1"}
-    ).encode()
-    await stream.send_all(
-        f"POST /api/chat/sessions/{session_id}/stream HTTP/1.1\r\nHost: x\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    assert (await stream.receive_some(200)).startswith(b"HTTP/1.1 200")
-    return stream
-
-
 async def _wait_until_stuck(http: httpx.AsyncClient, sup_token: str, session_id: str) -> None:
     """Return once the stream has stopped advancing, far from its end.
 
@@ -198,7 +176,7 @@ async def test_sigterm_cuts_clients_that_stopped_reading(tmp_path, nursery):
                 ]
                 for _ in range(2)
             ]
-            stuck = [await _stuck_stream(server.url, token, sid) for sid in sids]
+            stuck = [await stuck_stream(server.url, token, sid, LONG) for sid in sids]
             with trio.fail_after(10):
                 for sid in sids:
                     await _wait_until_stuck(http, sup_token, sid)

@@ -3,12 +3,10 @@ server resources past CHINWAG_SLOW_CLIENT_TIMEOUT_MS, nor block shutdown."""
 
 from __future__ import annotations
 
-import socket
-from urllib.parse import urlsplit
-
 import trio
 
 from tests.conftest import with_settings
+from tests.e2e.stuck import stuck_stream
 from tests.e2e.test_streaming import new_session
 
 
@@ -23,20 +21,7 @@ async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
     )
     alice = live.harness.user(credits=100_000)
     sid = await new_session(live, alice)
-    url = urlsplit(live.url)
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((url.hostname, url.port))
-    body = b'{"message": "flood me", "maxTokens": 5000}'
-    async with trio.SocketStream(sock) as stuck:
-        await stuck.send_all(
-            f"POST /api/chat/sessions/{sid}/stream HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {alice['token']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        head = await stuck.receive_some(200)  # then never read again
-        assert head.startswith(b"HTTP/1.1 200")
+    async with await stuck_stream(live.url, alice["token"], sid, 5000):
         hub = live.harness.svc.hub
         run = hub.for_session(sid)
         assert run is not None
@@ -70,20 +55,8 @@ async def test_a_stop_is_prompt_while_the_run_waits_on_a_client_that_stopped_rea
     )
     alice = live.harness.user(credits=1_000_000)
     sid = await new_session(live, alice)
-    url = urlsplit(live.url)
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((url.hostname, url.port))
-    body = b'{"message": "flood me", "maxTokens": 8000, "modelId": "amazon.titan-text-express-v1"}'
     hub = live.harness.svc.hub
-    async with trio.SocketStream(sock) as stuck:
-        await stuck.send_all(
-            f"POST /api/chat/sessions/{sid}/stream HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {alice['token']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        assert (await stuck.receive_some(200)).startswith(b"HTTP/1.1 200")
+    async with await stuck_stream(live.url, alice["token"], sid, 8000):
         run = hub.for_session(sid)
         assert run is not None
         # Wait until the run is in a write that does not return (the kernel's

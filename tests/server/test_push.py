@@ -7,7 +7,6 @@ recorder that can be made to block, as a socket write to a full buffer does.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -76,15 +75,6 @@ class Run:
 @pytest.fixture
 def stream() -> Stream:
     return ObservationManager(ring_size=64, encode=encode_event).open_stream("s1", group="g")
-
-
-@pytest.fixture
-async def timers() -> AsyncIterator[Timers]:
-    t = Timers(grid=0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(t.run)
-        yield t
-        nursery.cancel_scope.cancel()
 
 
 async def test_pump_writes_what_is_pending_in_one_write_then_nothing() -> None:

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
 
 from server.timers import Alarm, Lot, Timers, TimersStatistics
-
-
-@pytest.fixture
-async def timers() -> AsyncIterator[Timers]:
-    """An exact (grid 0) service, running for the test's duration."""
-    t = Timers(grid=0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(t.run)
-        yield t
-        nursery.cancel_scope.cancel()
 
 
 async def test_waiters_wake_in_deadline_order_never_early(
