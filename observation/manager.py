@@ -9,6 +9,7 @@ from typing import NoReturn
 import trio
 
 from .errors import StreamExists
+from .ring import Decode
 from .stats import ObservationStatistics, Tally
 from .stream import Encode, Stream, WakeupLotFactory
 
@@ -37,6 +38,11 @@ class ObservationManager:
     Everything here is synchronous except :meth:`wait_for_stream` and
     :meth:`run`, the only things that can block. Times are trio's clock, so
     all methods must be called from inside ``trio.run``.
+
+    ``encode(id, name, data)`` makes an event's wire bytes, once, at
+    publish. ``decode(id, name, wire)``, if given, is its inverse for
+    ``data``: the rings then keep the wire bytes only, and an event's data
+    is read back from them when a batch is sliced from the ring.
     """
 
     def __init__(
@@ -45,6 +51,7 @@ class ObservationManager:
         ring_size: int = 4096,
         linger: float = 30.0,
         encode: Encode,
+        decode: Decode | None = None,
         wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
     ) -> None:
         if ring_size < 1:
@@ -54,6 +61,7 @@ class ObservationManager:
         self._ring_size = ring_size
         self._linger = linger
         self._encode = encode
+        self._decode = decode
         self._wakeup_lot = wakeup_lot
         self._tally = Tally()
         # Every registered stream (live or lingering), in open order.
@@ -88,6 +96,7 @@ class ObservationManager:
             info=info,
             ring_size=self._ring_size,
             encode=self._encode,
+            decode=self._decode,
             tally=self._tally,
             on_close=self._stream_closed,
             wakeup_lot=self._wakeup_lot,

@@ -10,7 +10,7 @@ import trio
 
 from .events import Batch, Event
 from .reader import Reader
-from .ring import Ring
+from .ring import Decode, Ring
 from .stats import Tally
 
 Encode = Callable[[int, str, str], bytes]
@@ -72,6 +72,7 @@ class Stream:
         info: object,
         ring_size: int,
         encode: Encode,
+        decode: Decode | None = None,
         tally: Tally,
         on_close: Callable[[Stream], None],
         wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
@@ -79,7 +80,7 @@ class Stream:
         self.stream_id = stream_id
         self.group = group
         self.info = info
-        self._ring = Ring(ring_size)
+        self._ring = Ring(ring_size, decode)
         self._encode = encode
         self._tally = tally
         self._on_close = on_close

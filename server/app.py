@@ -37,7 +37,7 @@ from .models import Catalog
 from .providers import open_provider
 from .retention import run_retention
 from .settings import Settings
-from .sse import Connection, encode_event, quiet_resets
+from .sse import Connection, encode_event, event_data, quiet_resets
 from .storage import StoreUnavailable, open_store
 from .streams import StreamHub
 from .telemetry import Telemetry
@@ -88,6 +88,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         ring_size=settings.observe_ring,
         linger=settings.stream_buffer_ms / 1000,
         encode=encode,
+        decode=event_data,  # the rings keep each event's wire bytes, not its data too
         wakeup_lot=Lot,
     )
     telemetry = Telemetry()

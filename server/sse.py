@@ -80,6 +80,17 @@ def encode_event(event_id: int | None, name: str, data: str) -> bytes:
     return f"{head}event: {name}\ndata: {data}\n\n".encode()
 
 
+def event_data(event_id: int, name: str, wire: bytes) -> str:
+    """An event's ``data`` back from its wire bytes: the inverse of
+    :func:`encode_event` (and of a mirror's gap encoding) for ``data``, which
+    is one line. "" for bytes without a data line (an empty gap)."""
+    start = wire.find(b"data: ")
+    if start < 0:
+        return ""
+    start += 6
+    return wire[start : wire.index(b"\n", start)].decode()
+
+
 def comment(text: str) -> bytes:
     return f": {text}\n\n".encode()
 

@@ -80,3 +80,18 @@ def test_the_ring_keeps_no_object_the_garbage_collector_must_walk() -> None:
     held = ring._buffer
     assert len(held) == 8 and not any(gc.is_tracked(fields) for fields in held)
     assert ring.slice(3, 10) == tuple(event(i) for i in range(3, 11))
+
+
+def test_with_a_decode_the_ring_keeps_no_data_and_gives_it_back() -> None:
+    """The data of an event is in its wire bytes: given the decoder, the ring
+    keeps only those, and a slice reads the data back from them."""
+
+    def decode(event_id: int, name: str, wire: bytes) -> str:
+        assert wire == event(event_id).wire and name == event(event_id).name
+        return event(event_id).data
+
+    ring = Ring(4, decode)
+    for i in range(1, 7):
+        ring.append(event(i))
+    assert all(data is None for _, data, _ in ring._buffer)
+    assert ring.slice(3, 6) == tuple(event(i) for i in range(3, 7))
