@@ -192,7 +192,14 @@ async def test_serve_push_cuts_a_stopped_runs_stuck_write_after_the_grace(
     stream: Stream, timers: Timers, autojump_clock: trio.testing.MockClock, monkeypatch: Any
 ) -> None:
     cut: list[dict[str, Any]] = []
-    monkeypatch.setattr("server.push.cut_peer", lambda scope: cut.append(scope) or True)
+    was_cut = trio.Event()
+
+    def cut_peer(scope: dict[str, Any]) -> bool:
+        cut.append(scope)
+        was_cut.set()
+        return True
+
+    monkeypatch.setattr("server.push.cut_peer", cut_peer)
     send, run = Send(), Run()
     scope = {"client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 80)}
     with stream.reader(0, primary=True) as reader:
@@ -213,8 +220,7 @@ async def test_serve_push_cuts_a_stopped_runs_stuck_write_after_the_grace(
             push.wake()  # what StreamRun.cancel does
             t0 = trio.current_time()
             with trio.fail_after(5):
-                while not cut:  # noqa: ASYNC110
-                    await trio.sleep(0.1)
+                await was_cut.wait()
             assert 0.9 <= trio.current_time() - t0 <= 1.2  # HURRY_GRACE_S
             assert cut == [scope] and push.finished
             send.release()  # the cut makes the write fail or return
