@@ -52,6 +52,7 @@ HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVER_START_TIMEOUT_S = 30.0
+_START_TIMEOUT_S = SERVER_START_TIMEOUT_S  # wrap_servers() may give more
 SERVER_STOP_TIMEOUT_S = 20.0
 CLI_TIMEOUT_S = 60.0
 
@@ -297,6 +298,8 @@ class Env:
 
 #: CPUs the servers started from now on are pinned to (``pin``); None: not pinned.
 _SERVER_CPUS: set[int] | None = None
+#: A command the servers started from now on run under (``wrap_servers``).
+_SERVER_WRAP: list[str] = []
 
 
 def pin(server_cpus: set[int], client_cpus: set[int]) -> None:
@@ -309,6 +312,14 @@ def pin(server_cpus: set[int], client_cpus: set[int]) -> None:
     global _SERVER_CPUS
     _SERVER_CPUS = set(server_cpus)
     os.sched_setaffinity(0, client_cpus)
+
+
+def wrap_servers(prefix: Sequence[str], start_timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Servers started from now on run as ``prefix + their command`` (e.g. under
+    ``valgrind``), given ``start_timeout_s`` to print their ready line."""
+    global _SERVER_WRAP, _START_TIMEOUT_S
+    _SERVER_WRAP = list(prefix)
+    _START_TIMEOUT_S = start_timeout_s
 
 
 def pin_cpus() -> tuple[set[int], set[int]] | None:
@@ -351,7 +362,9 @@ class Server:
         self._out = open(self.out_path, "wb")  # noqa: SIM115
         self._err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, *command] if command is not None else [PY, "-m", "server.cli", *argv],
+            [*_SERVER_WRAP, PY, *command]
+            if command is not None
+            else [*_SERVER_WRAP, PY, "-m", "server.cli", *argv],
             cwd=ROOT,
             env={**env.base_env(), **extra_env},
             stdin=subprocess.DEVNULL,
@@ -368,7 +381,7 @@ class Server:
 
     def _wait_ready(self, ready: str) -> int:
         pattern = re.compile(re.escape(ready) + r" http://127\.0\.0\.1:(\d+)")
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             m = pattern.search(self.out_path.read_text(errors="replace"))
             if m:

@@ -1,0 +1,277 @@
+"""chinwag beside its floor in instructions, not seconds: valgrind's callgrind counts them.
+
+    .venv/bin/python scripts/bench_instructions.py --quick        # CI: tiny sizes, ~2 min
+    .venv/bin/python scripts/bench_instructions.py [--targets floor-timer,floor-quart,chinwag]
+        [--streams 8] [--rate 20] [--window 15] [--sequential 30] [--json out.json]
+
+Why: CPU seconds on this VM drift by ±20% between runs of the same commit
+(BENCHMARKS.md, issue 10), more than the margin of the 1.25 x target, and
+the VM exposes no hardware counters. ``valgrind --tool=callgrind`` counts
+the instructions a process executes (all its threads), the same count for
+the same work whatever else the machine does. It runs the server about 30x
+slower, so the loads here are small; the figures are a companion to
+``bench_floor.py``'s CPU per event at 250 streams, not a replacement: per
+event they include the loop's per-wake-up overhead that many streams would
+share.
+
+Each target (``bench_floor.py``'s floors, and ``chinwag serve`` with the
+simulated model at ``--rate`` and a 50 ms TTFT) runs once under callgrind,
+pinned to the last CPU when there are two. Counters are zeroed
+(``callgrind_control -z``) and dumped (``-d``) around two windows:
+
+1. **per stream**: ``--sequential`` streams of 5 events, one after another
+   (sessions created before the window): the instructions of a whole stream
+   -- connection, request, headers, five paced events, ``done``, settlement,
+   close.
+2. **per event**: ``--streams`` streams of long answers; once all are live,
+   ``--window`` seconds of steady state: instructions / events the load
+   generator received meanwhile. "delivered" is that count against what the
+   pacing asks (N x rate x window); below 95% valgrind saturated the server
+   and its events came coalesced (fewer writes): the row says so.
+
+Reports each target's figures and chinwag ÷ each floor. Needs valgrind
+(``apt-get install valgrind``); without it the script says so in one line
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from bench_floor import TTFT_MS, start_floor
+from bench_streams import (
+    DEFAULT_MODEL,
+    BenchEnv,
+    Shared,
+    create_sessions,
+    run_stream,
+    start_chinwag,
+)
+from benchlib import (
+    arg_parser,
+    cpu_model,
+    finish,
+    fmt,
+    git_commit,
+    pin,
+    pin_cpus,
+    print_table,
+    wrap_servers,
+)
+
+TARGETS = ("floor-timer", "floor-quart", "chinwag")
+#: Under callgrind a server takes ~30 s to start here.
+START_TIMEOUT_S = 180.0
+#: Events per stream in the per-stream window.
+SHORT = 5
+#: Below this share of the paced events, the per-event window was saturated.
+SATURATED = 0.95
+
+
+def long_answer(rate: float, window: float) -> int:
+    """Tokens of an answer that outlasts the per-event window (and the opening)."""
+    return int(rate * (window + 60))
+
+
+class Counter:
+    """A callgrind'ed server's instruction counter: zero it, read it."""
+
+    def __init__(self, pid: int, out_dir: Path) -> None:
+        self.pid = pid
+        self.out_dir = out_dir
+
+    def _control(self, flag: str) -> None:
+        subprocess.run(["callgrind_control", flag, str(self.pid)], check=True, capture_output=True)
+
+    def zero(self) -> None:
+        self._control("-z")
+
+    def read(self) -> int:
+        """Instructions since the last zero (a dump; the newest dump file's totals)."""
+        before = set(self.out_dir.iterdir())
+        self._control("-d")
+        new = [p for p in self.out_dir.iterdir() if p not in before]
+        for line in max(new, key=lambda p: p.stat().st_mtime).read_text().splitlines():
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+        raise RuntimeError("callgrind dump without totals")
+
+
+async def per_stream(port: int, token: str, counter: Counter, n: int) -> dict[str, Any]:
+    sessions = await create_sessions(port, token, n + 2)
+    body = {"message": "Say hello", "modelId": DEFAULT_MODEL, "maxTokens": SHORT}
+    for sid in sessions[:2]:  # warm-up
+        await run_stream(port, token, sid, body, Shared(), limit_s=60)
+    await trio.sleep(1)  # the warm-up's ends settle before the window
+    counter.zero()
+    failures = 0
+    for sid in sessions[2:]:
+        res = await run_stream(port, token, sid, body, Shared(), limit_s=60)
+        failures += not (res.done and res.chunks == SHORT)
+    await trio.sleep(1)  # the last stream's settlement, inside the window
+    total = counter.read()
+    return {"streams": n, "irPerStream": round(total / n), "failures": failures}
+
+
+async def per_event(
+    port: int, token: str, counter: Counter, n: int, rate: float, window: float
+) -> dict[str, Any]:
+    sessions = await create_sessions(port, token, n)
+    body = {
+        "message": "Stream to me",
+        "modelId": DEFAULT_MODEL,
+        "maxTokens": long_answer(rate, window),
+    }
+    shared = Shared(interval=1 / rate)
+    async with trio.open_nursery() as nursery:
+        for sid in sessions:
+            nursery.start_soon(partial(run_stream, port, token, sid, body, shared, limit_s=600))
+        with trio.fail_after(60):
+            # bench_streams' counters have no event to wait for; sampled, as its sampler does
+            while shared.live < n or shared.chunks < 2 * n:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        await trio.sleep(2)
+        counter.zero()
+        c0, t0 = shared.chunks, time.perf_counter()
+        await trio.sleep(window)
+        total = counter.read()
+        c1, t1 = shared.chunks, time.perf_counter()
+        nursery.cancel_scope.cancel()
+    events = c1 - c0
+    asked = n * rate * (t1 - t0)
+    return {
+        "streams": n,
+        "rate": rate,
+        "windowS": round(t1 - t0, 2),
+        "events": events,
+        "delivered": round(events / asked, 3) if asked else 0.0,
+        "irPerEvent": round(total / events) if events else None,
+    }
+
+
+def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str, Any]:
+    if target == "chinwag":
+        srv = start_chinwag(
+            env,
+            "chinwag-ir",
+            CHINWAG_SIM_TTFT_MS=str(TTFT_MS),
+            CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
+            CHINWAG_SIM_ANSWER_TOKENS=str(long_answer(args.rate, args.window)),
+        )
+    else:
+        srv = start_floor(env, f"{target}-ir", target, args.rate, args.grid_ms)
+    counter = Counter(srv.pid, out_dir)
+    try:
+        stream = trio.run(per_stream, srv.port, env.token, counter, args.sequential)
+        event = trio.run(
+            per_event, srv.port, env.token, counter, args.streams, args.rate, args.window
+        )
+    finally:
+        srv.stop()
+    return {"perStream": stream, "perEvent": event}
+
+
+def report(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"\ninstructions (callgrind Ir, all threads) - commit {m['commit']}, {m['cpus']} cpus "
+        f"({m['cpu']}), Python {m['python']}"
+    )
+    targets = results["targets"]
+    rows: list[tuple[str, str, str]] = []
+    for name, r in targets.items():
+        e, s = r["perEvent"], r["perStream"]
+        note = f"{e['events']:,} events in {e['windowS']:g} s, delivered {e['delivered']:.0%}"
+        if e["delivered"] < SATURATED:
+            note += " SATURATED (coalesced)"
+        rows.append((f"{name}: per event ({e['streams']} streams)", fmt(e["irPerEvent"]), note))
+        rows.append(
+            (
+                f"{name}: per stream of {SHORT} events",
+                fmt(s["irPerStream"]),
+                f"{s['streams']} sequential; failures {s['failures']}",
+            )
+        )
+    for floor in (t for t in targets if t != "chinwag"):
+        if "chinwag" not in targets:
+            break
+        c, f = targets["chinwag"], targets[floor]
+        for what, key, sub in (
+            ("event", "irPerEvent", "perEvent"),
+            ("stream", "irPerStream", "perStream"),
+        ):
+            if c[sub][key] and f[sub][key]:
+                rows.append(
+                    (f"chinwag / {floor}, per {what}", f"{c[sub][key] / f[sub][key]:.2f} x", "")
+                )
+    print_table(rows)
+
+
+def failures(results: dict[str, Any]) -> list[str]:
+    bad = []
+    for name, r in results.get("targets", {}).items():
+        if r["perStream"]["failures"]:
+            bad.append(f"{name}: {r['perStream']['failures']} sequential streams failed")
+        if not r["perEvent"]["events"]:
+            bad.append(f"{name}: no events in the per-event window")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arg_parser(__doc__ or "", "tiny sizes (CI): 2 targets, 2 streams, 3 s, 3 sequential")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    p.add_argument("--streams", type=int, default=8, help="streams in the per-event window")
+    p.add_argument("--rate", type=float, default=20.0, help="events per second per stream")
+    p.add_argument("--window", type=float, default=15.0, help="seconds of the per-event window")
+    p.add_argument("--sequential", type=int, default=30, help="streams in the per-stream window")
+    p.add_argument("--grid-ms", type=float, default=5.0, help="the floors' timer grid")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (dumps, logs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.targets, args.streams, args.window, args.sequential = "floor-quart,chinwag", 2, 3, 3
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(targets) - set(TARGETS):
+        p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("bench_instructions: valgrind is not installed (apt-get install valgrind): skipped")
+        return 0
+    if (cpus := pin_cpus()) is not None:
+        pin(*cpus)
+    t0 = time.perf_counter()
+    env = BenchEnv(keep=args.keep)
+    out_dir = env.dir / "callgrind"
+    out_dir.mkdir()
+    wrap_servers(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/out.%p"],
+        START_TIMEOUT_S,
+    )
+    results: dict[str, Any] = {
+        "machine": {
+            "commit": git_commit(),
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": sys.version.split()[0],
+        },
+        "args": vars(args),
+        "targets": {},
+    }
+    try:
+        env.create_user()
+        for target in targets:
+            print(f"[instructions] {target} under callgrind", flush=True)
+            results["targets"][target] = run_target(env, target, args, out_dir)
+    finally:
+        env.cleanup()
+    return finish(results, t0, report, failures, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
