@@ -159,7 +159,8 @@ class Stream:
         ring.append(event)
         # The batch a reader that is up to date will ask for: just this event.
         self._cached = Batch((event,), 0, event.wire)
-        self._wakeup.unpark_all()
+        if self._wakeup:  # readers parked (unpark_all on an empty lot costs ~0.5 µs)
+            self._wakeup.unpark_all()
         return event
 
     async def publish(self, name: str, data: str) -> Event:

@@ -86,7 +86,7 @@ class Push:
     def close(self) -> None:
         self._closed = True
 
-    async def pump(self) -> None:
+    async def pump(self, guard: trio.CancelScope | None = None) -> None:
         """Write everything the client has not had yet, then return.
 
         A no-op while another task is writing (that one goes on until
@@ -96,24 +96,40 @@ class Push:
         write (the connection broke) closes the push and wakes the
         response's task, which ends the response; the run learns of it as
         a disconnect.
+
+        ``guard``: a cancel scope the caller is inside, nothing entered
+        since (the run's, once per event). Its shield is raised for the
+        writes instead of entering a shielded scope of their own: ~1 µs
+        against ~4-6 µs of trio's per write (``bench_instructions.py``).
         """
         if self.busy_since is not None or self._closed:
             return
         self.busy_since = trio.current_time()
+        if guard is None:
+            with trio.CancelScope(shield=True):
+                await self._write_pending()
+        else:
+            shielded = guard.shield
+            guard.shield = True
+            try:
+                await self._write_pending()
+            finally:
+                guard.shield = shielded
+
+    async def _write_pending(self) -> None:
         reader, send = self._reader, self._send
         try:
-            with trio.CancelScope(shield=True):
-                while not self._closed:
-                    try:
-                        batch = reader.take()
-                    except trio.EndOfChannel:
-                        self._ended, batch = True, None
-                    wire = b"" if batch is None else batch.wire
-                    if self._extra:
-                        wire, self._extra = self._extra + wire, b""
-                    if not wire:
-                        break
-                    await send({"type": "http.response.body", "body": wire, "more_body": True})
+            while not self._closed:
+                try:
+                    batch = reader.take()
+                except trio.EndOfChannel:
+                    self._ended, batch = True, None
+                wire = b"" if batch is None else batch.wire
+                if self._extra:
+                    wire, self._extra = self._extra + wire, b""
+                if not wire:
+                    break
+                await send({"type": "http.response.body", "body": wire, "more_body": True})
         except Exception:
             self._closed = True
         finally:

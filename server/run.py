@@ -158,6 +158,8 @@ class StreamRun:
         self.push: Push | None = None
         #: When the run was told to stop (:meth:`cancel`); None until then.
         self.stop_requested_at: float | None = None
+        #: The run's innermost scope while it streams: shielded around each client write.
+        self._writes: trio.CancelScope | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
         if not streaming:
@@ -234,20 +236,22 @@ class StreamRun:
                 if attach_wait.cancelled_caught:
                     return
                 async with provider.stream(self.request) as events:
-                    async for event in events:
-                        if isinstance(event, TextDelta):
-                            if not parts:
-                                self.first_token_at = trio.current_time()
-                            parts.append(event.text)
-                            await self._publish(
-                                *self.dialect.chunk(event.text), flush=not event.more
-                            )
-                        elif isinstance(event, Usage):
-                            usage = event
-                        elif isinstance(event, Stop):
-                            finish = event.reason
-                        elif isinstance(event, Started):
-                            retries = event.retries
+                    # Innermost: its shield goes up around each client write (Push.pump).
+                    with trio.CancelScope() as self._writes:
+                        async for event in events:
+                            if isinstance(event, TextDelta):
+                                if not parts:
+                                    self.first_token_at = trio.current_time()
+                                parts.append(event.text)
+                                await self._publish(
+                                    *self.dialect.chunk(event.text), flush=not event.more
+                                )
+                            elif isinstance(event, Usage):
+                                usage = event
+                            elif isinstance(event, Stop):
+                                finish = event.reason
+                            elif isinstance(event, Started):
+                                retries = event.retries
         except ProviderError as exc:
             error, finish, retries = exc, "error", max(retries, exc.retries)
         except Exception as exc:  # a bug must end this stream, not the hub
@@ -301,7 +305,7 @@ class StreamRun:
         if flush and push is not None and self.stop_requested_at is None:
             # The client's bytes, written by this task: no second wake-up. A run of
             # tokens already due (``flush`` False until its last) goes in one write.
-            await push.pump()
+            await push.pump(self._writes)
 
     def _flush_held(self) -> None:
         """Have the client's response write what this run has not (never waits)."""

@@ -118,8 +118,15 @@ async def test_one_writer_at_a_time_and_the_writer_takes_what_was_published_mean
     assert b": heartbeat\n\n" in b"".join(send.bodies)
 
 
-async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(stream: Stream) -> None:
+@pytest.mark.parametrize("guarded", [False, True], ids=["own-scope", "callers-guard"])
+async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
+    stream: Stream, guarded: bool
+) -> None:
+    """Shielded by a scope of its own, or by raising the shield of the caller's
+    innermost scope (the run's way): either way the stop waits for the write
+    and arrives at the caller's next checkpoint."""
     send = Send()
+    after: list[str] = []
     with stream.reader(0, primary=True) as reader:
         push = Push(reader, send)
         stream.publish_nowait("chunk", "{}")
@@ -127,16 +134,21 @@ async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(stream: 
         run_scope = trio.CancelScope()
 
         async def run() -> None:
-            with run_scope:
-                await push.pump()
+            with run_scope, trio.CancelScope() as guard:
+                await push.pump(guard if guarded else None)
+                assert guard.shield is False  # lowered again
+                after.append("written")
+                await trio.lowlevel.checkpoint()  # the stop arrives here
+                after.append("not reached")
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
             await send.entered.wait()
             run_scope.cancel()  # the run is stopped mid-write
             await trio.testing.wait_all_tasks_blocked()
+            assert after == []  # still writing
             send.release()
-        assert run_scope.cancelled_caught is False  # the write was shielded to its end
+        assert run_scope.cancelled_caught and after == ["written"]
         # The batch taken from the ring was written: the client has no gap.
         assert send.ids == [1] and reader.position == 1
 
