@@ -250,7 +250,8 @@ class Stream:
         self._tally.detached(primary=reader.primary)
 
     def _primary_advanced(self) -> None:
-        self._space.unpark_all()
+        if self._space:  # a producer waits for room
+            self._space.unpark_all()
 
     def _lagged(self, skipped: int) -> None:
         self._tally.lagged(skipped)
