@@ -10,6 +10,7 @@ Modules, one concept each::
     stream.py   Stream: producer side, one wake-up lot, primary backpressure
     reader.py   Reader: a cursor; replay, live, lag, history framing
     manager.py  ObservationManager: registry, groups, wait_for_stream, linger
+    fanout.py   FanOut: many parked readers woken a slice per scheduler pass
     stats.py    ObservationStatistics and the counters behind it
     errors.py   StreamExists
 
@@ -24,6 +25,7 @@ batch in ~0.11 ms.
 from .errors import StreamExists as StreamExists
 from .events import Batch as Batch
 from .events import Event as Event
+from .fanout import FanOut as FanOut
 from .manager import ObservationManager as ObservationManager
 from .reader import Reader as Reader
 from .stats import ObservationStatistics as ObservationStatistics

@@ -9,6 +9,7 @@ from typing import NoReturn
 import trio
 
 from .errors import StreamExists
+from .fanout import FanOut
 from .ring import Decode
 from .stats import ObservationStatistics, Tally
 from .stream import Encode, Stream, WakeupLotFactory
@@ -53,6 +54,7 @@ class ObservationManager:
         encode: Encode,
         decode: Decode | None = None,
         wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
+        fanout: FanOut | None = None,
     ) -> None:
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, not {ring_size}")
@@ -63,6 +65,7 @@ class ObservationManager:
         self._encode = encode
         self._decode = decode
         self._wakeup_lot = wakeup_lot
+        self._fanout = fanout
         self._tally = Tally()
         # Every registered stream (live or lingering), in open order.
         self._streams: dict[str, Stream] = {}
@@ -100,6 +103,7 @@ class ObservationManager:
             tally=self._tally,
             on_close=self._stream_closed,
             wakeup_lot=self._wakeup_lot,
+            fanout=self._fanout,
         )
         self._streams[stream_id] = stream
         self._groups.setdefault(group, []).append(stream)

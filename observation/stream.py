@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -13,18 +13,25 @@ from .reader import Reader
 from .ring import Decode, Ring
 from .stats import Tally
 
+if TYPE_CHECKING:
+    from .fanout import FanOut
+
 Encode = Callable[[int, str, str], bytes]
 
 
 class WakeupLot(Protocol):
     """Where a stream's waiting readers park: :class:`trio.lowlevel.ParkingLot`,
-    or any lot with the same two methods (one whose waiters may also leave
+    or any lot with the same methods (one whose waiters may also leave
     at a deadline lets a reader wait for "the next event or my heartbeat"
     without a cancel scope per wait: see :meth:`Reader.next_batch_or`)."""
 
     def park(self) -> Awaitable[None]: ...
 
     def unpark_all(self) -> object: ...
+
+    def unpark(self, *, count: int) -> list[Any]: ...
+
+    def __len__(self) -> int: ...
 
 
 WakeupLotFactory = Callable[[], WakeupLot]
@@ -52,6 +59,7 @@ class Stream:
         "_cached",
         "_encode",
         "_ended_at",
+        "_fanout",
         "_observers",
         "_on_close",
         "_primary",
@@ -76,6 +84,7 @@ class Stream:
         tally: Tally,
         on_close: Callable[[Stream], None],
         wakeup_lot: WakeupLotFactory = trio.lowlevel.ParkingLot,
+        fanout: FanOut | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.group = group
@@ -90,6 +99,7 @@ class Stream:
         # Readers waiting for the next event (or the end) park here
         # (Reader.next_batch parks on it directly: it is the hot path).
         self._wakeup = wakeup_lot()
+        self._fanout = fanout
         # The producer waiting for the primary reader to make room parks here.
         self._space = trio.lowlevel.ParkingLot()
         # The last batch built: readers woken by the same publish ask for the
@@ -160,7 +170,7 @@ class Stream:
         # The batch a reader that is up to date will ask for: just this event.
         self._cached = Batch((event,), 0, event.wire)
         if self._wakeup:  # readers parked (unpark_all on an empty lot costs ~0.5 µs)
-            self._wakeup.unpark_all()
+            self._wake_readers()
         return event
 
     async def publish(self, name: str, data: str) -> Event:
@@ -197,7 +207,7 @@ class Stream:
         if self._ended_at is not None:
             return
         self._ended_at = trio.current_time()
-        self._wakeup.unpark_all()
+        self._wake_readers()
         self._space.unpark_all()
         self._on_close(self)
 
@@ -249,6 +259,13 @@ class Stream:
             self._observers -= 1
         self._tally.detached(primary=reader.primary)
 
+    def _wake_readers(self) -> None:
+        """Every parked reader has something new: wake them (through the fan-out, if any)."""
+        if self._fanout is None:
+            self._wakeup.unpark_all()
+        else:
+            self._fanout.wake(self._wakeup)
+
     def _primary_advanced(self) -> None:
         if self._space:  # a producer waits for room
             self._space.unpark_all()
@@ -274,4 +291,4 @@ class Stream:
         """
         self._ring.release()
         self._cached = None
-        self._wakeup.unpark_all()
+        self._wake_readers()

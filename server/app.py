@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 import ledger
-from observation import ObservationManager
+from observation import FanOut, ObservationManager
 
 from .auth import TokenService
 from .context import Services
@@ -48,6 +48,9 @@ access_log = logging.getLogger("chinwag.access")
 
 #: Timer deadlines are rounded up to this grid, so waiters due together wake in one pass.
 TIMER_GRID_S = 0.005
+#: Readers one stream's publish wakes per scheduler pass, at most (~70 µs of writes
+#: each: a pass stays within a few milliseconds however many observe).
+WAKE_PER_PASS = 64
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -84,12 +87,16 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         from .cluster import mirror_encoder
 
         encode = mirror_encoder(encode_event)
+    # Many observers of one stream are woken a slice per scheduler pass, so a
+    # publish never makes one pass as long as all their writes (observation.fanout).
+    fanout = FanOut(per_pass=WAKE_PER_PASS)
     observations = ObservationManager(
         ring_size=settings.observe_ring,
         linger=settings.stream_buffer_ms / 1000,
         encode=encode,
         decode=event_data,  # the rings keep each event's wire bytes, not its data too
         wakeup_lot=Lot,
+        fanout=fanout,
     )
     telemetry = Telemetry()
     svc = Services(
@@ -131,6 +138,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
                         await nursery.start(timers.run)
                         svc.provider = await nursery.start(_provider_service, settings, timers)
                         svc.hub.provider = svc.provider
+                        await nursery.start(fanout.run)
                         await nursery.start(observations.run)
                         await nursery.start(svc.hub.run)
                         if svc.link is not None:

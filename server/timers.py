@@ -170,6 +170,18 @@ class Lot:
             reschedule(task, Value(True))
         return len(parked)
 
+    @enable_ki_protection
+    def unpark(self, *, count: int = 1) -> list[Task]:
+        """Wake the ``count`` longest-parked tasks (as :meth:`unpark_all`); which."""
+        parked = self._parked
+        tasks = list(itertools.islice(parked, count))
+        for task in tasks:
+            entry = parked.pop(task)
+            if entry is not None:
+                entry[_TASK] = None
+            reschedule(task, Value(True))
+        return tasks
+
 
 class Alarm:
     """One task's deadline, kept in the heap across its waits for the same deadline.

@@ -293,6 +293,31 @@ async def test_lot_plain_park(timers: Timers, autojump_clock: trio.testing.MockC
     assert len(lot) == 0
 
 
+async def test_lot_unpark_wakes_the_longest_parked_first_and_their_deadlines_die(
+    timers: Timers, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``unpark(count=)``, as trio's ParkingLot (observation.FanOut wakes slices with it)."""
+    lot = Lot()
+    order: list[int] = []
+    results: dict[int, tuple[bool, float]] = {}
+
+    async def reader(i: int) -> None:
+        order.append(i)
+        results[i] = (await timers.park_until(lot, 5.0), trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(reader, i)
+        await trio.sleep(1.0)
+        first = lot.unpark(count=2)
+        assert len(first) == 2 and len(lot) == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(results) == sorted(order[:2])  # the two that parked first
+        assert len(lot.unpark(count=10)) == 3 and len(lot) == 0
+    assert all(result == (True, 1.0) for result in results.values())
+    assert timers.statistics().wakeups == 0  # no deadline woke anybody
+
+
 async def test_dead_entries_are_compacted(
     timers: Timers, autojump_clock: trio.testing.MockClock
 ) -> None:
