@@ -48,9 +48,11 @@ access_log = logging.getLogger("chinwag.access")
 
 #: Timer deadlines are rounded up to this grid, so waiters due together wake in one pass.
 TIMER_GRID_S = 0.005
-#: Readers one stream's publish wakes per scheduler pass, at most (~70 µs of writes
-#: each: a pass stays within a few milliseconds however many observe).
-WAKE_PER_PASS = 64
+#: Observers let through per scheduler pass, at most (observation.fanout): ~70 µs of
+#: writes each, so a pass stays within a few milliseconds however many observe.
+#: 1,000 observers (bench_observe.py, BENCHMARKS.md): at 64 a join took 463 ms (p50)
+#: and the client's lateness p99 was 51 ms; at 32, 276 / 24 ms; at 16, 193 / 21 ms.
+WAKE_PER_PASS = 16
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

@@ -198,3 +198,37 @@ async def test_many_observers_of_a_stream_get_everything_in_order_a_slice_per_pa
         assert ids(into) == list(range(1, 16))  # everything, in order, no duplicate
         assert len(into) < 15  # woken late, a reader takes what it missed at once
     assert max(seen.steps) <= 8  # never more than a slice of readers in one pass
+
+
+async def test_observers_behind_take_turns_instead_of_filling_every_pass() -> None:
+    """An observer with more to read at once (it fell behind while writing) waits
+    for a pass with room, as parked ones do: passes stay a slice long."""
+    fanout = FanOut(per_pass=8)
+    manager = ObservationManager(ring_size=256, encode=CountingEncoder(), fanout=fanout)
+    stream = manager.open_stream("s1", group="g")
+    got: list[list[Batch]] = [[] for _ in range(60)]
+
+    async def observer(into: list[Batch], *, task_status: trio.TaskStatus[None]) -> None:
+        with stream.reader(0) as reader:
+            task_status.started()
+            async for batch in reader:
+                into.append(batch)
+                await trio.lowlevel.checkpoint()  # its write yields, as a socket write does
+
+    async with trio.open_nursery() as service:
+        await service.start(fanout.run)
+        async with trio.open_nursery() as nursery:
+            for k, into in enumerate(got):
+                await nursery.start(observer, into, name=f"reader{k}")
+            await trio.testing.wait_all_tasks_blocked()
+            with passes() as seen:
+                for _ in range(40):  # one event per pass: everyone is behind all the time
+                    publish_many(stream, 1)
+                    await trio.lowlevel.checkpoint()
+                stream.close()
+                await trio.testing.wait_all_tasks_blocked()
+        service.cancel_scope.cancel()
+    for into in got:
+        assert ids(into) == list(range(1, 41))
+    # A slice let through, and the slice before it finishing its write: 60 without turns.
+    assert max(seen.steps) <= 2 * 8
