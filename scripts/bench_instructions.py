@@ -17,17 +17,25 @@ share.
 Each target (``bench_floor.py``'s floors, and ``chinwag serve`` with the
 simulated model at ``--rate`` and a 50 ms TTFT) runs once under callgrind,
 pinned to the last CPU when there are two. Counters are zeroed
-(``callgrind_control -z``) and dumped (``-d``) around two windows:
+(``callgrind_control -z``) and dumped (``-d``) around three windows:
 
 1. **per stream**: ``--sequential`` streams of 5 events, one after another
    (sessions created before the window): the instructions of a whole stream
    -- connection, request, headers, five paced events, ``done``, settlement,
    close.
-2. **per event**: ``--streams`` streams of long answers; once all are live,
-   ``--window`` seconds of steady state: instructions / events the load
-   generator received meanwhile. "delivered" is that count against what the
-   pacing asks (N x rate x window); below 95% valgrind saturated the server
-   and its events came coalesced (fewer writes): the row says so.
+2. **per event, one stream at a time**: one stream of ``--events`` events
+   and one a quarter as long; the difference of their counts over the
+   events between. With one stream live every event is one pass of the
+   loop (a timer wake-up, the write), the same in every run, so this is
+   the figure to compare changes by.
+3. **per event, N streams**: ``--streams`` streams of long answers; once
+   all are live, ``--window`` seconds of steady state: instructions /
+   events the load generator received meanwhile. Closer to a loaded
+   server (a timer pass serves every stream due on its 5 ms grid slot), but
+   it moves with where the streams' schedules happen to fall on that grid
+   (±15% between runs). "delivered" is the events against what the pacing
+   asks (N x rate x window); below 95% valgrind saturated the server and
+   its events came coalesced (fewer writes): the row says so.
 
 Reports each target's figures and chinwag ÷ each floor. Needs valgrind
 (``apt-get install valgrind``); without it the script says so in one line
@@ -105,20 +113,23 @@ class Counter:
         raise RuntimeError("callgrind dump without totals")
 
 
-async def per_stream(port: int, token: str, counter: Counter, n: int) -> dict[str, Any]:
+async def per_stream(
+    port: int, token: str, counter: Counter, n: int, events: int = SHORT
+) -> dict[str, Any]:
+    """``n`` streams of ``events`` events, one after another: instructions per stream."""
     sessions = await create_sessions(port, token, n + 2)
-    body = {"message": "Say hello", "modelId": DEFAULT_MODEL, "maxTokens": SHORT}
+    body = {"message": "Say hello", "modelId": DEFAULT_MODEL, "maxTokens": events}
     for sid in sessions[:2]:  # warm-up
-        await run_stream(port, token, sid, body, Shared(), limit_s=60)
+        await run_stream(port, token, sid, {**body, "maxTokens": SHORT}, Shared(), limit_s=60)
     await trio.sleep(1)  # the warm-up's ends settle before the window
     counter.zero()
     failures = 0
     for sid in sessions[2:]:
-        res = await run_stream(port, token, sid, body, Shared(), limit_s=60)
-        failures += not (res.done and res.chunks == SHORT)
+        res = await run_stream(port, token, sid, body, Shared(), limit_s=60 + events / 5)
+        failures += not (res.done and res.chunks == events)
     await trio.sleep(1)  # the last stream's settlement, inside the window
     total = counter.read()
-    return {"streams": n, "irPerStream": round(total / n), "failures": failures}
+    return {"streams": n, "events": events, "irPerStream": round(total / n), "failures": failures}
 
 
 async def per_event(
@@ -171,11 +182,19 @@ def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str
     counter = Counter(srv.pid, out_dir)
     try:
         stream = trio.run(per_stream, srv.port, env.token, counter, args.sequential)
+        # One stream at a time, each event is one pass of the loop whatever the run:
+        # the difference of two long streams' counts.
+        short = trio.run(per_stream, srv.port, env.token, counter, 1, args.events // 4)
+        longer = trio.run(per_stream, srv.port, env.token, counter, 1, args.events)
         event = trio.run(
             per_event, srv.port, env.token, counter, args.streams, args.rate, args.window
         )
     finally:
         srv.stop()
+    stream["irPerEventAlone"] = round(
+        (longer["irPerStream"] - short["irPerStream"]) / (longer["events"] - short["events"])
+    )
+    stream["failures"] += short["failures"] + longer["failures"]
     return {"perStream": stream, "perEvent": event}
 
 
@@ -192,6 +211,13 @@ def report(results: dict[str, Any]) -> None:
         note = f"{e['events']:,} events in {e['windowS']:g} s, delivered {e['delivered']:.0%}"
         if e["delivered"] < SATURATED:
             note += " SATURATED (coalesced)"
+        rows.append(
+            (
+                f"{name}: per event, one stream at a time",
+                fmt(s["irPerEventAlone"]),
+                "(a long stream - a quarter as long) / the events between",
+            )
+        )
         rows.append((f"{name}: per event ({e['streams']} streams)", fmt(e["irPerEvent"]), note))
         rows.append(
             (
@@ -205,6 +231,7 @@ def report(results: dict[str, Any]) -> None:
             break
         c, f = targets["chinwag"], targets[floor]
         for what, key, sub in (
+            ("event, alone", "irPerEventAlone", "perStream"),
             ("event", "irPerEvent", "perEvent"),
             ("stream", "irPerStream", "perStream"),
         ):
@@ -232,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="events per second per stream")
     p.add_argument("--window", type=float, default=15.0, help="seconds of the per-event window")
     p.add_argument("--sequential", type=int, default=30, help="streams in the per-stream window")
+    p.add_argument("--events", type=int, default=400, help="the long stream's events (alone)")
     p.add_argument("--grid-ms", type=float, default=5.0, help="the floors' timer grid")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (dumps, logs)")
     args = p.parse_args(argv)
     if args.quick:
         args.targets, args.streams, args.window, args.sequential = "floor-quart,chinwag", 2, 3, 3
+        args.events = 40
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
