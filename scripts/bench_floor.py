@@ -319,7 +319,7 @@ def floor_serve(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     from hypercorn.trio import serve
 
-    from server.serving import freeze_heap, hypercorn_config, tune_gc
+    from server.serving import TIMER_PER_PASS, freeze_heap, hypercorn_config, tune_gc
     from server.settings import Settings
     from server.timers import Timers
 
@@ -335,7 +335,7 @@ def floor_serve(argv: list[str]) -> int:
         config.graceful_timeout = 1.0  # idle keep-alive connections only, by now
 
     async def main() -> None:
-        timers = Timers(grid=args.grid_ms / 1000)
+        timers = Timers(grid=args.grid_ms / 1000, per_pass=TIMER_PER_PASS)
         sleep_until: Sleep = timers.sleep_until if args.pacing == "timer" else trio.sleep_until
         async with trio.open_nursery() as nursery:
             if args.app == "relay":

@@ -36,6 +36,7 @@ from .limits import RateLimiter
 from .models import Catalog
 from .providers import open_provider
 from .retention import run_retention
+from .serving import TIMER_PER_PASS
 from .settings import Settings
 from .sse import Connection, encode_event, event_data, quiet_resets
 from .storage import StoreUnavailable, open_store
@@ -83,7 +84,7 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
     db = Db.open(settings.database, store, book, shared=bool(settings.redis_url))
     # One timer service paces every simulated stream and every reader's
     # heartbeat: one heap, no cancel scope per wait (DESIGN.md §2).
-    timers = Timers(grid=TIMER_GRID_S)
+    timers = Timers(grid=TIMER_GRID_S, per_pass=TIMER_PER_PASS)
     encode: Callable[[int, str, str], bytes] = encode_event
     if settings.redis_url:  # a mirrored stream's gaps are told as `lagged` (server.cluster.mirror)
         from .cluster import mirror_encoder

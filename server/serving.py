@@ -59,6 +59,13 @@ class ChinwagConfig(Config):
 #: The cyclic GC's thresholds in a serving process (CPython's are 700, 10, 10).
 GC_THRESHOLDS = (10_000, 5, 40)
 
+#: The timer service's waiters rescheduled per pass of trio's loop, at most
+#: (``server.timers.Timers(per_pass=)``; the floors in scripts/bench_floor.py
+#: run with it too). ~50-100 µs of work each: a loop that cannot keep up
+#: serves its streams in turn, a few ms a pass, and a new connection's every
+#: step waits for one such pass, not for one event of every live stream.
+TIMER_PER_PASS = 64
+
 
 def tune_gc() -> None:
     """How often the cyclic garbage collector runs in ``chinwag serve``.

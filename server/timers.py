@@ -42,7 +42,12 @@ Guarantees:
   (plus the loop's own latency) after the deadline.
 - Due waiters are rescheduled in deadline order, all due ones in the
   same pass (in which order trio then runs one pass's tasks is trio's
-  choice: it shuffles its run queue).
+  choice: it shuffles its run queue) — or, with ``per_pass``, at most that
+  many per pass, the rest in the next passes, earliest first. A loop that
+  cannot keep up then serves its waiters in turn, a few milliseconds a
+  pass, instead of making every pass as long as one wake-up of all of
+  them (while everything else, a new connection's every step included,
+  waits for each pass).
 - Every wait is a checkpoint (a cancel point and a schedule point).
   Cancellation is clean: a waiter cancelled while parked is removed from
   the :class:`Lot` at once and its heap entry is marked dead (dropped
@@ -205,12 +210,17 @@ class Timers:
 
     ``grid`` (seconds, >= 0): deadlines are rounded up to a multiple of it
     so that waiters due close together wake in one pass; 0 keeps them exact.
+    ``per_pass``: at most this many waiters rescheduled per pass of trio's
+    loop (None: every due one).
     """
 
-    def __init__(self, *, grid: float = 0.005) -> None:
+    def __init__(self, *, grid: float = 0.005, per_pass: int | None = None) -> None:
         if not grid >= 0 or math.isinf(grid):
             raise ValueError(f"grid must be a finite number >= 0, got {grid!r}")
+        if per_pass is not None and per_pass < 1:
+            raise ValueError(f"per_pass must be >= 1, got {per_pass!r}")
         self._grid = grid
+        self._per_pass = per_pass or math.inf
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._service: Task | None = None
@@ -260,7 +270,10 @@ class Timers:
         try:
             task_status.started()
             while True:
-                self._fire_due()
+                if self._fire_due():
+                    # More are due than one pass takes: the rest after the next pass.
+                    await trio.lowlevel.checkpoint()
+                    continue
                 # The one trio sleep of the process: until the earliest deadline,
                 # or until _push reschedules us for an earlier one.
                 with trio.move_on_at(self._next):
@@ -277,17 +290,24 @@ class Timers:
         return Abort.SUCCEEDED
 
     @enable_ki_protection
-    def _fire_due(self) -> None:
-        """Reschedule every due waiter, drop dead entries on top; set ``_next``."""
+    def _fire_due(self) -> bool:
+        """Reschedule the due waiters (up to ``per_pass``), drop dead entries on
+        top; set ``_next``. True if due waiters were left for the next pass."""
         heap = self._heap
         now = trio.current_time()
         fired = 0
+        limit = self._per_pass
         while heap:
             entry = heap[0]
             task = entry[_TASK]
             if task is not None:
                 if entry[_DEADLINE] > now:
                     break
+                if fired >= limit:
+                    self._wakeups += fired
+                    self._passes += 1
+                    self._next = entry[_DEADLINE]
+                    return True
                 # Invariant: an entry's task is cleared by exactly the one path that
                 # resumes it (here, Lot.unpark_all, the abort, _release_all).
                 entry[_TASK] = None
@@ -300,6 +320,7 @@ class Timers:
         self._wakeups += fired
         self._passes += 1
         self._next = heap[0][_DEADLINE] if heap else math.inf
+        return False
 
     @enable_ki_protection
     def _release_all(self) -> None:

@@ -534,3 +534,54 @@ async def test_random_mix_with_alarms(autojump_clock: trio.testing.MockClock) ->
                 await trio.sleep(r.random() * 0.1)
 
     await mix.run(worker, workers=150, pause=0.02)
+
+
+class _WaiterSteps(trio.abc.Instrument):
+    """Steps of tasks named ``waiter…`` in each pass of trio's run loop."""
+
+    def __init__(self) -> None:
+        self.steps = [0]
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.steps[-1]:
+            self.steps.append(0)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("waiter"):
+            self.steps[-1] += 1
+
+
+async def test_per_pass_reschedules_that_many_per_pass_earliest_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A loop that cannot keep up serves its waiters in turn, not all in one pass."""
+    timers = Timers(grid=0, per_pass=4)
+    parked: list[int] = []
+    woke: list[tuple[int, float]] = []
+
+    async def waiter(i: int) -> None:
+        parked.append(i)
+        await timers.sleep_until(1.0)
+        woke.append((i, trio.current_time()))
+
+    steps = _WaiterSteps()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        async with trio.open_nursery() as waiters:
+            for i in range(10):
+                waiters.start_soon(waiter, i, name=f"waiter{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            steps.steps = [0]
+            trio.lowlevel.add_instrument(steps)
+        trio.lowlevel.remove_instrument(steps)
+        nursery.cancel_scope.cancel()
+    assert all(at == 1.0 for _, at in woke)  # all in time: the clock did not move between
+    assert max(steps.steps) == 4 and sum(steps.steps) == 10
+    order = [i for i, _ in woke]  # in parking order, slice by slice
+    assert [set(order[k : k + 4]) for k in (0, 4, 8)] == [set(parked[k : k + 4]) for k in (0, 4, 8)]
+    assert timers.statistics().wakeups == 10
+
+
+def test_per_pass_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="per_pass"):
+        Timers(per_pass=0)
