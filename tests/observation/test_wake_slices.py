@@ -1,13 +1,10 @@
 """FanOut: many parked readers are woken a slice per scheduler pass, the lots in turn.
 
-A trio ``Instrument`` marks the passes (``before_io_wait`` runs once per
-pass of the run loop) and counts the reader steps inside each one.
+``tests.passes`` counts the reader tasks' steps in each pass of trio's loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -16,33 +13,9 @@ import trio.lowlevel
 import trio.testing
 
 from observation import Batch, FanOut, ObservationManager
+from tests.passes import steps_per_pass
 
 from .helpers import CountingEncoder, ids, publish_many, read_all
-
-
-class Passes(trio.abc.Instrument):
-    """Steps of tasks named ``reader…`` in each pass of trio's run loop."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = [0]
-
-    def before_io_wait(self, timeout: float) -> None:
-        if self.steps[-1]:
-            self.steps.append(0)
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.startswith("reader"):
-            self.steps[-1] += 1
-
-
-@contextmanager
-def passes() -> Iterator[Passes]:
-    instrument = Passes()
-    trio.lowlevel.add_instrument(instrument)
-    try:
-        yield instrument
-    finally:
-        trio.lowlevel.remove_instrument(instrument)
 
 
 class Recording:
@@ -105,7 +78,7 @@ async def test_a_small_lot_is_woken_at_once_a_large_one_a_slice_per_pass() -> No
         assert calls == [("small", "all")]  # no wait for the fan-out's task
         await trio.testing.wait_all_tasks_blocked()
         calls.clear()
-        with passes() as seen:
+        with steps_per_pass("reader") as seen:
             order = await park_n(nursery, large, 10, woke)
             seen.steps = [0]
             fanout.wake(large)
@@ -187,7 +160,7 @@ async def test_many_observers_of_a_stream_get_everything_in_order_a_slice_per_pa
             for k, into in enumerate(got):
                 await nursery.start(read_all, stream, into, name=f"reader{k}")
             await trio.testing.wait_all_tasks_blocked()
-            with passes() as seen:
+            with steps_per_pass("reader") as seen:
                 for _ in range(5):
                     publish_many(stream, 3)
                     await trio.lowlevel.checkpoint()  # the producer goes on meanwhile
@@ -221,7 +194,7 @@ async def test_observers_behind_take_turns_instead_of_filling_every_pass() -> No
             for k, into in enumerate(got):
                 await nursery.start(observer, into, name=f"reader{k}")
             await trio.testing.wait_all_tasks_blocked()
-            with passes() as seen:
+            with steps_per_pass("reader") as seen:
                 for _ in range(40):  # one event per pass: everyone is behind all the time
                     publish_many(stream, 1)
                     await trio.lowlevel.checkpoint()

@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from server.timers import Alarm, Lot, Timers, TimersStatistics
+from tests.passes import steps_per_pass
 
 
 async def test_waiters_wake_in_deadline_order_never_early(
@@ -536,21 +537,6 @@ async def test_random_mix_with_alarms(autojump_clock: trio.testing.MockClock) ->
     await mix.run(worker, workers=150, pause=0.02)
 
 
-class _WaiterSteps(trio.abc.Instrument):
-    """Steps of tasks named ``waiter…`` in each pass of trio's run loop."""
-
-    def __init__(self) -> None:
-        self.steps = [0]
-
-    def before_io_wait(self, timeout: float) -> None:
-        if self.steps[-1]:
-            self.steps.append(0)
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.startswith("waiter"):
-            self.steps[-1] += 1
-
-
 async def test_per_pass_reschedules_that_many_per_pass_earliest_first(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -564,16 +550,15 @@ async def test_per_pass_reschedules_that_many_per_pass_earliest_first(
         await timers.sleep_until(1.0)
         woke.append((i, trio.current_time()))
 
-    steps = _WaiterSteps()
     async with trio.open_nursery() as nursery:
         await nursery.start(timers.run)
         async with trio.open_nursery() as waiters:
             for i in range(10):
                 waiters.start_soon(waiter, i, name=f"waiter{i}")
             await trio.testing.wait_all_tasks_blocked()
-            steps.steps = [0]
-            trio.lowlevel.add_instrument(steps)
-        trio.lowlevel.remove_instrument(steps)
+            with steps_per_pass("waiter") as steps:
+                autojump_clock.jump(1.0)  # all ten due at once
+                await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert all(at == 1.0 for _, at in woke)  # all in time: the clock did not move between
     assert max(steps.steps) == 4 and sum(steps.steps) == 10
