@@ -297,6 +297,7 @@ class Timers:
         now = trio.current_time()
         fired = 0
         limit = self._per_pass
+        more = False
         while heap:
             entry = heap[0]
             task = entry[_TASK]
@@ -304,10 +305,8 @@ class Timers:
                 if entry[_DEADLINE] > now:
                     break
                 if fired >= limit:
-                    self._wakeups += fired
-                    self._passes += 1
-                    self._next = entry[_DEADLINE]
-                    return True
+                    more = True
+                    break
                 # Invariant: an entry's task is cleared by exactly the one path that
                 # resumes it (here, Lot.unpark_all, the abort, _release_all).
                 entry[_TASK] = None
@@ -320,7 +319,7 @@ class Timers:
         self._wakeups += fired
         self._passes += 1
         self._next = heap[0][_DEADLINE] if heap else math.inf
-        return False
+        return more
 
     @enable_ki_protection
     def _release_all(self) -> None:
