@@ -74,9 +74,19 @@ def flush() -> None:
 
 
 def configure(level: int = logging.INFO) -> None:
-    """JSON lines on stderr, written by a thread of their own (see above)."""
+    """JSON lines on stderr, written by a thread of their own (see above).
+
+    A record keeps no caller, thread or process (the lines never show them):
+    finding the caller walks the stack on every call, and the three together
+    were half of a log call's cost on the loop (the logging HOWTO's
+    "Optimization" section names these switches).
+    """
     global _listener
     _stop()
+    logging._srcfile = None  # type: ignore[attr-defined]  # no findCaller per record
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
