@@ -158,7 +158,8 @@ class StreamRun:
         self.push: Push | None = None
         #: When the run was told to stop (:meth:`cancel`); None until then.
         self.stop_requested_at: float | None = None
-        #: The run's innermost scope while it streams: shielded around each client write.
+        #: The run's innermost scope while it streams: shielded by :meth:`cancel`
+        #: while a client write is in flight (:meth:`Push.pump`).
         self._writes: trio.CancelScope | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
@@ -200,9 +201,12 @@ class StreamRun:
             self.cancel_reason = reason
             self.cancel_note = note
             self.stop_requested_at = trio.current_time()
+            push = self.push
+            if push is not None:  # a write of ours in flight is finished first
+                push.shield_write()
             self.cancel_scope.cancel()
-            if self.push is not None:  # it watches for a write of ours stuck on its client
-                self.push.wake()
+            if push is not None:  # it watches for a write of ours stuck on its client
+                push.wake()
 
     @property
     def done(self) -> bool:
@@ -236,7 +240,7 @@ class StreamRun:
                 if attach_wait.cancelled_caught:
                     return
                 async with provider.stream(self.request) as events:
-                    # Innermost: its shield goes up around each client write (Push.pump).
+                    # Innermost: shielded by cancel() while a client write is in flight.
                     with trio.CancelScope() as self._writes:
                         async for event in events:
                             if isinstance(event, TextDelta):

@@ -122,9 +122,9 @@ async def test_one_writer_at_a_time_and_the_writer_takes_what_was_published_mean
 async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
     stream: Stream, guarded: bool
 ) -> None:
-    """Shielded by a scope of its own, or by raising the shield of the caller's
-    innermost scope (the run's way): either way the stop waits for the write
-    and arrives at the caller's next checkpoint."""
+    """Shielded by a scope of its own, or by the caller's innermost scope, whose
+    shield the canceller raises first (``shield_write``, the run's way): either
+    way the stop waits for the write and arrives at the caller's next checkpoint."""
     send = Send()
     after: list[str] = []
     with stream.reader(0, primary=True) as reader:
@@ -132,9 +132,11 @@ async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
         stream.publish_nowait("chunk", "{}")
         send.hold()
         run_scope = trio.CancelScope()
+        guards: list[trio.CancelScope] = []
 
         async def run() -> None:
             with run_scope, trio.CancelScope() as guard:
+                guards.append(guard)
                 await push.pump(guard if guarded else None)
                 assert guard.shield is False  # lowered again
                 after.append("written")
@@ -144,6 +146,10 @@ async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
             await send.entered.wait()
+            # A guarded write costs no cancel-scope work until somebody stops it.
+            assert guards[0].shield is False
+            push.shield_write()
+            assert guards[0].shield is guarded
             run_scope.cancel()  # the run is stopped mid-write
             await trio.testing.wait_all_tasks_blocked()
             assert after == []  # still writing
@@ -151,6 +157,22 @@ async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
         assert run_scope.cancelled_caught and after == ["written"]
         # The batch taken from the ring was written: the client has no gap.
         assert send.ids == [1] and reader.position == 1
+
+
+async def test_shield_write_without_a_write_in_flight_changes_nothing(stream: Stream) -> None:
+    """Between writes a stop needs no shield: it arrives at once."""
+    send = Send()
+    with stream.reader(0, primary=True) as reader:
+        push = Push(reader, send)
+        with trio.CancelScope() as guard:
+            stream.publish_nowait("chunk", "{}")
+            await push.pump(guard)
+            push.shield_write()
+            assert guard.shield is False
+            guard.cancel()
+            await trio.lowlevel.checkpoint()
+            pytest.fail("not cancelled")  # pragma: no cover
+        assert guard.cancelled_caught and send.ids == [1]
 
 
 async def test_a_failed_write_closes_the_push_and_wakes_the_response(stream: Stream) -> None:
@@ -237,3 +259,50 @@ async def test_serve_push_cuts_a_stopped_runs_stuck_write_after_the_grace(
             assert cut == [scope] and push.finished
             send.release()  # the cut makes the write fail or return
     assert run.detached == 1
+
+
+async def test_a_runs_stop_mid_write_lets_the_write_finish(stream: Stream) -> None:
+    """StreamRun.cancel raises the shield of the write in flight before it cancels
+    (its writes run under ``pump(guard)`` with no scope of their own)."""
+    from types import SimpleNamespace
+
+    from server.auth import Principal
+    from server.providers.base import ChatTurn, ModelRequest
+    from server.run import StreamRun
+
+    run = StreamRun(
+        SimpleNamespace(link=None),  # type: ignore[arg-type]
+        principal=Principal("u1", "alice", "enduser"),
+        session_id="g",
+        model=None,  # type: ignore[arg-type]
+        request=ModelRequest("m", (ChatTurn("user", "hi"),), 5),
+        reservation=None,  # type: ignore[arg-type]
+        user_message={},
+        assistant_message={},
+        stream=stream,
+        streaming=True,
+    )
+    send = Send()
+    after: list[str] = []
+    with stream.reader(0, primary=True) as reader:
+        push = Push(reader, send)
+        run.attach(push)
+        stream.publish_nowait("chunk", "{}")
+        send.hold()
+
+        async def writes() -> None:  # as StreamRun.run's loop does
+            with run.cancel_scope, trio.CancelScope() as guard:
+                await push.pump(guard)
+                after.append("written")
+                await trio.lowlevel.checkpoint()
+                after.append("not reached")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writes)
+            await send.entered.wait()
+            run.cancel("cancelled")
+            await trio.testing.wait_all_tasks_blocked()
+            assert after == []  # still writing
+            send.release()
+        assert run.cancel_scope.cancelled_caught and after == ["written"]
+        assert send.ids == [1] and run.cancel_reason == "cancelled"
