@@ -247,7 +247,9 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
 
     @app.after_request
     async def finish(response: Response) -> Response:
-        req, ctx = request._get_current_object(), g._get_current_object()  # one lookup each
+        # The objects behind the proxies, looked up once each (not once per use).
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        ctx = g._get_current_object()
         request_id = getattr(ctx, "request_id", None) or f"req_{uuid.uuid4().hex[:16]}"
         headers = response.headers
         headers["X-Request-Id"] = request_id

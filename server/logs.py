@@ -83,7 +83,7 @@ def configure(level: int = logging.INFO) -> None:
     """
     global _listener
     _stop()
-    logging._srcfile = None  # type: ignore[attr-defined]  # no findCaller per record
+    logging._srcfile = None  # no findCaller per record
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
