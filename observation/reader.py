@@ -214,16 +214,22 @@ class Reader:
             raise trio.ClosedResourceError("reader is not attached")
         stream = self._stream
         position = self._position
+        ring = stream._ring
+        newest = ring.last_id  # no property chain: this runs twice per event of every reader
+        if position == newest and position >= self._history_end:  # nothing new
+            if stream._ended_at is not None:
+                raise trio.EndOfChannel
+            return None
         skipped = 0
-        oldest = stream.first_id
+        oldest = ring.first_id
         if position < oldest - 1:
             # Fell off the back of the ring: skip forward to the oldest held.
             skipped = oldest - 1 - position
             position = oldest - 1
         # Cap the replay at history_end so the first batch is exactly the history.
-        last = self._history_end if position < self._history_end else stream.last_id
+        last = self._history_end if position < self._history_end else newest
         if position == last and not skipped:
-            if stream.ended:
+            if stream._ended_at is not None:
                 raise trio.EndOfChannel
             return None
         if position == last:

@@ -44,7 +44,7 @@ class Ring:
       * ids ``first_id..last_id`` are all present; nothing older is.
     """
 
-    __slots__ = ("_base", "_buffer", "_decode", "_last_id", "_size")
+    __slots__ = ("_base", "_buffer", "_decode", "_size", "last_id")
 
     def __init__(self, size: int, decode: Decode | None = None) -> None:
         if size < 1:
@@ -54,21 +54,18 @@ class Ring:
         self._decode = decode
         self._buffer: list[_Fields] = []
         self._base = 1
-        self._last_id = 0
+        #: Id of the newest event ever appended (0 before any). Read-only for
+        #: everyone else: an attribute, as readers check it twice per event.
+        self.last_id = 0
 
     @property
     def size(self) -> int:
         return self._size
 
     @property
-    def last_id(self) -> int:
-        """Id of the newest event ever appended (0 before any)."""
-        return self._last_id
-
-    @property
     def first_id(self) -> int:
         """Id of the oldest event still held (``last_id + 1`` when empty)."""
-        return self._last_id - len(self._buffer) + 1
+        return self.last_id - len(self._buffer) + 1
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -78,14 +75,14 @@ class Ring:
 
     def append(self, event: Event) -> None:
         """Add the next event; when full, the oldest one is dropped."""
-        if event.id != self._last_id + 1:
-            raise ValueError(f"expected id {self._last_id + 1}, got {event.id}")
+        if event.id != self.last_id + 1:
+            raise ValueError(f"expected id {self.last_id + 1}, got {event.id}")
         fields = (event.name, None if self._decode else event.data, event.wire)
         if len(self._buffer) < self._size:
             self._buffer.append(fields)
         else:
             self._buffer[(event.id - self._base) % self._size] = fields
-        self._last_id = event.id
+        self.last_id = event.id
 
     def slice(self, first: int, last: int) -> tuple[Event, ...]:
         """The events with ids ``first..last`` inclusive, in order.
@@ -94,8 +91,8 @@ class Ring:
         Costs O(last - first): two list slices at most, and an Event built
         per event (equal to the one appended, not the same object).
         """
-        if not (self.first_id <= first <= last <= self._last_id):
-            raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self._last_id}")
+        if not (self.first_id <= first <= last <= self.last_id):
+            raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self.last_id}")
         start = (first - self._base) % self._size
         stop = (last - self._base) % self._size + 1
         buffer = self._buffer
@@ -113,4 +110,4 @@ class Ring:
     def release(self) -> None:
         """Drop every event (the memory goes with them); ids keep counting."""
         self._buffer = []
-        self._base = self._last_id + 1
+        self._base = self.last_id + 1

@@ -58,7 +58,18 @@ class Push:
     """The client's response, as the primary reader of a stream, written by whoever
     has the next bytes: the run (after each publish) or the response's task."""
 
-    __slots__ = ("_closed", "_ended", "_extra", "_guard", "_raised", "_reader", "_send", "busy_since", "lot")
+    __slots__ = (
+        "_closed",
+        "_ended",
+        "_extra",
+        "_guard",
+        "_now",
+        "_raised",
+        "_reader",
+        "_send",
+        "busy_since",
+        "lot",
+    )
 
     def __init__(self, reader: Reader, send: ASGISendCallable) -> None:
         self._reader = reader
@@ -70,6 +81,7 @@ class Push:
         self.busy_since: float | None = None
         self._guard: trio.CancelScope | None = None  # the caller's scope, while it writes
         self._raised = False  # its shield was raised by shield_write
+        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time(), one call
         #: The response's task parks here between heartbeats (woken: see :meth:`wake`).
         self.lot = Lot()
 
@@ -109,7 +121,7 @@ class Push:
         """
         if self.busy_since is not None or self._closed:
             return
-        self.busy_since = trio.current_time()
+        self.busy_since = self._now()
         if guard is None:
             with trio.CancelScope(shield=True):
                 await self._write_pending()

@@ -159,7 +159,9 @@ class SimulatedProvider:
         if scenario == "timeout":
             raise UpstreamTimeout("simulated upstream timeout")
         yield Started(retries=0)
-        deadline = trio.current_time()
+        # trio.current_time() in one call instead of three: read twice per token.
+        now = trio.lowlevel.current_clock().current_time
+        deadline = now()
         behind = 0
         for i, token in enumerate(simulated_text(prompt, n)):
             if scenario == "drop_midway" and i == max(1, n // 2):
@@ -171,16 +173,14 @@ class SimulatedProvider:
             # together; else a busy loop (1,000 observers) would pace the
             # model, and an unpaced stream would cost one write per token.
             deadline += interval
-            if behind < CATCH_UP_MAX and deadline <= trio.current_time():
+            if behind < CATCH_UP_MAX and deadline <= now():
                 behind += 1
             else:
                 behind = 0
                 await sleep_until(deadline)
             # The next token follows at once if it is due already and the run
             # is not at its bound: the client's write can wait for it.
-            more = (
-                i < n - 1 and behind < CATCH_UP_MAX and deadline + interval <= trio.current_time()
-            )
+            more = i < n - 1 and behind < CATCH_UP_MAX and deadline + interval <= now()
             yield TextDelta(token, more)
         yield Usage(input_tokens=input_tokens, output_tokens=n)
         yield Stop("length" if n >= request.max_tokens and n < self.answer_tokens else "stop")
