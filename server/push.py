@@ -100,49 +100,35 @@ class Push:
     def close(self) -> None:
         self._closed = True
 
-    async def pump(self, guard: trio.CancelScope | None = None) -> None:
+    async def pump(self) -> None:
         """Write everything the client has not had yet, then return.
 
         A no-op while another task is writing (that one goes on until
         nothing is pending) and once the response is over. The writes are
-        shielded: a batch taken from the ring is always written, so a run
+        shielded: a batch taken from the ring is always written, so a task
         cancelled meanwhile still leaves its client without a gap. A failed
         write (the connection broke) closes the push and wakes the
         response's task, which ends the response; the run learns of it as
-        a disconnect.
+        a disconnect. Here the shield is a scope of the writes' own.
+        """
+        with trio.CancelScope(shield=True):
+            await self.write()
+
+    async def write(self, guard: trio.CancelScope | None = None) -> None:
+        """:meth:`pump`, shielded by the caller: the run's way, once per event.
 
         ``guard``: the caller's innermost cancel scope (the run's, entered
         once per stream), which is cancelled only after :meth:`shield_write`.
         That raises its shield if, and only if, a write is in flight, so a
         write costs no cancel-scope work at all: a scope of its own costs
         trio ~4-6 µs, raising and lowering a shield ~1 µs each
-        (``bench_instructions.py``). Without a guard the writes run in a
-        shielded scope of their own.
+        (``bench_instructions.py``); and this is the writes' only coroutine
+        frame. None: the caller is in a shielded scope already.
         """
         if self.busy_since is not None or self._closed:
             return
         self.busy_since = self._now()
-        if guard is None:
-            with trio.CancelScope(shield=True):
-                await self._write_pending()
-            return
         self._guard = guard
-        try:
-            await self._write_pending()
-        finally:
-            self._guard = None
-            if self._raised:  # by a stop meanwhile: it arrives at the next checkpoint
-                self._raised = False
-                guard.shield = False
-
-    def shield_write(self) -> None:
-        """Before cancelling the ``guard`` of :meth:`pump`: the write in flight under
-        it, if any, is finished first (its shield goes up until then)."""
-        if self._guard is not None and not self._raised:
-            self._raised = True
-            self._guard.shield = True
-
-    async def _write_pending(self) -> None:
         reader, send = self._reader, self._send
         try:
             while not self._closed:
@@ -160,8 +146,20 @@ class Push:
             self._closed = True
         finally:
             self.busy_since = None
+            self._guard = None
+            if self._raised:  # by a stop meanwhile: it arrives at the next checkpoint
+                self._raised = False
+                assert guard is not None
+                guard.shield = False
             if self._closed or self._ended:
                 self.lot.unpark_all()
+
+    def shield_write(self) -> None:
+        """Before cancelling the ``guard`` of :meth:`write`: the write in flight under
+        it, if any, is finished first (its shield goes up until then)."""
+        if self._guard is not None and not self._raised:
+            self._raised = True
+            self._guard.shield = True
 
 
 async def serve_push(

@@ -159,7 +159,7 @@ class StreamRun:
         #: When the run was told to stop (:meth:`cancel`); None until then.
         self.stop_requested_at: float | None = None
         #: The run's innermost scope while it streams: shielded by :meth:`cancel`
-        #: while a client write is in flight (:meth:`Push.pump`).
+        #: while a client write is in flight (:meth:`Push.write`).
         self._writes: trio.CancelScope | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
@@ -247,9 +247,15 @@ class StreamRun:
                                 if not parts:
                                     self.first_token_at = trio.current_time()
                                 parts.append(event.text)
-                                await self._publish(
-                                    *self.dialect.chunk(event.text), flush=not event.more
-                                )
+                                name, data = self.dialect.chunk(event.text)
+                                if not self._append(name, data):
+                                    await self._publish_waiting(name, data)
+                                elif not event.more and (push := self.push) is not None:
+                                    # The client's bytes, written by this task: no second
+                                    # wake-up. A run of tokens already due (``more``) goes
+                                    # in one write, after its last; none after a stop.
+                                    if self.stop_requested_at is None:
+                                        await push.write(self._writes)
                             elif isinstance(event, Usage):
                                 usage = event
                             elif isinstance(event, Stop):
@@ -278,38 +284,38 @@ class StreamRun:
                     # releases it; the message stays "streaming" until then too.
                     log.exception("stream %s: could not persist/settle", self.stream_id)
 
-    async def _publish(self, name: str, data: str, *, flush: bool = True) -> None:
-        """Publish a chunk, waiting for a client that is a whole ring behind — but not forever.
-
-        The fast path never waits. A client whose reader has not moved for
-        ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS`` is treated as gone: the run ends
-        as ``client_disconnected`` (the kernel's TCP_USER_TIMEOUT frees its
-        connection on the same bound; see :mod:`server.serving`). In cluster
-        mode the event is also queued for Redis (never a wait).
+    def _append(self, name: str, data: str) -> bool:
+        """Publish a chunk now; False (nothing published) if the client is a whole
+        ring behind. In cluster mode the event is also queued for Redis (never a wait).
         """
         try:
             event = self.stream.publish_nowait(name, data)
         except trio.WouldBlock:
-            # The client is a whole ring behind. Perhaps only what this run held
-            # back for one write (a run of due tokens, or since a stop): have it
-            # written first, then wait for the client as before.
-            self._flush_held()
-            with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
-                event = await self.stream.publish(name, data)
-                if self.publisher is not None:
-                    self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
-                return
-            log.warning("stream %s: client stopped reading, ending it", self.stream_id)
-            self.cancel("client_disconnected")
-            await trio.lowlevel.checkpoint()  # deliver the cancellation now
-            return
+            return False
         if self.publisher is not None:
             self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
-        push = self.push
-        if flush and push is not None and self.stop_requested_at is None:
-            # The client's bytes, written by this task: no second wake-up. A run of
-            # tokens already due (``flush`` False until its last) goes in one write.
-            await push.pump(self._writes)
+        return True
+
+    async def _publish_waiting(self, name: str, data: str) -> None:
+        """Publish a chunk once the client, a whole ring behind, makes room — but
+        not forever.
+
+        A client whose reader has not moved for
+        ``CHINWAG_SLOW_CLIENT_TIMEOUT_MS`` is treated as gone: the run ends
+        as ``client_disconnected`` (the kernel's TCP_USER_TIMEOUT frees its
+        connection on the same bound; see :mod:`server.serving`).
+        """
+        # Perhaps only what this run held back for one write (a run of due
+        # tokens, or since a stop) is missing: have it written first.
+        self._flush_held()
+        with trio.move_on_after(self.hub.settings.slow_client_timeout_ms / 1000):
+            event = await self.stream.publish(name, data)
+            if self.publisher is not None:
+                self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
+            return
+        log.warning("stream %s: client stopped reading, ending it", self.stream_id)
+        self.cancel("client_disconnected")
+        await trio.lowlevel.checkpoint()  # deliver the cancellation now
 
     def _flush_held(self) -> None:
         """Have the client's response write what this run has not (never waits)."""

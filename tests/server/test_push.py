@@ -137,7 +137,7 @@ async def test_a_write_in_flight_finishes_even_if_its_task_is_cancelled(
         async def run() -> None:
             with run_scope, trio.CancelScope() as guard:
                 guards.append(guard)
-                await push.pump(guard if guarded else None)
+                await (push.write(guard) if guarded else push.pump())
                 assert guard.shield is False  # lowered again
                 after.append("written")
                 await trio.lowlevel.checkpoint()  # the stop arrives here
@@ -166,7 +166,7 @@ async def test_shield_write_without_a_write_in_flight_changes_nothing(stream: St
         push = Push(reader, send)
         with trio.CancelScope() as guard:
             stream.publish_nowait("chunk", "{}")
-            await push.pump(guard)
+            await push.write(guard)
             push.shield_write()
             assert guard.shield is False
             guard.cancel()
@@ -263,7 +263,7 @@ async def test_serve_push_cuts_a_stopped_runs_stuck_write_after_the_grace(
 
 async def test_a_runs_stop_mid_write_lets_the_write_finish(stream: Stream) -> None:
     """StreamRun.cancel raises the shield of the write in flight before it cancels
-    (its writes run under ``pump(guard)`` with no scope of their own)."""
+    (its writes run under ``write(guard)`` with no scope of their own)."""
     from types import SimpleNamespace
 
     from server.auth import Principal
@@ -292,7 +292,7 @@ async def test_a_runs_stop_mid_write_lets_the_write_finish(stream: Stream) -> No
 
         async def writes() -> None:  # as StreamRun.run's loop does
             with run.cancel_scope, trio.CancelScope() as guard:
-                await push.pump(guard)
+                await push.write(guard)
                 after.append("written")
                 await trio.lowlevel.checkpoint()
                 after.append("not reached")
