@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_instructions.py --quick        # CI: tiny sizes, ~2 min
     .venv/bin/python scripts/bench_instructions.py [--targets floor-timer,floor-quart,chinwag]
-        [--streams 8] [--rate 20] [--window 15] [--sequential 30] [--json out.json]
+        [--streams 8] [--rate 20] [--window 15] [--sequential 30] [--observers 4] [--json out.json]
 
 Why: CPU seconds on this VM drift by ±20% between runs of the same commit
 (BENCHMARKS.md, issue 10), more than the margin of the 1.25 x target, and
@@ -36,6 +36,14 @@ pinned to the last CPU when there are two. Counters are zeroed
    (±15% between runs). "delivered" is the events against what the pacing
    asks (N x rate x window); below 95% valgrind saturated the server and
    its events came coalesced (fewer writes): the row says so.
+
+4. **per observer event** (chinwag only; the floors have no observers):
+   one stream of long answers, a ``--window`` with no observer, then
+   ``--observers`` supervisors watching it over SSE and the same window
+   again. The second window's instructions less the first's (scaled to
+   the same events) over the events the observers received in it: what
+   one observer costs per event it is sent. At this rate an observer is
+   never behind, so that is one write per event.
 
 Reports each target's figures and chinwag ÷ each floor. Needs valgrind
 (``apt-get install valgrind``); without it the script says so in one line
@@ -168,6 +176,66 @@ async def per_event(
     }
 
 
+async def _observe(port: int, token: str, session_id: str, counts: list[int], i: int) -> None:
+    """A supervisor watching ``session_id`` over SSE: ``counts[i]``, the events it got."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(
+        f"GET /api/chat/sessions/{session_id}/observe HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    tail = b""
+    async with stream:
+        while data := await stream.receive_some(65536):
+            counts[i] += (tail + data).count(b"\nid: ")  # the tail is too short to hold one
+            tail = data[-4:]
+
+
+async def per_observer_event(
+    port: int,
+    token: str,
+    supervisor: str,
+    counter: Counter,
+    observers: int,
+    rate: float,
+    window: float,
+) -> dict[str, Any]:
+    """(A window with ``observers`` watching - one without) / the events they got."""
+    (sid,) = await create_sessions(port, token, 1)
+    body = {"message": "Watch me", "modelId": DEFAULT_MODEL, "maxTokens": long_answer(rate, window)}
+    shared = Shared(interval=1 / rate)
+    counts = [0] * observers
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(run_stream, port, token, sid, body, shared, limit_s=600))
+        with trio.fail_after(60):
+            while shared.chunks < 10:  # noqa: ASYNC110  (sampled, as per_event does)
+                await trio.sleep(0.1)
+        counter.zero()
+        c0 = shared.chunks
+        await trio.sleep(window)
+        alone, events_alone = counter.read(), shared.chunks - c0
+        for i in range(observers):
+            nursery.start_soon(_observe, port, supervisor, sid, counts, i)
+        with trio.fail_after(120):
+            while min(counts) < 2 * rate:  # noqa: ASYNC110  every observer live for ~2 s
+                await trio.sleep(0.1)
+        counter.zero()
+        c1, o1 = shared.chunks, sum(counts)
+        await trio.sleep(window)
+        watched, events = counter.read(), shared.chunks - c1
+        sent = sum(counts) - o1
+        nursery.cancel_scope.cancel()
+    extra = watched - alone * events / events_alone if events_alone else 0
+    return {
+        "observers": observers,
+        "events": events,
+        "observerEvents": sent,
+        "delivered": round(sent / (events * observers), 3) if events else 0.0,
+        "irPerObserverEvent": round(extra / sent) if sent else None,
+    }
+
+
 def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str, Any]:
     if target == "chinwag":
         srv = start_chinwag(
@@ -189,13 +257,25 @@ def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str
         event = trio.run(
             per_event, srv.port, env.token, counter, args.streams, args.rate, args.window
         )
+        observer = None
+        if target == "chinwag" and args.observers:
+            observer = trio.run(
+                per_observer_event,
+                srv.port,
+                env.token,
+                env.supervisor,
+                counter,
+                args.observers,
+                args.rate,
+                args.window,
+            )
     finally:
         srv.stop()
     stream["irPerEventAlone"] = round(
         (longer["irPerStream"] - short["irPerStream"]) / (longer["events"] - short["events"])
     )
     stream["failures"] += short["failures"] + longer["failures"]
-    return {"perStream": stream, "perEvent": event}
+    return {"perStream": stream, "perEvent": event, "perObserverEvent": observer}
 
 
 def report(results: dict[str, Any]) -> None:
@@ -226,6 +306,15 @@ def report(results: dict[str, Any]) -> None:
                 f"{s['streams']} sequential; failures {s['failures']}",
             )
         )
+        if o := r.get("perObserverEvent"):
+            rows.append(
+                (
+                    f"{name}: per observer event ({o['observers']} observers)",
+                    fmt(o["irPerObserverEvent"]),
+                    f"{o['observerEvents']:,} sent, {o['delivered']:.0%} of "
+                    f"{o['events']:,} events x {o['observers']}",
+                )
+            )
     for floor in (t for t in targets if t != "chinwag"):
         if "chinwag" not in targets:
             break
@@ -260,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=15.0, help="seconds of the per-event window")
     p.add_argument("--sequential", type=int, default=30, help="streams in the per-stream window")
     p.add_argument("--events", type=int, default=400, help="the long stream's events (alone)")
+    p.add_argument("--observers", type=int, default=4, help="observers in their window (0: none)")
     p.add_argument("--grid-ms", type=float, default=5.0, help="the floors' timer grid")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (dumps, logs)")
     args = p.parse_args(argv)
     if args.quick:
         args.targets, args.streams, args.window, args.sequential = "floor-quart,chinwag", 2, 3, 3
-        args.events = 40
+        args.events, args.observers = 40, 2
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
@@ -294,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         env.create_user()
+        env.supervisor = env.add_user("watcher", "watcher-password", "supervisor")
         for target in targets:
             print(f"[instructions] {target} under callgrind", flush=True)
             results["targets"][target] = run_target(env, target, args, out_dir)
