@@ -9,9 +9,10 @@ bytes the client got (encoded once, at publish).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -135,9 +136,27 @@ async def observer_items(
             yield [None]
     with stream.reader(0) as reader:
         yield _head(stream, reader)
-        async with aclosing(_tail(reader, beats, timers)) as groups:
-            async for group in groups:
-                yield group
+        # The live tail, one wake-up per group, with heartbeats on ``beats``'
+        # schedule. Inline (no generator of its own): this runs once per event
+        # for every observer. Waiting is cancel-safe: the cursor moves only
+        # when a batch is returned, so a heartbeat never loses an event. With
+        # the process's ``timers`` a wait is "the next event or the next
+        # heartbeat" in one park, without a cancel scope per wait (as the
+        # client's own feed waits). Ends when the stream has ended and
+        # everything was delivered.
+        next_batch = _waiter(reader, beats, timers)
+        while True:
+            try:
+                batch = await next_batch()
+            except trio.EndOfChannel:
+                return
+            if batch is None:
+                beats.sent()
+                yield [None]
+            elif batch.skipped:
+                yield [("lagged", {"skipped": batch.skipped}), batch]
+            else:
+                yield [batch]
 
 
 async def _next_stream(
@@ -184,41 +203,25 @@ def _head(stream: Stream, reader: Reader) -> list[Item]:
     return head
 
 
-async def _tail(
+def _waiter(
     reader: Reader, beats: Beats, timers: Timers | None
-) -> AsyncGenerator[list[Item], None]:
-    """The live tail, one wake-up per group, with heartbeats on ``beats``' schedule.
-
-    Waiting for a batch is cancel-safe: the cursor moves only when a batch
-    is returned, so a heartbeat never loses an event. With the process's
-    ``timers`` a wait is "the next event or the next heartbeat" in one park,
-    without a cancel scope per wait (as the client's own feed waits). Ends
-    when the stream has ended and everything was delivered.
-    """
-    alarm = Alarm()  # this feed's heartbeat: one heap entry per heartbeat, not per event
-    while True:
-        try:
-            batch = await _next_batch(reader, beats.due, timers, alarm)
-        except trio.EndOfChannel:
-            return
-        if batch is None:
-            beats.sent()
-            yield [None]
-        elif batch.skipped:
-            yield [("lagged", {"skipped": batch.skipped}), batch]
-        else:
-            yield [batch]
-
-
-async def _next_batch(
-    reader: Reader, until: float, timers: Timers | None, alarm: Alarm | None = None
-) -> Batch | None:
-    """The reader's next batch, or None at ``until``; EndOfChannel once it is all read."""
+) -> Callable[[], Awaitable[Batch | None]]:
+    """The reader's next batch, or None when ``beats`` is due; EndOfChannel once all is read."""
     if timers is not None:
-        return await reader.next_batch_or(lambda lot: timers.park_until(lot, until, alarm))
-    with trio.move_on_at(until):
-        return await reader.next_batch()
-    return None
+        park_until = timers.park_until
+        alarm = Alarm()  # this feed's heartbeat: one heap entry per heartbeat, not per event
+
+        def park(lot: Any) -> Awaitable[bool]:
+            return park_until(lot, beats.due, alarm)
+
+        return partial(reader.next_batch_or, park)
+
+    async def next_batch() -> Batch | None:
+        with trio.move_on_at(beats.due):
+            return await reader.next_batch()
+        return None
+
+    return next_batch
 
 
 WAIT = Param(
@@ -257,6 +260,9 @@ async def _as_sse(items: AsyncGenerator[list[Item], None]) -> AsyncIterator[byte
     yield b": connected\n\n"
     async with aclosing(items) as groups:
         async for group in groups:
+            if len(group) == 1 and isinstance(batch := group[0], Batch):
+                yield batch.wire  # the live tail's usual group
+                continue
             yield b"".join(
                 heartbeat()
                 if item is None
