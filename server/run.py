@@ -250,12 +250,15 @@ class StreamRun:
                                 name, data = self.dialect.chunk(event.text)
                                 if not self._append(name, data):
                                     await self._publish_waiting(name, data)
-                                elif not event.more and (push := self.push) is not None:
+                                elif (
+                                    not event.more
+                                    and (push := self.push) is not None
+                                    and self.stop_requested_at is None
+                                ):
                                     # The client's bytes, written by this task: no second
                                     # wake-up. A run of tokens already due (``more``) goes
                                     # in one write, after its last; none after a stop.
-                                    if self.stop_requested_at is None:
-                                        await push.write(self._writes)
+                                    await push.write(self._writes)
                             elif isinstance(event, Usage):
                                 usage = event
                             elif isinstance(event, Stop):
