@@ -9,8 +9,9 @@ each engine keeps it and where a Trio caller may call it from).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .urls import is_postgres_url
 from .values import Balance, Entry, LedgerStatistics, Reservation, Settlement
@@ -70,6 +71,16 @@ class LedgerBackend(Protocol):
         streaming_session_id: str | None = None,
         holder: str | None = None,
     ) -> Reservation: ...
+
+    def reservation(
+        self,
+        account_id: str,
+        credits: int,
+        *,
+        model_id: str | None = None,
+        streaming_session_id: str | None = None,
+        holder: str | None = None,
+    ) -> Callable[[Any], Reservation]: ...
 
     def settle(
         self,

@@ -42,7 +42,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from .audit import collect_statistics, find_problems
 from .errors import IdempotencyConflict, InvalidAmount, UnknownAccount
@@ -253,23 +253,44 @@ class SqlLedger(ABC):
         :meth:`recover`.
         """
         require_credits("credits", credits, allow_zero=True)
+        work = _reservation(account_id, credits, model_id, streaming_session_id, holder)
+        return self._write(work, durable=False)
+
+    def reservation(
+        self,
+        account_id: str,
+        credits: int,
+        *,
+        model_id: str | None = None,
+        streaming_session_id: str | None = None,
+        holder: str | None = None,
+    ) -> Callable[[Any], Reservation]:
+        """:meth:`reserve` as a unit of work for a transaction of the caller's.
+
+        ``unit(conn)`` runs it on ``conn``, a connection of this ledger's kind
+        to this ledger's database, inside a transaction the caller commits
+        or rolls back: the server opens a stream's reservation and its two
+        messages as one commit (``StoreBackend.open_turn``). Creates the
+        account if it is missing, as :meth:`open_account` does. Raises as
+        :meth:`reserve`; the caller's transaction then rolls back whole.
+        """
+        require_id("account_id", account_id)
+        require_credits("credits", credits, allow_zero=True)
+        reserve = _reservation(account_id, credits, model_id, streaming_session_id, holder)
 
         def work(tx: Tx) -> Reservation:
-            reservation = Reservation(
-                id=f"res_{uuid.uuid4().hex}",
-                account_id=account_id,
-                amount=credits,
-                model_id=model_id,
-                streaming_session_id=streaming_session_id,
-                status="open",
-                created_at=now_iso(),
-                holder=holder,
+            tx.execute(
+                "INSERT INTO ledger_accounts (account_id, created_at) VALUES (?, ?)"
+                " ON CONFLICT (account_id) DO NOTHING",
+                (account_id, now_iso()),
             )
-            insert_reservation(tx, reservation)
-            hold(tx, account_id, credits)
-            return reservation
+            return reserve(tx)
 
-        return self._write(work, durable=False)
+        return lambda conn: self._within(conn, work)
+
+    @abstractmethod
+    def _within(self, conn: Any, work: Callable[[Tx], T]) -> T:
+        """Run ``work`` on ``conn`` inside the caller's transaction (:meth:`reservation`)."""
 
     def settle(
         self,
@@ -432,3 +453,31 @@ class SqlLedger(ABC):
     def statistics(self) -> LedgerStatistics:
         """A consistent snapshot of counts and credit totals."""
         return self._read(collect_statistics, snapshot=True)
+
+
+def _reservation(
+    account_id: str,
+    credits: int,
+    model_id: str | None,
+    streaming_session_id: str | None,
+    holder: str | None,
+) -> Callable[[Tx], Reservation]:
+    """The statements of a reservation, for :meth:`SqlLedger.reserve` and
+    :meth:`SqlLedger.reservation`: the row, then the hold (see :func:`hold`)."""
+
+    def work(tx: Tx) -> Reservation:
+        reservation = Reservation(
+            id=f"res_{uuid.uuid4().hex}",
+            account_id=account_id,
+            amount=credits,
+            model_id=model_id,
+            streaming_session_id=streaming_session_id,
+            status="open",
+            created_at=now_iso(),
+            holder=holder,
+        )
+        insert_reservation(tx, reservation)
+        hold(tx, account_id, credits)
+        return reservation
+
+    return work

@@ -309,6 +309,10 @@ class PostgresLedger(SqlLedger):
 
         return self._pool.run(unit, begin="BEGIN", idempotent=False)
 
+    def _within(self, conn: Connection, work: Callable[[Tx], T]) -> T:
+        with _map_integrity_errors():
+            return work(_PgTx(conn))
+
     def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
         return self._pool.run(
             lambda conn: work(_PgTx(conn)),

@@ -121,6 +121,11 @@ class SqliteLedger(SqlLedger):
                 if not durable:
                     conn.execute("PRAGMA synchronous = FULL")
 
+    def _within(self, conn: sqlite3.Connection, work: Callable[[Tx], T]) -> T:
+        # The caller's BEGIN IMMEDIATE holds the write lock, as ours would.
+        with map_integrity_errors():
+            return work(_SqliteTx(conn))
+
     def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
         # A deferred transaction, even for one statement: every SELECT inside
         # sees one committed snapshot.

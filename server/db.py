@@ -197,6 +197,8 @@ class Db:
     ) -> Db:
         """The Db for backends opened on ``target`` (a SQLite path or a PostgreSQL URL).
 
+        The store and the ledger are in that one database, so one transaction
+        may hold writes of both (a stream's opening: ``StoreBackend.open_turn``).
         ``shared``: other server processes write the same SQLite file (cluster
         mode), so no write runs on the loop: another process may hold the lock.
         """

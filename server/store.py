@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -255,8 +255,15 @@ class Store(NewMessages):
 
     # -- messages ------------------------------------------------------------------
 
-    def _insert_messages(self, session_id: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _insert_messages(
+        self,
+        session_id: str,
+        rows: list[dict[str, Any]],
+        before: Callable[[Any], None] | None = None,
+    ) -> list[dict[str, Any]]:
         with self._tx():
+            if before is not None:
+                before(self.conn)
             for row in rows:
                 self._number_and_insert(row)
             self.touch_session(session_id)

@@ -160,10 +160,11 @@ class StreamHub:
         The chat session's slot (and the user's and the process's counts) is
         claimed before the first await, so two calls racing on one session
         cannot both pass the check. The writes (account, reservation, both
-        messages) are one moment of the database, shielded: once started they
-        finish and the run starts, even if the caller is cancelled meanwhile
-        (the run then ends on its own when no client attaches). On SQLite it
-        is a light moment (:meth:`Db.write`): on the loop when the writer is idle.
+        messages) are one transaction, shielded: once started it commits
+        and the run starts, even if the caller is cancelled meanwhile (the
+        run then ends on its own when no client attaches); a refused
+        reservation writes nothing. On SQLite it is a light moment
+        (:meth:`Db.write`): on the loop when the writer is idle.
         """
         if self._nursery is None or self.provider is None or not self.accepting:
             raise ApiError(
@@ -248,22 +249,17 @@ class StreamHub:
         def open_rows(
             store: StoreBackend, book: ledger.LedgerBackend
         ) -> tuple[ledger.Reservation, dict[str, Any], dict[str, Any]]:
-            book.open_account(user_id)
-            reservation = book.reserve(
-                user_id, amount, model_id=model.id, streaming_session_id=stream_id
+            # One transaction (the store and the ledger share the database: Db.open).
+            return store.open_turn(
+                session_id,
+                user_id,
+                text=text,
+                model_id=model.id,
+                streaming_session_id=stream_id,
+                reserve=book.reservation(
+                    user_id, amount, model_id=model.id, streaming_session_id=stream_id
+                ),
             )
-            try:
-                user_msg, assistant_msg = store.start_turn(
-                    session_id,
-                    user_id,
-                    text=text,
-                    model_id=model.id,
-                    streaming_session_id=stream_id,
-                )
-            except BaseException:
-                book.release(reservation.id)
-                raise
-            return reservation, user_msg, assistant_msg
 
         link, admission = self.link, None
         if link is not None:  # cluster-wide: the session's claim, the user's cap, the registry

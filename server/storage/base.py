@@ -25,10 +25,11 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 __all__ = [
     "MAX_SEARCH_TERMS",
@@ -85,9 +86,13 @@ class NewMessages(ABC):
     a session's new rows in one transaction (:meth:`_insert_messages`)."""
 
     @abstractmethod
-    def _insert_messages(self, session_id: str, rows: list[Row]) -> list[Row]:
+    def _insert_messages(
+        self, session_id: str, rows: list[Row], before: Callable[[Any], None] | None = None
+    ) -> list[Row]:
         """In one transaction: touch the session, number ``rows`` after its other
-        messages, in order, and insert them; the rows with their ``seq``."""
+        messages, in order, and insert them; the rows with their ``seq``.
+        ``before(connection)`` runs first in the same transaction (its error
+        rolls back everything)."""
 
     def add_message(
         self,
@@ -122,6 +127,37 @@ class NewMessages(ABC):
     def start_turn(
         self, session_id: str, user_id: str, *, text: str, model_id: str, streaming_session_id: str
     ) -> tuple[Row, Row]:
+        first, second = self._insert_messages(
+            session_id, self._turn(session_id, user_id, text, model_id, streaming_session_id)
+        )
+        return first, second
+
+    def open_turn(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        text: str,
+        model_id: str,
+        streaming_session_id: str,
+        reserve: Callable[[Any], T],
+    ) -> tuple[T, Row, Row]:
+        held: list[T] = []
+
+        def before(conn: Any) -> None:
+            held[:] = [reserve(conn)]  # a transaction tried again runs it again
+
+        first, second = self._insert_messages(
+            session_id,
+            self._turn(session_id, user_id, text, model_id, streaming_session_id),
+            before,
+        )
+        return held[0], first, second
+
+    def _turn(
+        self, session_id: str, user_id: str, text: str, model_id: str, streaming_session_id: str
+    ) -> list[Row]:
+        """The user's message and the assistant's, still streaming (unnumbered)."""
         user = {**self._draft(session_id, user_id, model_id), "role": "user", "content": text}
         assistant = {
             **self._draft(session_id, user_id, model_id),
@@ -129,8 +165,7 @@ class NewMessages(ABC):
             "status": "streaming",
             "streaming_session_id": streaming_session_id,
         }
-        first, second = self._insert_messages(session_id, [user, assistant])
-        return first, second
+        return [user, assistant]
 
     @staticmethod
     def _draft(session_id: str, user_id: str, model_id: str | None) -> Row:
@@ -193,6 +228,7 @@ def search_terms(text: str) -> list[str]:
 
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -277,9 +313,23 @@ class StoreBackend(Protocol):
         """The user's message and the assistant's, ``streaming``, in one transaction.
 
         Numbered one after the other after every earlier message of the
-        session; the session is touched once. (Opening a stream: one commit
-        instead of two.)
+        session; the session is touched once.
         """
+        ...
+
+    def open_turn(
+        self,
+        session_id: str,
+        user_id: str,
+        *,
+        text: str,
+        model_id: str,
+        streaming_session_id: str,
+        reserve: Callable[[Any], T],
+    ) -> tuple[T, Row, Row]:
+        """:meth:`start_turn` with ``reserve(connection)`` (a unit of the ledger in
+        this database, ``LedgerBackend.reservation``) first, in the same
+        transaction: opening a stream is one commit, or nothing."""
         ...
 
     def finish_message(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .base import NewMessages, Page, Row, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
@@ -93,8 +93,15 @@ class PostgresMessages(NewMessages):
     @abstractmethod
     def _snapshot(self, work: Callable[[Conn], T]) -> T: ...
 
-    def _insert_messages(self, session_id: str, rows: list[Row]) -> list[Row]:
-        return self._tx(lambda c: _insert_numbered(c, session_id, rows))
+    def _insert_messages(
+        self, session_id: str, rows: list[Row], before: Callable[[Any], None] | None = None
+    ) -> list[Row]:
+        def unit(c: Conn) -> list[Row]:
+            if before is not None:
+                before(c)
+            return _insert_numbered(c, session_id, rows)
+
+        return self._tx(unit)
 
     def finish_message(
         self,

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+import ledger
 from server.storage import Page, SchemaTooNew, StoreBackend, UsernameTaken, open_store
 from server.store import Store
 
@@ -279,6 +280,64 @@ def test_a_turn_is_both_messages_numbered_in_one_go(store: StoreBackend) -> None
     # The next turn numbers after both.
     again, _ = store.start_turn(s, alice, text="more", model_id="m", streaming_session_id="s-10")
     assert again["seq"] == 4
+
+
+def test_a_streams_opening_is_its_reservation_and_its_turn_in_one_commit(
+    store: StoreBackend, target: Target
+) -> None:
+    """open_turn: the ledger's reservation unit and both messages commit together;
+    a refused reservation leaves no message, a refused insert no reservation."""
+    alice = _user(store, "alice")
+    s = _session(store, alice)
+    with ledger.open_ledger(target.url) as book:
+        book.open_account(alice)
+        book.allocate(alice, 100)
+        held, user, assistant = store.open_turn(
+            s,
+            alice,
+            text="hello",
+            model_id="m",
+            streaming_session_id="stream-1",
+            reserve=book.reservation(alice, 40, model_id="m", streaming_session_id="stream-1"),
+        )
+        assert (user["seq"], assistant["seq"], assistant["status"]) == (1, 2, "streaming")
+        assert (held.amount, held.status, held.streaming_session_id) == (40, "open", "stream-1")
+        assert book.balance(alice).reserved == 40
+        assert [r.id for r in book.open_reservations(alice)] == [held.id]
+
+        with pytest.raises(ledger.InsufficientCredits):  # 60 left
+            store.open_turn(
+                s,
+                alice,
+                text="again",
+                model_id="m",
+                streaming_session_id="stream-2",
+                reserve=book.reservation(alice, 61),
+            )
+        with pytest.raises(Exception, match=r"(?i)null"):  # the user's row is refused
+            store.open_turn(
+                s,
+                alice,
+                text=None,  # type: ignore[arg-type]
+                model_id="m",
+                streaming_session_id="stream-3",
+                reserve=book.reservation(alice, 10),
+            )
+        assert store.list_messages(s)[1] == 2  # neither failed opening left a message
+        assert [r.id for r in book.open_reservations(alice)] == [held.id]  # nor a reservation
+        assert book.balance(alice).reserved == 40 and book.verify() == []
+        # A user without an account gets one, empty: the reservation is then refused.
+        bob = _user(store, "bob")
+        with pytest.raises(ledger.InsufficientCredits):
+            store.open_turn(
+                _session(store, bob),
+                bob,
+                text="hi",
+                model_id="m",
+                streaming_session_id="stream-4",
+                reserve=book.reservation(bob, 1),
+            )
+        assert book.open_reservations(bob) == []
 
 
 def test_content_written_by_finish_message_is_found(store: StoreBackend) -> None:
