@@ -38,7 +38,6 @@ Invariants, checked by :meth:`SqlLedger.verify`, for every account::
 
 from __future__ import annotations
 
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
@@ -466,16 +465,7 @@ def _reservation(
     :meth:`SqlLedger.reservation`: the row, then the hold (see :func:`hold`)."""
 
     def work(tx: Tx) -> Reservation:
-        reservation = Reservation(
-            id=f"res_{uuid.uuid4().hex}",
-            account_id=account_id,
-            amount=credits,
-            model_id=model_id,
-            streaming_session_id=streaming_session_id,
-            status="open",
-            created_at=now_iso(),
-            holder=holder,
-        )
+        reservation = Reservation.new(account_id, credits, model_id, streaming_session_id, holder)
         insert_reservation(tx, reservation)
         hold(tx, account_id, credits)
         return reservation

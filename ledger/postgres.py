@@ -53,7 +53,6 @@ pool exhausted after ``pool_timeout``, a row lock not granted within
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -208,16 +207,7 @@ class PostgresLedger(SqlLedger):
         holder: str | None = None,
     ) -> Reservation:
         require_credits("credits", credits, allow_zero=True)
-        reservation = Reservation(
-            id=f"res_{uuid.uuid4().hex}",
-            account_id=account_id,
-            amount=credits,
-            model_id=model_id,
-            streaming_session_id=streaming_session_id,
-            status="open",
-            created_at=now_iso(),
-            holder=holder,
-        )
+        reservation = Reservation.new(account_id, credits, model_id, streaming_session_id, holder)
         params = {
             "id": reservation.id,
             "account": account_id,

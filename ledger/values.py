@@ -8,6 +8,7 @@ millisecond precision and a ``Z`` suffix, the same format as the server's store.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,6 +84,27 @@ class Reservation:
     status: ReservationStatus
     created_at: str
     holder: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        account_id: str,
+        credits: int,
+        model_id: str | None,
+        streaming_session_id: str | None,
+        holder: str | None,
+    ) -> Reservation:
+        """An open reservation with a fresh id, made now (not yet stored)."""
+        return cls(
+            f"res_{uuid.uuid4().hex}",
+            account_id,
+            credits,
+            model_id,
+            streaming_session_id,
+            "open",
+            now_iso(),
+            holder,
+        )
 
 
 @dataclass(frozen=True, slots=True)
