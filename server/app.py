@@ -10,6 +10,7 @@ app serves only once they are ready.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -256,7 +257,8 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
         who = getattr(ctx, "principal", None)
         method, path, status = req.method, req.path, response.status_code
         t0 = getattr(ctx, "t0", None)
-        access_log.info(
+        line = functools.partial(
+            access_log.info,
             "%s %s %s",
             method,
             path,
@@ -273,6 +275,13 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
                 }
             },
         )
+        # Logged once this response's first bytes are out: the log's writer thread,
+        # woken by the line, would otherwise take the GIL from the loop during
+        # that first send (~0.2-0.5 ms of every request's first byte, probed).
+        try:
+            trio.lowlevel.current_trio_token().run_sync_soon(line)
+        except trio.RunFinishedError:  # pragma: no cover - the loop is ending
+            line()
         if not getattr(ctx, "body_read", False) and (
             req.content_length or "chunked" in req.headers.get("Transfer-Encoding", "")
         ):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
+import trio
+import trio.testing
+
 from server.logs import JsonFormatter
 from server.telemetry import telemetry_rows
 from tests.conftest import PASSWORD
@@ -48,6 +51,9 @@ async def test_access_logs_are_json_with_request_ids_and_no_secrets(client, harn
             headers={"X-Request-Id": "log-1"},
         )
         token = (await r.get_json())["accessToken"]
+        # The line is logged once the response's first bytes are out (a callback
+        # the loop runs right after): let it run.
+        await trio.testing.wait_all_tasks_blocked()
     lines = [JsonFormatter().format(rec) for rec in caplog.records if rec.name == "chinwag.access"]
     [line] = lines
     entry = json.loads(line)
