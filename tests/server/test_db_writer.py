@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -112,3 +113,58 @@ async def test_the_writer_checkpoints_the_wal_itself(tmp_path, nursery, monkeypa
     finally:
         nursery.cancel_scope.cancel()
         db.close()
+
+
+async def test_one_connection_writes_the_store_and_the_ledger(tmp_path, nursery):
+    """On SQLite the writer's store and ledger share one connection (no commit of
+    one drops the other's page cache): the connection stays NORMAL, a stream's
+    opening switches nothing, and a settlement alone commits with FULL."""
+    db = _open(tmp_path / "one.db")
+    try:
+        await nursery.start(db.run)
+        conn = db.write_store.conn
+        assert db.write_ledger._conn is conn
+        user = await db.write(lambda store, book: store.add_user("ann", "x", "enduser"), light=True)
+        await db.write(
+            lambda store, book: book.open_account(user["id"]) and book.allocate(user["id"], 100)
+        )
+        session = await db.write(
+            lambda store, book: store.create_session(
+                user["id"], session_id=None, title="t", model_id="m", source="chat"
+            )
+        )
+        seen: list[str] = []
+        conn.set_trace_callback(seen.append)
+
+        def open_turn(store, book):
+            return store.open_turn(
+                session["id"],
+                user["id"],
+                text="hi",
+                model_id="m",
+                streaming_session_id="s1",
+                reserve=book.reservation(user["id"], 40, streaming_session_id="s1"),
+            )
+
+        held, _, _ = await db.write(open_turn, light=True)
+        opening = [s for s in seen if "synchronous" in s]
+        seen.clear()
+        await db.write(lambda store, book: book.settle(held.id, 10))
+        conn.set_trace_callback(None)
+        assert opening == []
+        syncs = [s for s in seen if "synchronous" in s or s.startswith(("BEGIN", "COMMIT"))]
+        assert syncs == [
+            "PRAGMA synchronous = FULL",
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+            "PRAGMA synchronous = NORMAL",
+        ]
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        balance = await db.ledger.balance(user["id"])
+        assert (balance.balance, balance.reserved) == (90, 0)
+        assert await db.ledger.verify() == []
+    finally:
+        db.close()
+    # The ledger left the shared connection to the store, which closed it.
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
