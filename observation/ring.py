@@ -91,12 +91,21 @@ class Ring:
         Costs O(last - first): two list slices at most, and an Event built
         per event (equal to the one appended, not the same object).
         """
+        return self.events(first, self.held(first, last))
+
+    def held(self, first: int, last: int) -> list[tuple[str, str | None, bytes]]:
+        """How events ``first..last`` are held (see :meth:`slice`), for
+        :meth:`events` later: what is held is immutable, so the answer stays
+        true when the ring has moved on."""
         if not (self.first_id <= first <= last <= self.last_id):
             raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self.last_id}")
         start = (first - self._base) % self._size
         stop = (last - self._base) % self._size + 1
         buffer = self._buffer
-        held = buffer[start:stop] if start < stop else buffer[start:] + buffer[:stop]
+        return buffer[start:stop] if start < stop else buffer[start:] + buffer[:stop]
+
+    def events(self, first: int, held: list[_Fields]) -> tuple[Event, ...]:
+        """The events ``held`` (:meth:`held`), the first of them ``first``."""
         decode = self._decode
         if decode is None:
             return tuple([Event(i, *fields) for i, fields in enumerate(held, first)])  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -276,12 +277,20 @@ class Stream:
     def _batch(self, first: int, last: int, skipped: int) -> Batch:
         """Events ``first..last`` (inclusive, all buffered) as one Batch."""
         cached = self._cached
-        if cached is None or cached.events[0].id != first or cached.events[-1].id != last:
-            events = self._ring.slice(first, last)
-            cached = Batch(events, 0, b"".join([event.wire for event in events]))
+        if cached is None or cached.first_id != first or cached.last_id != last:
+            # The wire bytes now; the Events only if a reader asks for them.
+            ring = self._ring
+            held = ring.held(first, last)
+            cached = Batch.lazy(
+                first,
+                last,
+                0,
+                b"".join([wire for _, _, wire in held]),
+                partial(ring.events, first, held),
+            )
             self._cached = cached
         if skipped:
-            return Batch(cached.events, skipped, cached.wire)
+            return cached.with_skipped(skipped)
         return cached
 
     def _release(self) -> None:

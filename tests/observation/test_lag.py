@@ -9,7 +9,7 @@ import trio.testing
 
 from observation import Batch, ObservationManager
 
-from .helpers import ids, publish_many, read_all
+from .helpers import chunk, ids, publish_many, read_all
 
 
 async def test_lagged_observer_is_told_exactly_what_it_missed(manager: ObservationManager) -> None:
@@ -41,3 +41,23 @@ async def test_a_lagging_observer_does_not_slow_others(manager: ObservationManag
         stream.close()
     assert ids(fast) == ids(primary) == list(range(1, 51))
     assert all(b.skipped == 0 for b in fast + primary)
+
+
+async def test_a_batch_keeps_its_events_after_the_ring_has_moved_on(
+    manager: ObservationManager,
+) -> None:
+    """A sliced batch builds its events only when asked (SSE readers never ask):
+    what it was sliced from stays true after the ring has overwritten it."""
+    stream = manager.open_stream("s1", group="g")  # ring of 8
+    with stream.reader() as late:
+        publish_many(stream, 5)
+        batch = late.next_batch_nowait()
+        wire = batch.wire
+        publish_many(stream, 20)  # every slot of the ring written again, twice
+        assert (batch.first_id, batch.last_id, batch.skipped) == (1, 5, 0)
+        assert [e.id for e in batch.events] == [1, 2, 3, 4, 5]
+        assert [e.data for e in batch.events] == [chunk(i) for i in range(1, 6)]
+        assert batch.wire == wire == b"".join(e.wire for e in batch.events)
+        behind = late.next_batch_nowait()  # 20 more, of which the ring holds 8
+        assert (behind.skipped, behind.first_id, behind.last_id) == (12, 18, 25)
+        assert [e.id for e in behind.events] == list(range(18, 26))
