@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server import validate
+from server import jsonbody, validate
 from server.errors import ValidationError
-from server.validate import MAX_DEPTH
+from server.jsonbody import MAX_DEPTH
 
 JSON = {"Content-Type": "application/json"}
 #: Far deeper than json.loads can recurse, far smaller than the body limit.
@@ -242,9 +242,9 @@ _json = st.recursive(
 @settings(max_examples=300, deadline=None)
 def test_the_c_speed_checks_agree_with_a_plain_walk(value):
     """Depth, infinities and surrogates read off the encoded text, strings and all."""
-    text = validate._encode(value)
-    structure = validate._structure(text)
-    assert validate._depth(structure) == min(_reference_depth(value), MAX_DEPTH + 1)
+    text = jsonbody._encode(value)
+    structure = jsonbody._structure(text)
+    assert jsonbody._depth(structure) == min(_reference_depth(value), MAX_DEPTH + 1)
     infinite = any(isinstance(v, float) and math.isinf(v) for v in _leaves(value))
     assert (b"Infinity" in structure) == infinite
 
