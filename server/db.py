@@ -41,7 +41,8 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import outcome
@@ -316,3 +317,18 @@ class Db:
             self.write_ledger.close()
         if self._checkpoint is not None:
             self._checkpoint.close()
+
+
+@contextmanager
+def backends(target: str) -> Iterator[tuple[StoreBackend, LedgerBackend]]:
+    """The store and the ledger at ``target`` (a SQLite path or a PostgreSQL URL),
+    opened — creating or upgrading their schemas — and closed after: the CLI's
+    commands, and ``serve --workers`` before its workers start."""
+    from .storage import open_store
+
+    store = open_store(target)
+    try:
+        with ledger.open_ledger(target) as book:
+            yield store, book
+    finally:
+        store.close()
