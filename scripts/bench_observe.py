@@ -586,8 +586,9 @@ def check_observer(o: Conn, client: Conn, first: int = 1) -> list[str]:
     return out
 
 
-def lateness(c: Conn, chunks: int, rate: float) -> list[float]:
-    """Client chunk k (id k+1): receive time - first-chunk receive time - k/rate."""
+def lateness(c: Conn, chunks: int, rate: float, after: float = -math.inf) -> list[float]:
+    """Client chunk k (id k+1): receive time - first-chunk receive time - k/rate;
+    only the chunks received after ``after`` (a perf_counter time)."""
     t = c.times
     if chunks < 1 or math.isnan(t[1]):
         return []
@@ -595,7 +596,7 @@ def lateness(c: Conn, chunks: int, rate: float) -> list[float]:
     return [
         t[i] - t0 - (i - 1) * step
         for i in range(1, min(chunks, len(t) - 1) + 1)
-        if not math.isnan(t[i])
+        if not math.isnan(t[i]) and t[i] > after
     ]
 
 
@@ -745,8 +746,13 @@ async def bench_fanout(
         }
     )
     if mode == "join" and joins:
+        # The client's lateness once every observer is in: watching alone, no joins.
+        late_settled = lateness(client, tokens, rate, after=joined_at)
         out.update(
             {
+                "clientLatenessAllJoinedSamples": len(late_settled),
+                "clientLatenessAllJoinedP50Ms": ms(pct(late_settled, 50)),
+                "clientLatenessAllJoinedP99Ms": ms(pct(late_settled, 99)),
                 "joinP50Ms": ms(pct(joins, 50)),
                 "joinP99Ms": ms(pct(joins, 99)),
                 "joinMaxMs": ms(max(joins)),
@@ -1156,6 +1162,15 @@ def report(results: dict[str, Any]) -> None:
                 note,
             )
         )
+        if r["mode"] == "join":
+            rows.append(
+                (
+                    "  client late once all had joined",
+                    f"{fmt(r.get('clientLatenessAllJoinedP50Ms'))} / "
+                    f"{fmt(r.get('clientLatenessAllJoinedP99Ms'))} ms",
+                    f"over {fmt(r.get('clientLatenessAllJoinedSamples'))} chunks",
+                )
+            )
         rows.append(
             (
                 "  client stream / writes",
