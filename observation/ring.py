@@ -93,7 +93,7 @@ class Ring:
         """
         return self.events(first, self.held(first, last))
 
-    def held(self, first: int, last: int) -> list[tuple[str, str | None, bytes]]:
+    def held(self, first: int, last: int) -> list[_Fields]:
         """How events ``first..last`` are held (see :meth:`slice`), for
         :meth:`events` later: what is held is immutable, so the answer stays
         true when the ring has moved on."""
