@@ -94,7 +94,7 @@ class SqliteLedger(SqlLedger):
         The server's one SQLite writer: the store's write connection, so the
         two never drop each other's page cache (a commit by one connection
         makes every other connection to the file read its pages again) —
-        measured in a loop, a stream's opening 250 → 150–210 µs. The caller
+        measured in a loop, a stream's opening 250 → 150 to 210 µs. The caller
         serialises its own use of ``conn`` with the ledger's (the server's
         ``Db`` has one writer). The connection keeps its own ``synchronous``
         level; a durable commit of the ledger raises it to FULL for that
