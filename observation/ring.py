@@ -10,7 +10,9 @@ ring holds thousands of events that live as long as the stream, and as
 instances they were ~90% of what every collection of the older generations
 had to walk: at 500 streams x 20/s, pauses of 30-100 ms, the streams'
 lateness maximum (BENCHMARKS.md). Events are built again, on demand, by
-:meth:`Ring.slice`. Given a ``decode`` (the inverse of the stream's
+:meth:`Ring.events` from what :meth:`Ring.held` returned (a stream's batch
+does so only when a reader asks for its events); :meth:`Ring.slice` does
+both at once. Given a ``decode`` (the inverse of the stream's
 encoder), the ring keeps an event's wire bytes but not its data, which is
 in them: a third less memory an event.
 """
