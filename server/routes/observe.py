@@ -1,7 +1,7 @@
 """Supervisors watching live streams (SPEC §6), over SSE and WebSocket, and the
 list of live streams.
 
-One source, :func:`observer_items`, says what an observer is told; the SSE
+One source, :func:`observe_feed`, says what an observer is told; the SSE
 and WebSocket routes only render it. Replayed and live events are the very
 bytes the client got (encoded once, at publish).
 """
@@ -9,20 +9,21 @@ bytes the client got (encoded once, at publish).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
+from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request, websocket
 
 from observation import Batch, ObservationManager, Reader, Stream
 
 from ..context import authenticate, authenticated, services
 from ..errors import ApiError, ValidationError, session_not_found
-from ..sse import encode_event, heartbeat, sse_response
+from ..sse import CONNECTED, EventStream, encode_event, heartbeat
 from ..timers import Alarm, Timers
 from ..validate import EVENT_STREAM, Param, operation
 
@@ -40,9 +41,11 @@ MAX_WAIT_S = 300
 
 #: One thing an observer is told: a control event without an id
 #: ``("observer" | "history-start" | "history-end" | "lagged", data)``, a batch
-#: of stream events, or a heartbeat (``None``). :func:`observer_items` yields
+#: of stream events, or a heartbeat (``None``). :func:`observe_feed` tells
 #: them in groups: everything one wake-up has to say, written at once.
 Item = tuple[str, dict[str, Any]] | Batch | None
+#: Writes one wake-up's worth to the observer: a list of items, or a bare batch.
+Tell = Callable[[list[Item] | Batch], Awaitable[None]]
 
 
 def _dumps(value: dict[str, Any]) -> str:
@@ -97,7 +100,8 @@ class Beats:
         self.due += self.interval
 
 
-async def observer_items(
+async def observe_feed(
+    tell: Tell,
     observations: ObservationManager,
     session_id: str,
     stream: Stream | None,
@@ -105,8 +109,8 @@ async def observer_items(
     interval: float,
     timers: Timers | None = None,
     link: ClusterLink | None = None,
-) -> AsyncGenerator[list[Item], None]:
-    """Everything an observer is told, in order, until ``done`` (or the wait runs out).
+) -> None:
+    """Tell an observer everything, in order, until ``done`` (or the wait runs out).
 
     ``observer`` (waiting → connected), ``history-start``, the replay,
     ``history-end``, the live tail, and heartbeats (``None``) every
@@ -115,11 +119,16 @@ async def observer_items(
     heartbeat, only until a stream starts). A reader that falls a whole ring
     behind is told ``lagged {"skipped": N}`` and continues from the oldest
     buffered event: it never slows the producer or any other reader. Each
-    yielded list is one wake-up's worth, to be written in one go.
+    call of ``tell`` is one wake-up's worth, to be written in one go: a
+    list of items, or (the live tail's usual case) a bare :class:`Batch`.
+
+    ``tell`` is called, not yielded to: no generator stands between the
+    reader and the response's writes, which this runs once per event for
+    every observer. Cancelled, it leaves the stream detached at once.
     """
     beats = Beats(interval)
     if stream is None:
-        yield [("observer", {"status": "waiting", "sessionId": session_id})]
+        await tell([("observer", {"status": "waiting", "sessionId": session_id})])
         give_up = trio.current_time() + (wait or 0)
         while True:
             until = min(beats.due, give_up)
@@ -130,15 +139,14 @@ async def observer_items(
             if stream is not None:
                 break
             if trio.current_time() >= give_up:
-                yield [("observer", {"status": "timeout", "sessionId": session_id})]
+                await tell([("observer", {"status": "timeout", "sessionId": session_id})])
                 return
             beats.sent()
-            yield [None]
+            await tell([None])
     with stream.reader(0) as reader:
-        yield _head(stream, reader)
-        # The live tail, one wake-up per group, with heartbeats on ``beats``'
-        # schedule. Inline (no generator of its own): this runs once per event
-        # for every observer. Waiting is cancel-safe: the cursor moves only
+        await tell(_head(stream, reader))
+        # The live tail, one wake-up per call of ``tell``, with heartbeats on
+        # ``beats``' schedule. Waiting is cancel-safe: the cursor moves only
         # when a batch is returned, so a heartbeat never loses an event. With
         # the process's ``timers`` a wait is "the next event or the next
         # heartbeat" in one park, without a cancel scope per wait (as the
@@ -152,11 +160,11 @@ async def observer_items(
                 return
             if batch is None:
                 beats.sent()
-                yield [None]
+                await tell([None])
             elif batch.skipped:
-                yield [("lagged", {"skipped": batch.skipped}), batch]
+                await tell([("lagged", {"skipped": batch.skipped}), batch])
             else:
-                yield [batch]
+                await tell(batch)
 
 
 async def _next_stream(
@@ -244,33 +252,37 @@ async def observe(session_id: str) -> Response:
     svc = services()
     wait = _wait_seconds(request.args)
     stream = await _find(session_id, wait)
-    items = observer_items(
-        svc.observations,
-        session_id,
-        stream,
-        wait,
-        svc.settings.sse_heartbeat_ms / 1000,
+    feed = partial(
+        observe_feed,
+        observations=svc.observations,
+        session_id=session_id,
+        stream=stream,
+        wait=wait,
+        interval=svc.settings.sse_heartbeat_ms / 1000,
         timers=svc.timers,
         link=svc.link,
     )
-    return sse_response(_as_sse(items))
+
+    async def serve(send: ASGISendCallable) -> None:
+        async def tell(group: list[Item] | Batch) -> None:
+            wire = group.wire if isinstance(group, Batch) else _sse_bytes(group)
+            await send({"type": "http.response.body", "body": wire, "more_body": True})
+
+        await send({"type": "http.response.body", "body": CONNECTED, "more_body": True})
+        await feed(tell)
+
+    return EventStream(serve)
 
 
-async def _as_sse(items: AsyncGenerator[list[Item], None]) -> AsyncIterator[bytes]:
-    yield b": connected\n\n"
-    async with aclosing(items) as groups:
-        async for group in groups:
-            if len(group) == 1 and isinstance(batch := group[0], Batch):
-                yield batch.wire  # the live tail's usual group
-                continue
-            yield b"".join(
-                heartbeat()
-                if item is None
-                else encode_event(None, item[0], _dumps(item[1]))
-                if isinstance(item, tuple)
-                else item.wire
-                for item in group
-            )
+def _sse_bytes(group: list[Item]) -> bytes:
+    return b"".join(
+        heartbeat()
+        if item is None
+        else encode_event(None, item[0], _dumps(item[1]))
+        if isinstance(item, tuple)
+        else item.wire
+        for item in group
+    )
 
 
 @bp.websocket("/api/chat/sessions/<session_id>/observe/ws")
@@ -289,7 +301,14 @@ async def observe_ws(session_id: str) -> None:
     wait = _wait_seconds(websocket.args)
     stream = await _find(session_id, wait)
     await websocket.accept()
-    items = observer_items(
+
+    async def tell(group: list[Item] | Batch) -> None:
+        for item in [group] if isinstance(group, Batch) else group:
+            for frame in _ws_frames(item):
+                await websocket.send(frame)
+
+    await observe_feed(
+        tell,
         svc.observations,
         session_id,
         stream,
@@ -298,11 +317,6 @@ async def observe_ws(session_id: str) -> None:
         timers=svc.timers,
         link=svc.link,
     )
-    async with aclosing(items) as groups:
-        async for group in groups:
-            for item in group:
-                for frame in _ws_frames(item):
-                    await websocket.send(frame)
     await websocket.close(1000)
 
 
