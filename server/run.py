@@ -11,11 +11,12 @@ under its own cancel scope:
   deadline on the scope, not a sleeping task;
 - cancellation reaches the provider's ``async with``, which closes the
   upstream connection;
-- the ending (store the message, settle the ledger, publish ``done``, close
-  the ring) runs in a ``finally`` under a shielded scope with a deadline, so
-  a disconnect, an upstream error or a shutdown never leaves credits
-  reserved or a message half written. In cluster mode the node first asks
-  Redis whether the stream is still its own (a survivor may have taken it).
+- the ending (the bill and its one database hop, :mod:`server.endings`;
+  then ``done`` and the ring closed) runs in a ``finally`` under a
+  shielded scope with a deadline, so a disconnect, an upstream error or a
+  shutdown never leaves credits reserved or a message half written. In
+  cluster mode the node first asks Redis whether the stream is still its
+  own (a survivor may have taken it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,6 +33,7 @@ from observation import Stream
 
 from .auth import Principal
 from .dialects import CHAT, Dialect, Ending
+from .endings import InternalFailure, NodeLostError, Outcome, bill, told
 from .models import ModelInfo
 from .providers.base import (
     ModelRequest,
@@ -44,8 +45,6 @@ from .providers.base import (
     Usage,
     request_tokens,
 )
-from .storage import StoreBackend
-from .telemetry import CallRecord, Telemetry
 
 if TYPE_CHECKING:
     from .cluster import Admission
@@ -60,57 +59,6 @@ CLEANUP_TIMEOUT_S = 5.0
 FINAL_WAIT_S = 1.0
 #: How long a streaming run waits for its client's response to start reading.
 ATTACH_TIMEOUT_S = 10.0
-
-
-class ServerShutdown(ProviderError):
-    """Told to readers of a stream the server ended because it is stopping."""
-
-    error_code = "SERVER_SHUTTING_DOWN"
-    user_message = "The server is shutting down, please reconnect shortly."
-
-
-class StreamCancelled(ProviderError):
-    """Told to every reader of a stream a supervisor stopped (SPEC §6.1)."""
-
-    error_code = "STREAM_CANCELLED"
-    user_message = "This answer was stopped by a supervisor."
-
-
-class NodeLostError(ProviderError):
-    """Told to the readers of a stream whose node died, or was taken for dead (SPEC §9)."""
-
-    error_code = "NODE_LOST"
-    user_message = "The server running this answer stopped; please send the message again."
-
-
-class InternalFailure(ProviderError):
-    """A bug ended this stream; it is logged, the client sees only this."""
-
-    error_code = "INTERNAL_ERROR"
-    user_message = "Internal server error."
-
-
-#: The stored message status for each way a run ends (anything else: interrupted).
-_STATUS = {"stop": "complete", "length": "complete", "error": "error", "cancelled": "cancelled"}
-#: Endings the server chose, told to every reader as an error event before ``done``.
-_TOLD: dict[str, type[ProviderError]] = {
-    "shutdown": ServerShutdown,
-    "cancelled": StreamCancelled,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a run ended, once its message and its charge are committed."""
-
-    user_message: dict[str, Any]
-    assistant_message: dict[str, Any]
-    input_tokens: int
-    output_tokens: int
-    credits_charged: int
-    finish_reason: str
-    retries: int
-    error: ProviderError | None
 
 
 class StreamRun:
@@ -344,62 +292,37 @@ class StreamRun:
         link = hub.link
         owner = released = False
         try:
-            output_tokens = usage.output_tokens if usage else produced
-            input_tokens = usage.input_tokens if usage else self.reservation_input
-            # Only produced tokens are charged: a call that produced nothing costs nothing.
-            charge = self.model.price.cost(input_tokens, output_tokens) if output_tokens else 0
-            if not output_tokens:
-                input_tokens = 0
-            status = _STATUS.get(finish_reason, "interrupted")
-            call = CallRecord(
-                streaming_session_id=self.stream_id,
+            charges = bill(
+                stream_id=self.stream_id,
                 user_id=self.user_id,
-                model_id=self.model.id,
+                model=self.model,
                 provider=hub.provider.name if hub.provider else "",
+                produced=produced,
+                usage=usage,
+                request_input=self.reservation_input,
+                finish_reason=finish_reason,
+                error=error,
                 retries=retries,
                 ttft_ms=None
                 if self.first_token_at is None
                 else (self.first_token_at - self._t0) * 1000,
                 total_ms=(trio.current_time() - self._t0) * 1000,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                credits_charged=charge,
-                finish_reason=finish_reason,
-                error_code=error.error_code if error else None,
             )
-            message_id, reservation_id, note = (
-                self.assistant_message["id"],
-                self.reservation.id,
-                self.cancel_note,
+            status, input_tokens, output_tokens = (
+                charges.status,
+                charges.input_tokens,
+                charges.output_tokens,
             )
-
-            def end(store: StoreBackend, book: ledger.LedgerBackend) -> ledger.Settlement:
-                # One hop to the database thread: the message, the charge, the telemetry row.
-                store.finish_message(
-                    message_id,
-                    content=content,
-                    status=status,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    credits_charged=charge,
-                    finish_reason=finish_reason,
-                    cancel_reason=note,
-                )
-                settlement = book.settle(
-                    reservation_id,
-                    charge,
-                    model_id=call.model_id,
-                    streaming_session_id=call.streaming_session_id,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                )
-                store.add_telemetry("model_call", Telemetry.row(call))
-                return settlement
-
+            end = charges.write(
+                message_id=self.assistant_message["id"],
+                reservation_id=self.reservation.id,
+                content=content,
+                note=self.cancel_note,
+            )
             if link is None or await link.owns_ending(self.stream_id):
                 owner = True
                 charged = (await hub.db.write(end)).charged
-                hub.telemetry.count(call)
+                hub.telemetry.count(charges.call)
                 if link is not None:  # before `done`: its client may start the next one at once
                     await link.release(self.admission)
                     released = True
@@ -428,8 +351,8 @@ class StreamRun:
                 retries,
                 error,
             )
-            if error is None and finish_reason in _TOLD:
-                error = _TOLD[finish_reason]()
+            if error is None:
+                error = told(finish_reason)
             ending = Ending(
                 stream_id=self.stream_id,
                 message_id=self.assistant_message["id"],

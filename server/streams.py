@@ -26,6 +26,7 @@ from observation import ObservationManager
 from .auth import Principal
 from .db import Db
 from .dialects import CHAT, Dialect
+from .endings import InternalFailure, NodeLostError, Outcome, ServerShutdown, StreamCancelled
 from .errors import ApiError, Conflict, TooMany
 from .models import ModelInfo
 from .providers.base import (
@@ -35,16 +36,7 @@ from .providers.base import (
     Provider,
     request_tokens,
 )
-from .run import (
-    CLEANUP_TIMEOUT_S,
-    FINAL_WAIT_S,
-    InternalFailure,
-    NodeLostError,
-    Outcome,
-    ServerShutdown,
-    StreamCancelled,
-    StreamRun,
-)
+from .run import CLEANUP_TIMEOUT_S, FINAL_WAIT_S, StreamRun
 from .settings import Settings
 from .storage import StoreBackend
 from .telemetry import Telemetry

@@ -1,0 +1,175 @@
+"""How a model call ends: what it is charged, what is stored, what its readers are told.
+
+:class:`server.run.StreamRun` streams; this module is its ending's
+arithmetic and records, with no trio in it:
+
+- :func:`bill` turns what the run produced into a :class:`Bill`: only
+  produced tokens are charged (a call that produced nothing costs nothing),
+  the stored status follows from the finish reason, and
+  :meth:`Bill.write` is the one database hop that stores the message,
+  settles the reservation and adds the telemetry row together;
+- :func:`told` is the error every reader hears when the server chose the
+  ending (a shutdown, a supervisor's stop), before ``done``;
+- :class:`Outcome` is what a non-streaming caller gets back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ledger
+
+from .models import ModelInfo
+from .providers.base import ProviderError, Usage
+from .storage import StoreBackend
+from .telemetry import CallRecord, Telemetry
+
+
+class ServerShutdown(ProviderError):
+    """Told to readers of a stream the server ended because it is stopping."""
+
+    error_code = "SERVER_SHUTTING_DOWN"
+    user_message = "The server is shutting down, please reconnect shortly."
+
+
+class StreamCancelled(ProviderError):
+    """Told to every reader of a stream a supervisor stopped (SPEC §6.1)."""
+
+    error_code = "STREAM_CANCELLED"
+    user_message = "This answer was stopped by a supervisor."
+
+
+class NodeLostError(ProviderError):
+    """Told to the readers of a stream whose node died, or was taken for dead (SPEC §9)."""
+
+    error_code = "NODE_LOST"
+    user_message = "The server running this answer stopped; please send the message again."
+
+
+class InternalFailure(ProviderError):
+    """A bug ended this stream; it is logged, the client sees only this."""
+
+    error_code = "INTERNAL_ERROR"
+    user_message = "Internal server error."
+
+
+#: The stored message status for each way a run ends (anything else: interrupted).
+_STATUS = {"stop": "complete", "length": "complete", "error": "error", "cancelled": "cancelled"}
+#: Endings the server chose, told to every reader as an error event before ``done``.
+_TOLD: dict[str, type[ProviderError]] = {
+    "shutdown": ServerShutdown,
+    "cancelled": StreamCancelled,
+}
+
+
+def told(finish_reason: str) -> ProviderError | None:
+    """The error readers are told for an ending the server chose; None for the others."""
+    kind = _TOLD.get(finish_reason)
+    return kind() if kind is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a run ended, once its message and its charge are committed."""
+
+    user_message: dict[str, Any]
+    assistant_message: dict[str, Any]
+    input_tokens: int
+    output_tokens: int
+    credits_charged: int
+    finish_reason: str
+    retries: int
+    error: ProviderError | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    """What one ended call costs and how it is recorded (see :func:`bill`)."""
+
+    input_tokens: int
+    output_tokens: int
+    charge: int
+    status: str
+    call: CallRecord
+
+    def write(
+        self, *, message_id: str, reservation_id: str, content: str, note: str | None
+    ) -> Callable[[StoreBackend, ledger.LedgerBackend], ledger.Settlement]:
+        """The database hop (:meth:`server.db.Db.write`): the message, the charge
+        and the telemetry row, in one transaction."""
+        call = self.call
+
+        def end(store: StoreBackend, book: ledger.LedgerBackend) -> ledger.Settlement:
+            store.finish_message(
+                message_id,
+                content=content,
+                status=self.status,
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+                credits_charged=self.charge,
+                finish_reason=call.finish_reason,
+                cancel_reason=note,
+            )
+            settlement = book.settle(
+                reservation_id,
+                self.charge,
+                model_id=call.model_id,
+                streaming_session_id=call.streaming_session_id,
+                input_tokens=self.input_tokens,
+                output_tokens=self.output_tokens,
+            )
+            store.add_telemetry("model_call", Telemetry.row(call))
+            return settlement
+
+        return end
+
+
+def bill(
+    *,
+    stream_id: str,
+    user_id: str,
+    model: ModelInfo,
+    provider: str,
+    produced: int,
+    usage: Usage | None,
+    request_input: int,
+    finish_reason: str,
+    error: ProviderError | None,
+    retries: int,
+    ttft_ms: float | None,
+    total_ms: float,
+) -> Bill:
+    """The bill of a call that ended as ``finish_reason`` after ``produced`` tokens.
+
+    The upstream's own ``usage`` counts when it came; else the tokens
+    produced, and the request's estimated input. Only produced tokens are
+    charged: a call that produced nothing costs (and records) nothing.
+    """
+    output_tokens = usage.output_tokens if usage else produced
+    input_tokens = usage.input_tokens if usage else request_input
+    charge = model.price.cost(input_tokens, output_tokens) if output_tokens else 0
+    if not output_tokens:
+        input_tokens = 0
+    call = CallRecord(
+        streaming_session_id=stream_id,
+        user_id=user_id,
+        model_id=model.id,
+        provider=provider,
+        retries=retries,
+        ttft_ms=ttft_ms,
+        total_ms=total_ms,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        credits_charged=charge,
+        finish_reason=finish_reason,
+        error_code=error.error_code if error else None,
+    )
+    return Bill(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        charge=charge,
+        status=_STATUS.get(finish_reason, "interrupted"),
+        call=call,
+    )
