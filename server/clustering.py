@@ -20,7 +20,8 @@ imports it; a single process never loads coredis). One
   (``done`` with ``NODE_LOST``) that survivors publish for its readers;
 - **signals** — :meth:`ClusterLink.handle` answers another node's stop,
   end-session, attach/detach or shutdown for a stream running here;
-- **the routes' side** — the stream a session's observers see, a stream by
+- **the routes' side** — the stream a session's observers see
+  (:class:`~server.cluster.watch.StreamWatch`), a stream by
   id (mirrored if it runs elsewhere), stop / end-session wherever the stream
   runs, the cluster's live list, the rate limit.
 """
@@ -46,6 +47,7 @@ from .cluster import (
     StreamInfo,
     UserAtCap,
 )
+from .cluster.watch import StreamWatch
 from .db import Db
 from .dialects import Dialect
 from .errors import ApiError, Conflict, TooMany
@@ -61,8 +63,6 @@ log = logging.getLogger("chinwag.cluster")
 
 #: How often this node tells the cluster its observer counts and retries what failed.
 HOUSEKEEPING_S = 1.0
-#: How often an observer waiting for a stream (``?wait=``) looks for one in Redis.
-WAIT_POLL_S = 0.1
 #: How long each Redis step of a stream's ending may take: the ending's whole budget
 #: (CLEANUP_TIMEOUT_S) is for the database and the closing events, so a Redis that
 #: hangs (rather than refuses) costs at most this much, then is retried later.
@@ -95,18 +95,6 @@ class _RemoteRun:
         self.link._tell(self.owner, "detach", {"streamId": self.stream_id})
 
 
-class _Watch:
-    """Observers waiting for a chat session's next stream on this node."""
-
-    __slots__ = ("found", "started", "stream", "waiters")
-
-    def __init__(self) -> None:
-        self.found = trio.Event()
-        self.stream: Stream | None = None
-        self.waiters = 0
-        self.started = False
-
-
 class ClusterLink:
     """This process's side of the cluster (see the module docstring)."""
 
@@ -133,8 +121,8 @@ class ClusterLink:
         self._unreleased: list[Admission] = []
         self._unfinished: list[str] = []
         self._observers_told: dict[str, int] = {}
-        #: Observers waiting (``?wait=``) for a stream, per chat session.
-        self._watches: dict[str, _Watch] = {}
+        #: The routes' streams of a session, wherever they run (``?wait=`` included).
+        self.watch = StreamWatch(cluster.mirror, observations)
 
     # -- running -------------------------------------------------------------------
 
@@ -143,6 +131,7 @@ class ClusterLink:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.cluster.run, self.settle, self.handle, self.on_lost)
+            await nursery.start(self.watch.run)
             nursery.start_soon(self._housekeeping)
             task_status.started()
 
@@ -333,55 +322,12 @@ class ClusterLink:
     # -- the routes' side ----------------------------------------------------------
 
     async def latest(self, session_id: str) -> Stream | None:
-        """The session's newest stream anywhere in the cluster (mirrored here if remote)."""
-        try:
-            return await self.cluster.mirror.open_latest(session_id)
-        except ClusterUnavailable:
-            return self.observations.latest(session_id)  # what this node has is all it knows
+        """The session's newest stream anywhere in the cluster (:class:`StreamWatch`)."""
+        return await self.watch.latest(session_id)
 
     async def wait_for_stream(self, session_id: str, until: float) -> Stream | None:
-        """The session's stream once one starts anywhere; None if none has by ``until``.
-
-        One watcher per session per node (not one per waiter: a thousand
-        observers waiting cost one Redis read per :data:`WAIT_POLL_S`) waits for
-        a local ring to open for the session and, between, looks in Redis and
-        mirrors the stream it finds; every waiter gets what it found.
-        """
-        # A stream found while the caller was away (writing a heartbeat) counts: the
-        # session had none when the observer came, so any it has now is new.
-        stream = self.observations.latest(session_id)
-        if stream is not None:
-            return stream
-        watch = self._watches.get(session_id)
-        if watch is None or watch.found.is_set():
-            watch = self._watches[session_id] = _Watch()
-            assert self._nursery is not None, "ClusterLink.run() is not running"
-            self._nursery.start_soon(self._watch_for_stream, session_id, watch)
-        watch.waiters += 1
-        try:
-            with trio.move_on_at(until):
-                await watch.found.wait()
-            return watch.stream
-        finally:
-            watch.waiters -= 1
-
-    async def _watch_for_stream(self, session_id: str, watch: _Watch) -> None:
-        try:
-            while watch.waiters or not watch.started:
-                watch.started = True
-                with trio.move_on_after(WAIT_POLL_S):
-                    watch.stream = await self.observations.wait_for_stream(session_id)
-                if watch.stream is None:
-                    try:
-                        watch.stream = await self.cluster.mirror.open_latest(session_id)
-                    except ClusterUnavailable as exc:
-                        log.debug("waiting for a stream on %s: %s", session_id, exc)
-                if watch.stream is not None:
-                    watch.found.set()
-                    return
-        finally:
-            if self._watches.get(session_id) is watch:
-                del self._watches[session_id]
+        """The session's stream once one starts anywhere; None if none has by ``until``."""
+        return await self.watch.wait_for_stream(session_id, until)
 
     async def stream(self, stream_id: str) -> Stream | None:
         """A stream by id: this node's, or mirrored from the cluster (None: unknown)."""

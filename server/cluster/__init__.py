@@ -9,6 +9,7 @@ Unset ``CHINWAG_REDIS_URL`` and nothing here is used. Modules, one concept each:
     publisher.py  Publisher: every live stream's events into Redis, one pipeline per wake-up
     mirror.py     Mirror: a remote stream into a local ring, one reader per stream per node
     signals.py    Signals: stop / end-session / shutdown to the stream's node, answer awaited
+    watch.py      StreamWatch: a session's stream for its observers, wherever it runs (?wait=)
     cluster.py    Cluster, open_cluster: all of it for one process, run as one service
     bench.py      ``python -m server.cluster.bench``: XADD round trip and pipelined rates
 
