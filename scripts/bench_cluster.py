@@ -107,12 +107,11 @@ from benchlib import (
     Env,
     Server,
     arg_parser,
-    cpu_model,
     create_session,
     create_sessions,
     finish,
     fmt,
-    git_commit,
+    machine,
     ms,
     pct,
     print_table,
@@ -1064,13 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"bench-{secrets.token_hex(4)}"
     results: dict[str, Any] = {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "cpu": cpu_model(),
-            "commit": git_commit(),
-            "loadavg": os.getloadavg(),
-        },
+        "machine": machine(loadavg=os.getloadavg()),
         "args": vars(args),
         "database": "PostgreSQL" if database == "pg" else "SQLite (one file)",
     }

@@ -103,10 +103,9 @@ from benchlib import (
     ROOT,
     Server,
     arg_parser,
-    cpu_model,
     finish,
     fmt,
-    git_commit,
+    machine,
     ms,
     pct,
     pin,
@@ -966,17 +965,13 @@ def main(argv: list[str] | None = None) -> int:
     if pinned is not None:
         pin(*pinned)
     results: dict[str, Any] = {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "cpu": cpu_model(),
-            "commit": git_commit(),
-            "fdLimit": nofile,
-            "loadAvg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "pinned": None
+        "machine": machine(
+            fdLimit=nofile,
+            loadAvg=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+            pinned=None
             if pinned is None
             else {"server": sorted(pinned[0]), "client": sorted(pinned[1])},
-        },
+        ),
         "args": vars(args),
         "streamSlackS": STREAM_SLACK_S,
     }

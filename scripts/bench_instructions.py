@@ -52,7 +52,6 @@ and exits 0.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -73,10 +72,9 @@ from bench_streams import (
 )
 from benchlib import (
     arg_parser,
-    cpu_model,
     finish,
     fmt,
-    git_commit,
+    machine,
     pin,
     pin_cpus,
     print_table,
@@ -281,7 +279,7 @@ def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str
 def report(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(
-        f"\ninstructions (callgrind Ir, all threads) - commit {m['commit']}, {m['cpus']} cpus "
+        f"\ninstructions (callgrind Ir, all threads) - commit {m['commit']}, {m['nproc']} cpus "
         f"({m['cpu']}), Python {m['python']}"
     )
     targets = results["targets"]
@@ -373,12 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         START_TIMEOUT_S,
     )
     results: dict[str, Any] = {
-        "machine": {
-            "commit": git_commit(),
-            "cpus": os.cpu_count(),
-            "cpu": cpu_model(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine(),
         "args": vars(args),
         "targets": {},
     }

@@ -26,7 +26,6 @@ observer writes. Exit status 1 only if a request failed.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -38,11 +37,10 @@ from bench_observe import Conn, Reactor, observe_req, open_conn, stream_req
 from bench_streams import BenchEnv, start_chinwag
 from benchlib import (
     arg_parser,
-    cpu_model,
     create_sessions,
     finish,
     fmt,
-    git_commit,
+    machine,
     print_table,
     proc_sample,
     raise_fd_limit,
@@ -119,7 +117,7 @@ def run_round(env: BenchEnv, n: int, window: int, k: int) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(
-        f"\nopening SSE responses at once - commit {m['commit']}, {m['cpus']} cpus "
+        f"\nopening SSE responses at once - commit {m['commit']}, {m['nproc']} cpus "
         f"({m['cpu']}), Python {m['python']}; {results['args']['requests']:,} requests, "
         f"{results['args']['open_window']} in flight, {len(results['rounds'])} round(s)"
     )
@@ -166,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit(args.requests * 2 + 4096)
     t0 = time.perf_counter()
     results: dict[str, Any] = {
-        "machine": {
-            "commit": git_commit(),
-            "cpus": os.cpu_count(),
-            "cpu": cpu_model(),
-            "python": sys.version.split()[0],
-        },
+        "machine": machine(),
         "args": vars(args),
         "rounds": [],
     }

@@ -69,7 +69,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
-from benchlib import ROOT, arg_parser, cpu_model, finish, fmt, git_commit, pct, print_table
+from benchlib import ROOT, arg_parser, finish, fmt, machine, pct, print_table
 
 sys.path.insert(0, str(ROOT))  # the server package, for the cluster's own client factory
 
@@ -599,13 +599,7 @@ def main(argv: list[str] | None = None) -> int:
 
     redis_pid = redis_info_pid(args.url)
     results: dict[str, Any] = {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "cpu": cpu_model(),
-            "commit": git_commit(),
-            "loadavg": os.getloadavg(),
-        },
+        "machine": machine(loadavg=os.getloadavg()),
         "args": vars(args),
         "redisPid": redis_pid,
         "skipped": skipped,

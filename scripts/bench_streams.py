@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -66,12 +65,11 @@ from benchlib import (
     Server,
     arg_parser,
     connect,
-    cpu_model,
     create_sessions,
     finish,
     fmt,
-    git_commit,
     http_json,
+    machine,
     ms,
     pct,
     print_table,
@@ -706,13 +704,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = BenchEnv(keep=args.keep, database_url=args.database_url)
     results: dict[str, Any] = {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "cpu": cpu_model(),
-            "commit": git_commit(),
-            "fdLimit": nofile,
-        },
+        "machine": machine(fdLimit=nofile),
         "args": vars(args),
     }
     t0 = time.perf_counter()

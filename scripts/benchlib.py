@@ -136,6 +136,17 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def machine(**extra: Any) -> dict[str, Any]:
+    """What a result was measured on: CPUs, CPU model, Python, commit (and ``extra``)."""
+    return {
+        "nproc": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "cpu": cpu_model(),
+        "commit": git_commit(),
+        **extra,
+    }
+
+
 def git_commit() -> str | None:
     try:  # read-only
         out = subprocess.run(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import random
 import sqlite3
 import struct
@@ -50,8 +49,8 @@ from benchlib import (
     connect,
     finish,
     fmt,
-    git_commit,
     http_raw,
+    machine,
     print_table,
     proc_sample,
     request_bytes,
@@ -699,8 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     env.settings["CHINWAG_RATE_LIMIT"] = str(args.rate_limit)
     # A set secret: the parallel CLI calls must not race to create one.
     env.settings["CHINWAG_JWT_SECRET"] = uuid.uuid4().hex + uuid.uuid4().hex
-    machine = {"nproc": os.cpu_count(), "python": sys.version.split()[0], "commit": git_commit()}
-    results: dict[str, Any] = {"machine": machine, "args": vars(args)}
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     t0 = time.perf_counter()
     try:
         print(f"[1] users (CLI) in {env.dir}", flush=True)
