@@ -86,13 +86,24 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Bill:
-    """What one ended call costs and how it is recorded (see :func:`bill`)."""
+    """What one ended call costs and how it is recorded (see :func:`bill`): its
+    telemetry record (the tokens and the charge are that record's) and the
+    message's stored status."""
 
-    input_tokens: int
-    output_tokens: int
-    charge: int
     status: str
     call: CallRecord
+
+    @property
+    def input_tokens(self) -> int:
+        return self.call.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.call.output_tokens
+
+    @property
+    def charge(self) -> int:
+        return self.call.credits_charged
 
     def write(
         self, *, message_id: str, reservation_id: str, content: str, note: str | None
@@ -166,10 +177,4 @@ def bill(
         finish_reason=finish_reason,
         error_code=error.error_code if error else None,
     )
-    return Bill(
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        charge=charge,
-        status=_STATUS.get(finish_reason, "interrupted"),
-        call=call,
-    )
+    return Bill(status=_STATUS.get(finish_reason, "interrupted"), call=call)
