@@ -38,7 +38,8 @@ class Reader:
         the caller can frame it with history-start/history-end;
       * every later batch is everything between the cursor and the head;
       * a primary reader is never skipped (the producer waits for it),
-        except for a reader still undrained when the stream expires;
+        except for a reader still undrained when the stream expires (it is
+        told what it missed as skipped, then the ending);
       * iteration ends once the stream is closed and all was delivered.
 
     The observe endpoint's shape::
@@ -233,7 +234,7 @@ class Reader:
                 raise trio.EndOfChannel
             return None
         if position == last:
-            batch = Batch((), skipped, b"")  # only after the ring was released
+            batch = Batch((), skipped, b"")  # only after the ring was released, ending and all
         else:
             batch = stream._batch(position + 1, last, skipped)
         self._position = last

@@ -118,7 +118,10 @@ class Ring:
             ]
         )
 
-    def release(self) -> None:
-        """Drop every event (the memory goes with them); ids keep counting."""
-        self._buffer = []
-        self._base = self.last_id + 1
+    def release(self, keep: int = 0) -> None:
+        """Drop every event but the newest ``keep`` (the memory goes with them);
+        ids keep counting."""
+        keep = min(keep, len(self._buffer))
+        first = self.last_id - keep + 1
+        self._buffer = self.held(first, self.last_id) if keep else []
+        self._base = first

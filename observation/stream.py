@@ -60,6 +60,7 @@ class Stream:
         "_cached",
         "_encode",
         "_ended_at",
+        "_ending",
         "_fanout",
         "_observers",
         "_on_close",
@@ -95,6 +96,7 @@ class Stream:
         self._tally = tally
         self._on_close = on_close
         self._ended_at: float | None = None
+        self._ending = 0  # the newest events that outlive the ring's release
         self._primary: Reader | None = None
         self._observers = 0
         # Readers waiting for the next event (or the end) park here
@@ -198,15 +200,22 @@ class Stream:
             except trio.WouldBlock:
                 continue
 
-    def close(self) -> None:
+    def close(self, ending: int = 1) -> None:
         """Mark the stream ended. Idempotent; never blocks.
 
         Readers drain what is buffered, then their iteration ends. A producer
         waiting in :meth:`publish` gets :class:`trio.ClosedResourceError`.
         The manager's linger clock starts now.
+
+        ``ending``: how many of the newest events say how the stream ended
+        (a ``done``, and an ``error`` before it): they outlive the ring's
+        release at expiry, so a reader that comes, or is still behind, after
+        the linger still learns the ending (after ``lagged``), as every
+        observer's feed ends with it.
         """
         if self._ended_at is not None:
             return
+        self._ending = ending
         self._ended_at = trio.current_time()
         self._wake_readers()
         self._space.unpark_all()
@@ -294,10 +303,11 @@ class Stream:
         return cached
 
     def _release(self) -> None:
-        """Free the ring (called by the manager at expiry).
+        """Free the ring but its ending (called by the manager at expiry).
 
-        Readers still attached are told the rest as skipped, then end.
+        Readers still attached are told the rest as skipped, then given the
+        ending, then end.
         """
-        self._ring.release()
+        self._ring.release(self._ending)
         self._cached = None
         self._wake_readers()

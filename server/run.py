@@ -291,6 +291,7 @@ class StreamRun:
         hub = self.hub
         link = hub.link
         owner = released = False
+        final = 0  # closing events published
         try:
             charges = bill(
                 stream_id=self.stream_id,
@@ -364,9 +365,10 @@ class StreamRun:
                 finish_reason=finish_reason,
                 error=error,
             )
-            await self._publish_final(self.dialect.ending(ending))
+            final = await self._publish_final(self.dialect.ending(ending))
         finally:
-            self.stream.close()
+            # The ending outlives the ring's release: a late observer still gets it.
+            self.stream.close(ending=final)
             if self.push is not None:  # it writes the closing events and ends the response
                 self.push.wake()
             hub._forget(self)
@@ -379,10 +381,12 @@ class StreamRun:
             finally:
                 self._done.set()
 
-    async def _publish_final(self, events: list[tuple[str, str]]) -> None:
+    async def _publish_final(self, events: list[tuple[str, str]]) -> int:
         """The closing events: a client that stalled gets them if it catches up
-        within :data:`FINAL_WAIT_S` (one bound for all of them, not one each)."""
+        within :data:`FINAL_WAIT_S` (one bound for all of them, not one each).
+        Returns how many were published."""
         publisher = self.publisher
+        published = 0
         try:
             with trio.move_on_after(FINAL_WAIT_S):
                 for name, data in events:
@@ -391,11 +395,13 @@ class StreamRun:
                     except trio.WouldBlock:
                         self._flush_held()
                         event = await self.stream.publish(name, data)
+                    published += 1
                     if publisher is not None:
                         publisher.add(self.stream_id, event.id, name, data)
         finally:
             if publisher is not None:
                 publisher.end(self.stream_id)
+        return published
 
     @property
     def reservation_input(self) -> int:

@@ -204,7 +204,7 @@ def _head(stream: Stream, reader: Reader) -> list[Item]:
         # Take the history now, before anything can yield: the reader's
         # first batch is exactly it, and a fast producer could otherwise
         # overwrite announced events while the head is being written.
-        # (Nothing to take only if the ring was released already.)
+        # (Nothing to take only if the ring was released with no ending kept.)
         with suppress(trio.WouldBlock, trio.EndOfChannel):
             head.append(reader.next_batch_nowait())
     head.append(("history-end", {"lastId": history_end}))

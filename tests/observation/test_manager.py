@@ -148,17 +148,48 @@ async def test_run_sleeps_until_the_next_expiry_and_wakes_when_a_stream_ends(
         nursery.cancel_scope.cancel()
 
 
-async def test_a_reader_still_attached_at_expiry_is_told_the_rest_as_skipped(
+async def test_a_reader_still_attached_at_expiry_is_told_the_rest_as_skipped_then_the_ending(
     manager: ObservationManager, autojump_clock: trio.testing.MockClock
 ) -> None:
     stream = manager.open_stream("s", group="g")
     publish_many(stream, 5)
-    stream.close()
+    stream.close(ending=2)
     with stream.reader() as stuck:
         assert [e.id for e in stuck.next_batch_nowait().events] == [1, 2, 3, 4, 5]
     with stream.reader() as stuck:
         await trio.sleep(31)
-        assert manager.get("s") is None  # expiry releases the ring
+        assert manager.get("s") is None  # expiry releases the ring, but its ending
+        batch = await stuck.next_batch()
+        assert ([e.id for e in batch.events], batch.skipped) == ([4, 5], 3)
+        assert batch.wire == b"".join(e.wire for e in batch.events)
+        with pytest.raises(trio.EndOfChannel):
+            await stuck.next_batch()
+
+
+async def test_a_reader_attaching_after_expiry_replays_only_the_ending(
+    manager: ObservationManager, autojump_clock: trio.testing.MockClock
+) -> None:
+    stream = manager.open_stream("s", group="g")
+    publish_many(stream, 5)
+    stream.close()  # by default the newest event is the ending
+    await trio.sleep(31)
+    assert manager.get("s") is None
+    with stream.reader() as late:
+        assert (late.backlog(), late.history_end) == ((1, 5), 5)
+        assert [e.id for e in late.next_batch_nowait().events] == [5]
+        with pytest.raises(trio.EndOfChannel):
+            late.next_batch_nowait()
+
+
+async def test_a_stream_closed_with_no_ending_keeps_nothing(
+    manager: ObservationManager, autojump_clock: trio.testing.MockClock
+) -> None:
+    stream = manager.open_stream("s", group="g")
+    publish_many(stream, 5)
+    stream.close(ending=0)
+    with stream.reader() as stuck:
+        await trio.sleep(31)
+        assert manager.get("s") is None
         batch = await stuck.next_batch()
         assert (batch.events, batch.skipped, batch.wire) == ((), 5, b"")
         with pytest.raises(trio.EndOfChannel):

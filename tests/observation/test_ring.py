@@ -66,6 +66,20 @@ def test_release_drops_events_and_keeps_counting() -> None:
     assert [e.id for e in ring.slice(8, 10)] == [8, 9, 10]
 
 
+def test_release_can_keep_the_newest_events() -> None:
+    ring = Ring(3)
+    for i in range(1, 6):  # wrapped: 3, 4, 5 held
+        ring.append(event(i))
+    ring.release(keep=2)
+    assert (ring.first_id, ring.last_id, len(ring)) == (4, 5, 2)
+    assert [e.id for e in ring.slice(4, 5)] == [4, 5]
+    ring.append(event(6))
+    assert [e.id for e in ring.slice(4, 6)] == [4, 5, 6]
+    ring.release(keep=10)  # no more than it holds
+    assert (ring.first_id, len(ring)) == (4, 3)
+    Ring(3).release(keep=1)  # an empty ring keeps nothing
+
+
 def test_the_ring_keeps_no_object_the_garbage_collector_must_walk() -> None:
     """Events live as long as their stream: the ring holds them as tuples of
     atoms, which the collector stops tracking after one collection (an Event

@@ -6,6 +6,9 @@ late-join ordering against a producer that outruns the observer.
 
 from __future__ import annotations
 
+import trio
+import trio.testing
+
 from observation import Batch, ObservationManager
 from server.routes.observe import Item, observe_feed
 from server.sse import encode_event
@@ -77,3 +80,32 @@ async def test_join_before_any_event_says_history_end_zero() -> None:
     ]
     assert isinstance(first, Batch)  # the live tail's usual group: a bare batch
     assert _ids(first) == [1]
+
+
+async def test_a_feed_that_attaches_after_the_linger_still_ends_with_the_ending(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The route found the stream, but its ring expired before the feed attached
+    (a loaded server, 1,000 joins): the observer still learns how it ended."""
+    manager = ObservationManager(ring_size=RING, linger=1, encode=encode_event)
+    stream = manager.open_stream("st-3", group="s-3")
+    for i in range(5):
+        stream.publish_nowait("chunk", f'{{"n":{i}}}')
+    stream.publish_nowait("error", '{"errorCode":"STREAM_CANCELLED"}')
+    stream.publish_nowait("done", '{"finishReason":"cancelled"}')
+    stream.close(ending=2)
+    await trio.sleep(1.5)
+    assert manager.get("st-3") is None  # expired: the ring is released
+    told: list[list[Item] | Batch] = []
+
+    async def tell(group: list[Item] | Batch) -> None:
+        told.append(group)
+
+    await observe_feed(tell, manager, "s-3", stream, None, interval=60)
+
+    (head,) = told
+    assert isinstance(head, list)
+    assert head[1] == ("history-start", {"count": 2, "fromId": 6})
+    assert head[-1] == ("history-end", {"lastId": 7})
+    events = [e for item in head if isinstance(item, Batch) for e in item.events]
+    assert [(e.id, e.name) for e in events] == [(6, "error"), (7, "done")]
