@@ -10,7 +10,12 @@ read-then-write between nodes):
   not at all. Held claims are renewed every ``lease / 3`` by
   :meth:`Claims.run`, in one pipeline for all of them, and released by
   :meth:`Claims.release` (compare-and-delete: a claim that expired and was
-  taken by another stream is never deleted by its old owner).
+  taken by another stream is never deleted by its old owner). A claim that
+  lapsed while its stream ran (renewals late on a saturated loop, Redis
+  away for longer than a lease) and that nobody took meanwhile is taken
+  again by the next renewal, so the session stays one stream's; one that
+  another stream took is lost (logged; the running stream finishes for its
+  client, as streams do while Redis is away, SPEC §9).
 - :class:`RateLimiter` — a token bucket per key in one script, with the
   semantics of :class:`server.limits.RateLimiter`: ``per_minute`` requests
   a minute with bursts up to ``per_minute``; :meth:`RateLimiter.take`
@@ -54,18 +59,25 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
-# KEYS: claim, cap. ARGV: owner, lease ms, member.  -> 1 still held, 0 lost
+# KEYS: claim, cap. ARGV: owner, lease ms, member.
+#   -> 1 still held, 2 it had lapsed and nobody took it: held again, 0 lost (another holds it)
 _RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+local result = 1
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  result = 2
+elseif holder ~= ARGV[1] then
   redis.call('ZREM', KEYS[2], ARGV[3])
   return 0
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
+return result
 """
 # KEYS: claim, cap. ARGV: owner, member.  -> 1 released, 0 it was not ours (any more)
 _RELEASE = """
@@ -205,14 +217,21 @@ class Claims:
                     for a in held
                 ]
             results = [await request for request in pending]
-        # A claim released while the renewal was in flight is not lost: it is gone.
-        lost = [
-            a
-            for a, ok in zip(held, results, strict=True)
-            if not ok and self._held.get(a.stream_id) is a
-        ]
-        for admission in lost:
-            self._held.pop(admission.stream_id, None)
+        lost: list[Admission] = []
+        for admission, result in zip(held, results, strict=True):
+            still_held = self._held.get(admission.stream_id) is admission
+            if not result:
+                if still_held:  # released while the renewal was in flight: gone, not lost
+                    self._held.pop(admission.stream_id, None)
+                    lost.append(admission)
+            elif result == 2:
+                if still_held:
+                    log.warning(
+                        "claims: the claim of stream %s had lapsed; nobody took it, taken again",
+                        admission.stream_id,
+                    )
+                else:  # its release ran before this renewal re-took it: give it back
+                    await self.release(admission)
         return lost
 
     async def run(

@@ -102,7 +102,8 @@ async def test_renewal_keeps_claims_and_reports_lost_ones(redis: ClusterRedis):
     mine = claims(redis, "mine", lease_ms=300)
     kept = await mine.admit("s1", "u", "stream-1")
     lost = await mine.admit("s2", "u", "stream-2")
-    await redis.client.delete([redis.keys("session", "s2", "claim")])  # as if it had expired
+    # As if it had expired and another stream had taken the session meanwhile.
+    await redis.client.set(redis.keys("session", "s2", "claim"), "other|stream-9")
     reported: list[Admission] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(mine.run, reported.append)
@@ -110,7 +111,45 @@ async def test_renewal_keeps_claims_and_reports_lost_ones(redis: ClusterRedis):
         nursery.cancel_scope.cancel()
     assert reported == [lost]
     assert await mine.holder("s1") == kept.owner
+    assert await mine.holder("s2") == "other|stream-9"  # never taken from its new holder
     assert [a.stream_id for a in mine.held()] == ["stream-1"]
+    members = await redis.client.zrange(redis.keys("user", "u", "streams"), 0, -1)
+    assert sorted(members) == [b"stream-1"]
+
+
+async def test_a_lapsed_claim_nobody_took_is_taken_again(redis: ClusterRedis):
+    """Renewals late (a saturated loop, Redis away past a lease): the session stays
+    the running stream's instead of admitting a second one."""
+    mine = claims(redis, "mine", lease_ms=300)
+    other = claims(redis, "other")
+    held = await mine.admit("s1", "u", "stream-1")
+    await redis.client.delete([redis.keys("session", "s1", "claim")])  # it lapsed
+    assert await mine.renew_all() == []
+    assert await mine.holder("s1") == held.owner
+    with pytest.raises(SessionBusy):
+        await other.admit("s1", "u", "stream-2")
+    assert mine.held() == [held]
+    assert await mine.release(held) is True
+
+
+async def test_a_claim_released_while_its_renewal_retook_it_is_given_back(
+    redis: ClusterRedis,
+):
+    mine = claims(redis, "mine", lease_ms=300)
+    held = await mine.admit("s1", "u", "stream-1")
+    # The release reached Redis first (the claim is gone there) and is forgotten
+    # locally while the renewal, which still listed it, is in flight.
+    await redis.client.delete([redis.keys("session", "s1", "claim")])
+    renew = mine._renew
+
+    def renew_then_release(*args: object, **kwargs: object) -> object:
+        mine._held.pop(held.stream_id, None)
+        return renew(*args, **kwargs)
+
+    mine._renew = renew_then_release  # type: ignore[method-assign]
+    assert await mine.renew_all() == []
+    assert await mine.holder("s1") is None  # free for the session's next stream
+    assert not await redis.client.zrange(redis.keys("user", "u", "streams"), 0, -1)
 
 
 async def test_the_user_cap_holds_under_a_race(redis: ClusterRedis):
