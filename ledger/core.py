@@ -1,6 +1,7 @@
 """The ledger's operations, written once over :class:`~ledger.tx.Tx`; backends add transactions.
 
-:class:`SqlLedger` holds every public method of the ledger. A backend
+:class:`SqlLedger` holds every public method of the ledger (those that only
+tell what happened, from :class:`ledger.history.LedgerHistory`). A backend
 (:class:`ledger.sqlite.SqliteLedger`, :class:`ledger.postgres.PostgresLedger`)
 supplies only how a unit of work runs:
 
@@ -38,13 +39,13 @@ Invariants, checked by :meth:`SqlLedger.verify`, for every account::
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from .audit import collect_statistics, find_problems
 from .errors import IdempotencyConflict, InvalidAmount, UnknownAccount
+from .history import LedgerHistory
 from .statements import (
     close_reservation,
     credit,
@@ -57,16 +58,11 @@ from .statements import (
 from .tx import Tx, first
 from .validation import require_count, require_credits, require_id
 from .values import (
-    ENTRY_COLUMNS,
-    RESERVATION_COLUMNS,
     Balance,
     Entry,
-    LedgerStatistics,
     Reservation,
     Settlement,
-    entry_from_row,
     now_iso,
-    reservation_from_row,
 )
 
 __all__ = ["SqlLedger"]
@@ -74,7 +70,7 @@ __all__ = ["SqlLedger"]
 T = TypeVar("T")
 
 
-class SqlLedger(ABC):
+class SqlLedger(LedgerHistory):
     """Every ledger operation; subclasses decide how a transaction runs.
 
     Each method is synchronous and blocks for its transaction's round trips
@@ -95,10 +91,6 @@ class SqlLedger(ABC):
         And for :meth:`open_account`'s new empty account, made again on its
         next use if a power cut took it.
         """
-
-    @abstractmethod
-    def _read(self, work: Callable[[Tx], T], *, snapshot: bool = False) -> T:
-        """Run ``work`` reading only; ``snapshot=True`` when it runs several statements."""
 
     @abstractmethod
     def close(self) -> None:
@@ -351,19 +343,6 @@ class SqlLedger(ABC):
             lambda tx: return_hold(tx, close_reservation(tx, reservation_id, "released", 0))
         )
 
-    def open_reservations(self, account_id: str | None = None) -> list[Reservation]:
-        """Open reservations, oldest first (one account's, or everyone's)."""
-        sql = f"SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE status = 'open'"
-        params: tuple[str, ...] = ()
-        if account_id is not None:
-            sql += " AND account_id = ?"
-            params = (account_id,)
-        # rowid: insertion order (SQLite's implicit column; an identity column on PostgreSQL).
-        rows = self._read(
-            lambda tx: tx.execute(sql + " ORDER BY created_at, rowid", params).fetchall()
-        )
-        return [reservation_from_row(row) for row in rows]
-
     def recover(self, holder: str | None = None) -> int:
         """Release reservations a dead process left open; return how many.
 
@@ -392,66 +371,6 @@ class SqlLedger(ABC):
             return len(stale)
 
         return self._write(work)
-
-    # -- history -------------------------------------------------------------
-
-    def entries(
-        self, account_id: str, *, offset: int = 0, limit: int = 20
-    ) -> tuple[list[Entry], int]:
-        """One page of the account's entries, newest first, and the total count."""
-        require_count("offset", offset)
-        require_count("limit", limit)
-
-        def work(tx: Tx) -> tuple[list[Entry], int]:
-            read_balance(tx, account_id)  # UnknownAccount for an unknown id
-            rows = tx.execute(
-                f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE account_id = ?"
-                " ORDER BY id DESC LIMIT ? OFFSET ?",
-                (account_id, limit, offset),
-            ).fetchall()
-            (total,) = tx.execute(
-                "SELECT COUNT(*) FROM ledger_entries WHERE account_id = ?", (account_id,)
-            ).fetchone()
-            return [entry_from_row(row) for row in rows], int(total)
-
-        return self._read(work, snapshot=True)
-
-    def usage_by_model(self, account_id: str) -> dict[str, int]:
-        """Credits charged to the account per model (positive); ``""`` for no model."""
-        rows = self._read(
-            lambda tx: tx.execute(
-                "SELECT COALESCE(model_id, ''), -SUM(amount) FROM ledger_entries"
-                " WHERE account_id = ? AND kind = 'charge' GROUP BY 1 ORDER BY 1",
-                (account_id,),
-            ).fetchall()
-        )
-        return {model: int(total) for model, total in rows}
-
-    def charges_for_stream(self, streaming_session_id: str) -> int:
-        """Credits charged for one stream (positive; 0 when none)."""
-        row = self._read(
-            lambda tx: first(
-                tx.execute(
-                    "SELECT COALESCE(-SUM(amount), 0) FROM ledger_entries"
-                    " WHERE streaming_session_id = ? AND kind = 'charge'",
-                    (streaming_session_id,),
-                )
-            )
-        )
-        return int(row[0])
-
-    # -- audit ---------------------------------------------------------------
-
-    def verify(self) -> list[str]:
-        """Recompute every account from its entries and reservations; list each problem.
-
-        ``[]`` means every invariant holds in one committed snapshot.
-        """
-        return self._read(find_problems, snapshot=True)
-
-    def statistics(self) -> LedgerStatistics:
-        """A consistent snapshot of counts and credit totals."""
-        return self._read(collect_statistics, snapshot=True)
 
 
 def _reservation(
