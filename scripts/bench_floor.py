@@ -499,7 +499,14 @@ def targets_for(n: int, level: dict[str, Any]) -> list[tuple[str, bool]]:
     out = []
     r = level["ratios"].get("cpuPerEventVsFloorTimer")
     if n == 250 and r is not None:
-        out.append((f"cpu/event <= {CPU_RATIO_TARGET} x floor", r <= CPU_RATIO_TARGET))
+        what = f"cpu/event <= {CPU_RATIO_TARGET} x floor"
+        rounds = [
+            x for x in level["ratios"].get("cpuPerEventVsFloorTimerRounds") or [] if x is not None
+        ]
+        if rounds and min(rounds) <= CPU_RATIO_TARGET < max(rounds):
+            # One round's ratio is noisy (the VM drifts): say when they disagree.
+            what += f"; rounds {min(rounds):.2f}-{max(rounds):.2f} on both sides: not conclusive"
+        out.append((what, r <= CPU_RATIO_TARGET))
     if n in OPEN_TARGET_S:
         out.append((f"all open <= {OPEN_TARGET_S[n]:g} s", s["allOpenS"] <= OPEN_TARGET_S[n]))
     if n in LATENESS_P99_TARGET_MS:
