@@ -455,3 +455,47 @@ async def test_resume_after_the_end_replays_to_done(slow_live):
         f"/api/chat/sessions/{sid}/stream?streamingSessionId=stream-1-x", headers=alice["headers"]
     )
     assert r.status_code == 404 and r.json()["errorCode"] == "STREAM_NOT_FOUND"
+
+
+async def test_an_observer_attaching_as_the_buffer_expires_still_gets_done(
+    live_factory, settings, monkeypatch
+):
+    """The route finds the ended stream, then (a loaded server) the buffer runs out
+    before its feed attaches: the observer is still told how the stream ended."""
+    from server.routes import observe as observe_route
+
+    live = await live_factory(
+        with_settings(settings, stream_buffer_ms=300, sim_tokens_per_s=0, sim_answer_tokens=12)
+    )
+    alice = live.harness.user(credits=10_000)
+    sup = live.harness.user("supervisor")
+    sid = await new_session(live, alice)
+    async with live.http.stream(
+        "POST", f"/api/chat/sessions/{sid}/stream", json={"message": "hi"}, headers=alice["headers"]
+    ) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        client = await read_until_done(r)
+    observations = live.harness.svc.observations
+    find = observe_route._find
+
+    async def find_then_expire(session_id: str, wait: float | None) -> Any:
+        stream = await find(session_id, wait)
+        assert stream is not None and stream.stream_id == stream_id
+        assert stream.ended_at is not None
+        await trio.sleep_until(stream.ended_at + 0.3)  # CHINWAG_STREAM_BUFFER_MS after its end
+        assert observations.get(stream_id) is None  # expired: the lookup frees its ring
+        return stream
+
+    monkeypatch.setattr(observe_route, "_find", find_then_expire)
+    with trio.fail_after(10):
+        async with live.http.stream(
+            "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+        ) as o:
+            assert o.status_code == 200
+            observed = [m async for m in messages(o)]  # the server ends the body
+    controls = [(m.event, m.data) for m in observed if m.event and m.id is None]
+    last = client[-1]
+    assert last.event == "done"
+    assert controls[1] == ("history-start", {"count": 1, "fromId": last.id})
+    assert controls[2] == ("history-end", {"lastId": last.id})
+    assert stream_events(observed) == [(last.id, "done", last.data)]
