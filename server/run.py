@@ -400,7 +400,7 @@ class StreamRun:
                         publisher.add(self.stream_id, event.id, name, data)
         finally:
             if publisher is not None:
-                publisher.end(self.stream_id)
+                publisher.end(self.stream_id, ending=published)
         return published
 
     @property

@@ -202,14 +202,14 @@ class Mirror:
         """The history into a just-opened ring (no primary reader yet: never blocks)."""
         for name, data in self._events_of(stream, entries):
             if name is None:
-                stream.close()
+                stream.close(ending=int(data))
                 return
             stream.publish_nowait(name, data)
 
     async def _feed(self, stream: Stream, entries: Sequence[Any]) -> None:
         for name, data in self._events_of(stream, entries):
             if name is None:
-                stream.close()
+                stream.close(ending=int(data))
                 return
             try:
                 stream.publish_nowait(name, data)
@@ -217,7 +217,8 @@ class Mirror:
                 await stream.publish(name, data)
 
     def _events_of(self, stream: Stream, entries: Sequence[Any]) -> list[tuple[Any, str]]:
-        """What to publish for these entries: events, gap fillers, and (None, "") at the end."""
+        """What to publish for these entries: events, gap fillers, and at the end
+        ``(None, ending)``: how many of the last events are the closing ones."""
         out: list[tuple[Any, str]] = []
         last = stream.last_id
         for entry in entries:
@@ -227,7 +228,7 @@ class Mirror:
                 end = int(fields[b"end"])
                 if end > last:
                     out += self._gap(last, end)
-                out.append((None, ""))
+                out.append((None, fields.get(b"k", b"1").decode()))
                 return out
             event_id = int(ident.split("-")[1])
             if event_id <= last:

@@ -277,7 +277,7 @@ class Node:
                     for name, data in closing:
                         last += 1
                         pipe.xadd(key, {"n": name, "d": data}, identifier=entry_id(last))
-                    pipe.xadd(key, {"end": str(last)}, identifier=END_ID)
+                    pipe.xadd(key, {"end": str(last), "k": str(len(closing))}, identifier=END_ID)
                 pipe.pexpire(key, self.buffer_ms)
                 meta = keys("stream", stream.stream_id, "meta")
                 pipe.hset(meta, {"state": "recovered", "last": str(last)})

@@ -57,7 +57,8 @@ RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0
 EVENTS_PER_CALL = 5_000
 
 # ARGV: ring, buffer ms, live ttl ms, then per stream: key, count, ended (0/1), last id,
-# tokens, then count x (event id, name, data, tokens so far).  -> {refused, last error}
+# tokens, ending (how many of the last events are its closing ones), then count x
+# (event id, name, data, tokens so far).  -> {refused, last error}
 # An XADD of an id the copy already has (a retry), or after the end marker (a stale
 # owner), is refused by Redis as "equal or smaller": that is expected, not counted.
 _PUBLISH = """
@@ -72,15 +73,15 @@ end
 local i = 4
 while i <= #ARGV do
   local key, count, ended = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local last, tokens = ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
+  local last, tokens, ending = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  i = i + 6
   for _ = 1, count do
     add(redis.pcall('XADD', key, 'MAXLEN', '~', ring, '0-' .. ARGV[i],
       'n', ARGV[i + 1], 'd', ARGV[i + 2], 't', ARGV[i + 3]))
     i = i + 4
   end
   if ended == '1' then
-    add(redis.pcall('XADD', key, '1-0', 'end', last, 't', tokens))
+    add(redis.pcall('XADD', key, '1-0', 'end', last, 't', tokens, 'k', ending))
     redis.call('PEXPIRE', key, buffer)
   else
     redis.call('PEXPIRE', key, live)
@@ -114,13 +115,14 @@ _Batch = list[tuple[str, tuple[list[tuple[int, str, str, int]], bool]]]
 
 
 class _State:
-    __slots__ = ("ended_at", "last_id", "queue", "tokens")
+    __slots__ = ("ended_at", "ending", "last_id", "queue", "tokens")
 
     def __init__(self, ring_size: int) -> None:
         self.queue: deque[tuple[int, str, str, int]] = deque(maxlen=ring_size)
         self.last_id = 0
         self.tokens = 0
         self.ended_at: float | None = None
+        self.ending = 1  # how many of the last events are the closing ones
 
 
 class Publisher:
@@ -158,13 +160,19 @@ class Publisher:
         state.queue.append((event_id, name, data, state.tokens))
         self._touch(stream_id)
 
-    def end(self, stream_id: str) -> None:
-        """The stream has published its last event: write the end marker. Never blocks."""
+    def end(self, stream_id: str, ending: int = 1) -> None:
+        """The stream has published its last event: write the end marker. Never blocks.
+
+        ``ending``: how many of its last events are its closing ones (``error``,
+        ``done``), which mirrors keep past the buffer as its own ring does
+        (:meth:`observation.Stream.close`).
+        """
         state = self._streams.get(stream_id)
         if state is None:
             state = self._streams[stream_id] = _State(self.ring_size)
         if state.ended_at is None:
             state.ended_at = trio.current_time()
+            state.ending = ending
             self._touch(stream_id)
 
     def _touch(self, stream_id: str) -> None:
@@ -245,7 +253,14 @@ class Publisher:
                 calls.append(args)
                 args, events_in_call = [], 0
             state = self._streams[sid]
-            args += [keys("stream", sid), len(events), int(ended), state.last_id, state.tokens]
+            args += [
+                keys("stream", sid),
+                len(events),
+                int(ended),
+                state.last_id,
+                state.tokens,
+                state.ending,
+            ]
             for event_id, name, data, tokens in events:
                 args += [event_id, name, data, tokens]
             events_in_call += len(events)

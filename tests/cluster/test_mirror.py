@@ -42,14 +42,16 @@ class Producer:
 
 @asynccontextmanager
 async def two_nodes(
-    redis: ClusterRedis, *, ring: int = 64, mirror_ring: int | None = None
+    redis: ClusterRedis, *, ring: int = 64, mirror_ring: int | None = None, linger: float = 30
 ) -> AsyncIterator[tuple[Producer, Mirror]]:
     producer = Producer(
         ObservationManager(ring_size=ring, linger=30, encode=encode_event),
         Publisher(redis, ring_size=ring, buffer_ms=30_000),
         Registry(redis, Identity("a"), buffer_ms=30_000),
     )
-    local = ObservationManager(ring_size=mirror_ring or ring, linger=30, encode=mirror_encoder())
+    local = ObservationManager(
+        ring_size=mirror_ring or ring, linger=linger, encode=mirror_encoder()
+    )
     mirror = Mirror(redis, local, block_ms=200)
     async with trio.open_nursery() as nursery:
         await nursery.start(producer.publisher.run)
@@ -109,6 +111,29 @@ async def test_late_join_gets_history_then_live_byte_identical(redis: ClusterRed
         assert await read_all(mirrored, after=45) == b"".join(
             encode_event(i, "chunk", chunk(i - 1)) for i in range(46, 61)
         ) + encode_event(61, "done", '{"finishReason":"stop"}')
+
+
+async def test_a_mirror_keeps_the_ending_past_its_buffer_as_the_origin_does(
+    redis: ClusterRedis,
+):
+    """A late or lagging observer on another node is told the same ending (SPEC §9)."""
+    async with two_nodes(redis, linger=0.2) as (producer, mirror):
+        stream = await producer.start("s1")
+        for i in range(5):
+            producer.publish(stream, "chunk", chunk(i))
+        producer.publish(stream, "error", '{"errorCode":"STREAM_CANCELLED"}')
+        producer.publish(stream, "done", '{"finishReason":"cancelled"}')
+        stream.close(ending=2)
+        producer.publisher.end("s1", ending=2)
+        await producer.publisher.wait_idle()
+        mirrored = await mirror.open("s1")
+        assert mirrored is not None and mirrored.ended and mirrored.ended_at is not None
+        await trio.sleep_until(mirrored.ended_at + 0.2)
+        assert mirror.observations.get("s1") is None  # expired: the ring is released
+        # Attaching now replays what is held: the ending, as on the origin.
+        assert await read_all(mirrored) == encode_event(
+            6, "error", '{"errorCode":"STREAM_CANCELLED"}'
+        ) + encode_event(7, "done", '{"finishReason":"cancelled"}')
 
 
 async def test_concurrent_opens_share_one_mirror_and_unknown_is_none(redis: ClusterRedis):
