@@ -218,20 +218,25 @@ class Claims:
                 ]
             results = [await request for request in pending]
         lost: list[Admission] = []
+        give_back: list[Admission] = []
         for admission, result in zip(held, results, strict=True):
+            # Not held any more: released while the renewal was in flight (gone, not lost).
             still_held = self._held.get(admission.stream_id) is admission
-            if not result:
-                if still_held:  # released while the renewal was in flight: gone, not lost
-                    self._held.pop(admission.stream_id, None)
-                    lost.append(admission)
-            elif result == 2:
-                if still_held:
-                    log.warning(
-                        "claims: the claim of stream %s had lapsed; nobody took it, taken again",
-                        admission.stream_id,
-                    )
-                else:  # its release ran before this renewal re-took it: give it back
-                    await self.release(admission)
+            if not result and still_held:
+                self._held.pop(admission.stream_id, None)
+                lost.append(admission)
+            elif result == 2 and still_held:
+                log.warning(
+                    "claims: the claim of stream %s had lapsed; nobody took it, taken again",
+                    admission.stream_id,
+                )
+            elif result == 2:  # its release ran before this renewal re-took it
+                give_back.append(admission)
+        for admission in give_back:
+            try:
+                await self.release(admission)
+            except ClusterUnavailable as exc:  # then it expires with its lease
+                log.warning("claims: could not give back %s: %s", admission.stream_id, exc)
         return lost
 
     async def run(
