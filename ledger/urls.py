@@ -20,12 +20,32 @@ def is_postgres_url(target: str | os.PathLike[str]) -> bool:
     return isinstance(target, str) and target.lower().startswith(_SCHEMES)
 
 
+def _split_userinfo(url: str) -> tuple[str, str | None, str] | None:
+    """``(before, userinfo, after)`` of a ``scheme://userinfo@host…`` URL, split
+    as libpq reads one: the authority ends at the first ``/`` only, so a
+    password may hold an unencoded ``?`` or ``#`` (``urlsplit`` would take
+    those for the query or fragment and miss the password). The last ``@``
+    before that ``/`` ends the user info. None when there is no ``://``;
+    ``userinfo`` None when there is no ``@``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    cut = rest.find("/")
+    head, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+    if "@" not in head:
+        return scheme + sep, None, rest
+    userinfo, _, hostport = head.rpartition("@")
+    return scheme + sep, userinfo, "@" + hostport + tail
+
+
 def password_of(url: str) -> str | None:
     """The password a URL carries (in its user info or a ``password=`` parameter), if any."""
-    parts = urlsplit(url)
-    if parts.password:
-        return unquote(parts.password)
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    split = _split_userinfo(url)
+    if split is not None and split[1] is not None:
+        _, has_password, password = split[1].partition(":")
+        if has_password and password:
+            return unquote(password)
+    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
         if key == "password" and value:
             return value
     return None
@@ -40,12 +60,13 @@ def mask_url(url: str) -> str:
     is reduced to its scheme.
     """
     try:
+        split = _split_userinfo(url)
+        if split is not None and split[1] is not None:
+            before, userinfo, after = split
+            user, has_password, _ = userinfo.partition(":")
+            url = before + (f"{user}:{_MASK}" if has_password else user) + after
         parts = urlsplit(url)
         netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user, has_password, _ = userinfo.partition(":")
-            netloc = f"{user}:{_MASK}@{hostport}" if has_password else f"{user}@{hostport}"
         query = parts.query
         if query:
             pairs = parse_qsl(query, keep_blank_values=True)

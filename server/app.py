@@ -32,7 +32,14 @@ from observation import FanOut, ObservationManager
 from .auth import TokenService
 from .context import Services
 from .db import Db
-from .errors import ApiError, from_ledger, unavailable
+from .errors import (
+    ApiError,
+    NotFound,
+    ValidationError,
+    from_ledger,
+    session_not_found,
+    unavailable,
+)
 from .limits import RateLimiter
 from .models import Catalog
 from .providers import open_provider
@@ -56,7 +63,7 @@ TIMER_GRID_S = 0.005
 #: and the client's lateness p99 was 51 ms; at 32, 276 / 24 ms; at 16, 193 / 21 ms.
 WAKE_PER_PASS = 16
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 _HTTP_CODES = {
     404: ("NOT_FOUND", "No such endpoint."),
@@ -79,6 +86,9 @@ def create_app(settings: Settings, *, recover: bool = True) -> QuartTrio:
         PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keys in the documented order
+    # "/api//chat" is not a route: Werkzeug would answer an HTML 308 to the merged
+    # path, built from the Host header; the JSON 404 is what every other miss gets.
+    app.url_map.merge_slashes = False
     store = open_store(settings.database)
     book = ledger.open_ledger(settings.database)
     # Cluster mode: other processes may write the same SQLite file (see Db.open).
@@ -237,6 +247,19 @@ async def _provider_service(
         await trio.sleep_forever()
 
 
+def _refuse_nul(path: str, query: bytes) -> None:
+    """No id or value holds NUL, and PostgreSQL's text cannot take one (a lookup
+    would fail as a database error): such a path names nothing, such a query is
+    bad input."""
+    if "\x00" in path:
+        args = request.view_args or {}
+        if "\x00" in args.get("session_id", ""):
+            raise session_not_found()
+        raise NotFound()
+    if b"%00" in query or b"\x00" in query:
+        raise ValidationError("The query string must not hold NUL characters.")
+
+
 def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
     origins = settings.cors_origins
 
@@ -245,6 +268,7 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
         g.t0 = time.perf_counter()
+        _refuse_nul(request.path, request.query_string)
 
     @app.after_request
     async def finish(response: Response) -> Response:

@@ -122,10 +122,14 @@ class TokenService:
         sub, username, role = claims.get("sub"), claims.get("username"), claims.get("role")
         if not isinstance(sub, str) or not sub or role not in _RANK:
             raise Unauthorized("Invalid token.")
+        try:  # PyJWT checked it is a number and not past; any number (10**400 too)
+            expires = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            raise Unauthorized("Invalid token.") from None
         who = Principal(sub, username if isinstance(username, str) else "", role)
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             del self._verified[next(iter(self._verified))]
-        self._verified[token] = (who, float(claims["exp"]))
+        self._verified[token] = (who, expires)
         return who
 
     @staticmethod

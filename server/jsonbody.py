@@ -21,10 +21,12 @@ from .errors import ValidationError
 #: is refused before any field is looked at.
 MAX_DEPTH = 32
 
-# A UTF-16 surrogate is no character on its own: JSON's escape syntax allows a
-# lone "\ud800", but no UTF-8 text (so no SQLite column) can hold it. A pair
-# escape decodes to one character, so any surrogate left in a str is lone.
-SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Text no column can store. A UTF-16 surrogate is no character on its own: JSON's
+# escape syntax allows a lone "\ud800", but no UTF-8 text (so no SQLite column)
+# can hold it; a pair escape decodes to one character, so any surrogate left in
+# a str is lone. NUL ("\u0000") is a character, but PostgreSQL's text cannot
+# hold it, so no backend takes it.
+UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 # Both kinds of bracket as one, and every other byte dropped.
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
@@ -36,7 +38,8 @@ async def json_body(*, allow_empty: bool = False) -> dict[str, Any]:
     Refused: malformed JSON, ``NaN``/``Infinity`` (not JSON), a body that is not
     an object, nesting deeper than :data:`MAX_DEPTH` (also far deeper than
     ``json.loads`` can recurse), a number too large for a float (``1e400``), and
-    text that is not Unicode (a lone surrogate escape, in a value or a key).
+    text that is not Unicode (a lone surrogate escape, in a value or a key) or
+    holds a NUL character.
     ``details`` names the field where there is one: the top-level key for
     nesting, else the value's path, as ``requests[0].body.title``. So every
     string a route gets can be stored and every number is finite. This is the
@@ -76,7 +79,7 @@ def _too_deep(field: str | None) -> ValidationError:
 
 
 def _check_values(body: dict[str, Any]) -> None:
-    """Refuse nesting past MAX_DEPTH, infinite numbers and lone surrogates.
+    """Refuse nesting past MAX_DEPTH, infinite numbers, lone surrogates and NULs.
 
     At C speed, never recursing in Python: one encoding of the body, then str
     and bytes operations on it (measured: for a 1 MB body, about what
@@ -86,7 +89,7 @@ def _check_values(body: dict[str, Any]) -> None:
     structure = _structure(text)
     if _depth(structure) > MAX_DEPTH:
         raise _too_deep(_deep_key(body))
-    if b"Infinity" in structure or SURROGATE.search(text):
+    if b"Infinity" in structure or UNSTORABLE.search(text):
         _name_bad_scalar(body)
 
 
@@ -128,20 +131,20 @@ _Path = tuple[Any, str | int] | None
 
 
 def _name_bad_scalar(body: dict[str, Any]) -> None:
-    """Raise for the first lone surrogate (in a value or a key) or infinite number."""
+    """Raise for the first unstorable text (in a value or a key) or infinite number."""
     stack: list[tuple[dict[str, Any] | list[Any], _Path]] = [(body, None)]
     while stack:
         container, path = stack.pop()
         items = container.items() if isinstance(container, dict) else enumerate(container)
         for key, value in items:
-            if isinstance(key, str) and SURROGATE.search(key):
+            if isinstance(key, str) and UNSTORABLE.search(key):
                 raise ValidationError(
-                    "A key in the JSON body is not valid Unicode text.",
+                    "A key in the JSON body is not valid Unicode text (or holds a NUL).",
                     details=[{"field": _render(path)}] if path else None,
                 )
             if isinstance(value, dict | list):
                 stack.append((value, (path, key)))
-            elif isinstance(value, str) and SURROGATE.search(value):
+            elif isinstance(value, str) and UNSTORABLE.search(value):
                 raise not_text(_render((path, key)))
             elif isinstance(value, float) and math.isinf(value):
                 field = _render((path, key))
@@ -150,8 +153,8 @@ def _name_bad_scalar(body: dict[str, Any]) -> None:
 
 def not_text(field: str) -> ValidationError:
     return ValidationError(
-        f"'{field}' must be valid Unicode text "
-        "(a lone surrogate such as \\ud800 is not a character).",
+        f"'{field}' must be valid Unicode text without NUL characters "
+        "(a lone surrogate such as \\ud800 is not a character; \\u0000 cannot be stored).",
         details=[{"field": field}],
     )
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from quart import request
 
 from .errors import ValidationError
-from .jsonbody import SURROGATE, json_body, not_text
+from .jsonbody import UNSTORABLE, json_body, not_text
 from .store import Page
 
 MAX_INT = 2**53
@@ -46,7 +46,7 @@ def string(
         return None
     if not isinstance(value, str):
         raise ValidationError(f"'{name}' must be a string.", details=[{"field": name}])
-    if SURROGATE.search(value):  # json_body refuses these first; any other source too
+    if UNSTORABLE.search(value):  # json_body refuses these first; any other source too
         raise not_text(name)
     if not_blank and not value.strip():
         raise ValidationError(f"'{name}' must not be blank.", details=[{"field": name}])
@@ -92,13 +92,13 @@ def number(body: Mapping[str, Any], name: str, *, minimum: float, maximum: float
     return float(value)
 
 
-_DIGITS = re.compile(r"^[0-9]{1,32}$")
+_DIGITS = re.compile(r"[0-9]{1,32}")
 
 
 def client_id(value: Any) -> str:
     """A client-chosen session id: a UUID or digits (SPEC §4)."""
     if isinstance(value, str):
-        if _DIGITS.match(value):
+        if _DIGITS.fullmatch(value):
             return value
         try:
             return str(uuid.UUID(value))

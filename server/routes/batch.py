@@ -47,7 +47,7 @@ _PATH_PREFIX = "/api/"
 _STREAMING_PATH = re.compile(
     r"^/api/(?:chat/sessions/[^/]+/(?:stream|observe|observe/ws)|v1/chat)/*$"
 )
-_BATCH_PATH = re.compile(r"^/api/(?:v1/)?batch/*$")
+_BATCH_PATH = re.compile(r"^/api/(?:v1/)?batch/*\Z")
 _SAFE_PATH = "/%:@!$&'()*+,;=-._~"
 _SAFE_QUERY = _SAFE_PATH + "?"
 

@@ -18,7 +18,7 @@ MESSAGE_MAX = 4000
 
 
 #: A session's name in the v1 API (``/api/v1/chat``'s ``sessionId``), kept per user.
-SESSION_KEY = re.compile(r"^session-[0-9]{8}-[0-9]{6}-[A-Za-z0-9]{4}$")
+SESSION_KEY = re.compile(r"^session-[0-9]{8}-[0-9]{6}-[A-Za-z0-9]{4}\Z")
 
 
 async def owned_session(session_id: str) -> dict[str, Any]:

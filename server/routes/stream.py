@@ -304,7 +304,7 @@ async def paced(
 
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID", request.args.get("lastEventId", "0")).strip() or "0"
-    if not raw.isdigit() or len(raw) > 12:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12:  # not "²" nor "١٢"
         raise ValidationError("Last-Event-ID must be a non-negative integer.")
     return int(raw)
 

@@ -142,6 +142,32 @@ SURROGATES = [
 ]
 
 
+NULS = [
+    # PostgreSQL's text cannot hold NUL; no backend gets one (on PostgreSQL it was a 503).
+    ("/api/auth/login", rb'{"username":"al\u0000ice","password":"x"}', "username"),
+    ("/api/chat/sessions", rb'{"title":"ok","initialMessage":"x\u0000y"}', "initialMessage"),
+    ("/api/chat/sessions/{sid}/messages", rb'{"message":"hi\u0000there"}', "message"),
+    ("/api/chat/sessions/{sid}/stream", rb'{"message":"hi\u0000there"}', "message"),
+    (
+        "/api/users",
+        rb'{"username":"n","password":"password1","role":"enduser","email":"a\u0000@b"}',
+        "email",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), NULS)
+async def test_a_nul_is_a_400_naming_the_field(client, harness, world, caplog, path, body, field):
+    path = path.format(sid=world["sid"])
+    headers = {} if path == "/api/auth/login" else world["headers"]
+    before = await snapshot(client, harness, world)
+    answer = await refused(client, path, body, headers)
+    assert answer["details"] == [{"field": field}]
+    assert "NUL" in answer["message"]
+    assert await snapshot(client, harness, world) == before
+    assert errors_logged(caplog) == []
+
+
 @pytest.mark.parametrize(("path", "body", "field"), SURROGATES)
 async def test_a_lone_surrogate_is_a_400_naming_the_field(
     client, harness, world, caplog, path, body, field
