@@ -134,8 +134,8 @@ class StreamRun:
         """The client went away: abort after the grace (0 = at once)."""
         if push is not None and self.push is push:
             self.push = None
-        if self._done.is_set():
-            return
+        if self._done.is_set() or self.cancel_scope.cancel_called:
+            return  # ending already, for its own reason (a stop cuts a stalled client)
         grace = self.hub.settings.disconnect_grace_ms / 1000
         if grace <= 0:
             self.cancel("client_disconnected")

@@ -3,6 +3,7 @@ server resources past CHINWAG_SLOW_CLIENT_TIMEOUT_MS, nor block shutdown."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tests.conftest import with_settings
@@ -42,16 +43,23 @@ async def test_a_client_that_stops_reading_is_let_go(live_factory, settings):
                 await trio.sleep(0.05)
 
 
+@pytest.mark.parametrize("grace_ms", [0, 5000])
 async def test_a_stop_is_prompt_while_the_run_waits_on_a_client_that_stopped_reading(
-    live_factory, settings
+    live_factory, settings, grace_ms
 ):
     """The run writes its client's bytes itself (server.push), so with a client
     that stopped reading it ends up waiting in a write no cancellation reaches.
     A supervisor's stop still ends it in about HURRY_GRACE_S (its connection is
     cut), not after the slow-client timeout (a minute here), and only produced
-    tokens are charged."""
+    tokens are charged. With a disconnect grace, the cut connection's detach
+    must not turn the stop into a disconnect (it did: "client_disconnected")."""
     live = await live_factory(
-        with_settings(settings, sim_answer_tokens=8000, slow_client_timeout_ms=60_000)
+        with_settings(
+            settings,
+            sim_answer_tokens=8000,
+            slow_client_timeout_ms=60_000,
+            disconnect_grace_ms=grace_ms,
+        )
     )
     alice = live.harness.user(credits=1_000_000)
     sid = await new_session(live, alice)
