@@ -106,6 +106,7 @@ class StreamHub:
         self._by_stream: dict[str, StreamRun] = {}
         self._per_user: dict[str, int] = {}  # live and opening, per user
         self._opening: set[str] = set()  # chat sessions whose stream is being opened
+        self._opened = trio.lowlevel.ParkingLot()  # unparked as each opening ends
         self.accepting = True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -185,28 +186,33 @@ class StreamHub:
         self._opening.add(session_id)
         self._per_user[who.user_id] = self._per_user.get(who.user_id, 0) + 1
         try:
-            run = await self._open(
-                who,
-                session_id,
-                text,
-                model,
-                max_tokens,
-                temperature,
-                scenario,
-                pace,
-                streaming,
-                dialect,
-                context,
-            )
-        except BaseException:
-            self._uncount(who.user_id)
-            raise
+            try:
+                run = await self._open(
+                    who,
+                    session_id,
+                    text,
+                    model,
+                    max_tokens,
+                    temperature,
+                    scenario,
+                    pace,
+                    streaming,
+                    dialect,
+                    context,
+                )
+            except BaseException:
+                self._uncount(who.user_id)
+                raise
+            finally:
+                self._opening.discard(session_id)
+            self._by_session[session_id] = run
+            self._by_stream[run.stream_id] = run
+            assert self._nursery is not None
+            self._nursery.start_soon(run.run, self.provider, name=f"stream {run.stream_id}")
+            if not self.accepting:  # a shutdown began while this one was opening
+                run.cancel("shutdown")
         finally:
-            self._opening.discard(session_id)
-        self._by_session[session_id] = run
-        self._by_stream[run.stream_id] = run
-        assert self._nursery is not None
-        self._nursery.start_soon(run.run, self.provider, name=f"stream {run.stream_id}")
+            self._opened.unpark_all()  # a shutdown waits for openings (see shutdown)
         return run
 
     async def _open(
@@ -326,10 +332,15 @@ class StreamHub:
         return run.outcome.finish_reason if run.outcome else run.cancel_reason
 
     async def shutdown(self) -> None:
-        """Stop every run (``finishReason: shutdown``) and wait until all are settled."""
+        """Stop every run (``finishReason: shutdown``) and wait until all are settled,
+        those that were still opening included (they start already told to stop)."""
         self.accepting = False
-        runs = list(self._by_stream.values())
-        for run in runs:
-            run.cancel("shutdown")
-        for run in runs:
-            await run.wait_done()
+        while True:
+            runs = list(self._by_stream.values())
+            for run in runs:
+                run.cancel("shutdown")
+            for run in runs:
+                await run.wait_done()
+            if not self._opening:
+                return
+            await self._opened.park()
