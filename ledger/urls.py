@@ -61,8 +61,8 @@ def mask_url(url: str) -> str:
     """
     try:
         split = _split_userinfo(url)
-        if split is not None and split[1] is not None:
-            before, userinfo, after = split
+        if split is not None and (userinfo := split[1]) is not None:
+            before, _, after = split
             user, has_password, _ = userinfo.partition(":")
             url = before + (f"{user}:{_MASK}" if has_password else user) + after
         parts = urlsplit(url)
