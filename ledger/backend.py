@@ -93,6 +93,17 @@ class LedgerBackend(Protocol):
         output_tokens: int = 0,
     ) -> Settlement: ...
 
+    def settlement(
+        self,
+        reservation_id: str,
+        charge: int,
+        *,
+        model_id: str | None = None,
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> Callable[[Any], Settlement]: ...
+
     def release(self, reservation_id: str) -> None: ...
 
     def open_reservations(self, account_id: str | None = None) -> list[Reservation]: ...

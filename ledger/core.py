@@ -44,16 +44,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from .errors import IdempotencyConflict, InvalidAmount, UnknownAccount
+from .errors import IdempotencyConflict, UnknownAccount
 from .history import LedgerHistory
 from .statements import (
     close_reservation,
     credit,
-    hold,
     insert_entry,
-    insert_reservation,
     read_balance,
+    reservation_work,
     return_hold,
+    settlement_work,
 )
 from .tx import Tx, first
 from .validation import require_count, require_credits, require_id
@@ -244,7 +244,7 @@ class SqlLedger(LedgerHistory):
         :meth:`recover`.
         """
         require_credits("credits", credits, allow_zero=True)
-        work = _reservation(account_id, credits, model_id, streaming_session_id, holder)
+        work = reservation_work(account_id, credits, model_id, streaming_session_id, holder)
         return self._write(work, durable=False)
 
     def reservation(
@@ -267,7 +267,7 @@ class SqlLedger(LedgerHistory):
         """
         require_id("account_id", account_id)
         require_credits("credits", credits, allow_zero=True)
-        reserve = _reservation(account_id, credits, model_id, streaming_session_id, holder)
+        reserve = reservation_work(account_id, credits, model_id, streaming_session_id, holder)
 
         def work(tx: Tx) -> Reservation:
             tx.execute(
@@ -305,34 +305,34 @@ class SqlLedger(LedgerHistory):
         (exactly once), :class:`UnknownReservation`, or :class:`InvalidAmount`
         for a negative or non-integer ``charge`` or token count.
         """
-        if isinstance(charge, bool) or not isinstance(charge, int) or charge < 0:
-            raise InvalidAmount(f"charge must be a non-negative integer, got {charge!r}")
-        require_count("input_tokens", input_tokens)
-        require_count("output_tokens", output_tokens)
-
-        def work(tx: Tx) -> Settlement:
-            closed = close_reservation(tx, reservation_id, "settled", charge)
-            entry = None
-            if closed.charged:
-                entry = insert_entry(
-                    tx,
-                    closed.account_id,
-                    "charge",
-                    -closed.charged,
-                    model_id=model_id if model_id is not None else closed.model_id,
-                    streaming_session_id=(
-                        streaming_session_id
-                        if streaming_session_id is not None
-                        else closed.streaming_session_id
-                    ),
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    reservation_id=closed.id,
-                )
-            return_hold(tx, closed)
-            return Settlement(closed.id, closed.charged, closed.amount - closed.charged, entry)
-
+        work = settlement_work(
+            reservation_id, charge, model_id, streaming_session_id, input_tokens, output_tokens
+        )
         return self._write(work)
+
+    def settlement(
+        self,
+        reservation_id: str,
+        charge: int,
+        *,
+        model_id: str | None = None,
+        streaming_session_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> Callable[[Any], Settlement]:
+        """:meth:`settle` as a unit of work for a transaction of the caller's.
+
+        As :meth:`reservation`: ``unit(conn)`` runs it on ``conn`` inside a
+        transaction the caller commits or rolls back. The server ends a call
+        with its message, its settlement and its telemetry row as one commit
+        (``StoreBackend.close_turn``), so the stored message always says what
+        the ledger charged (the capped amount). Validates and raises as
+        :meth:`settle`; the caller's transaction then rolls back whole.
+        """
+        work = settlement_work(
+            reservation_id, charge, model_id, streaming_session_id, input_tokens, output_tokens
+        )
+        return lambda conn: self._within(conn, work)
 
     def release(self, reservation_id: str) -> None:
         """Close the reservation as ``released``: nothing charged, all returned.
@@ -371,22 +371,3 @@ class SqlLedger(LedgerHistory):
             return len(stale)
 
         return self._write(work)
-
-
-def _reservation(
-    account_id: str,
-    credits: int,
-    model_id: str | None,
-    streaming_session_id: str | None,
-    holder: str | None,
-) -> Callable[[Tx], Reservation]:
-    """The statements of a reservation, for :meth:`SqlLedger.reserve` and
-    :meth:`SqlLedger.reservation`: the row, then the hold (see :func:`hold`)."""
-
-    def work(tx: Tx) -> Reservation:
-        reservation = Reservation.new(account_id, credits, model_id, streaming_session_id, holder)
-        insert_reservation(tx, reservation)
-        hold(tx, account_id, credits)
-        return reservation
-
-    return work

@@ -15,6 +15,7 @@ the COMMIT).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .errors import (
@@ -25,7 +26,7 @@ from .errors import (
     UnknownReservation,
 )
 from .tx import Tx, first
-from .validation import MAX_CREDITS
+from .validation import MAX_CREDITS, require_count
 from .values import (
     RESERVATION_COLUMNS,
     Balance,
@@ -33,6 +34,7 @@ from .values import (
     EntryKind,
     Reservation,
     ReservationStatus,
+    Settlement,
     now_iso,
 )
 
@@ -44,7 +46,9 @@ __all__ = [
     "insert_entry",
     "insert_reservation",
     "read_balance",
+    "reservation_work",
     "return_hold",
+    "settlement_work",
 ]
 
 
@@ -252,3 +256,63 @@ def return_hold(tx: Tx, closed: Closed) -> None:
         " WHERE account_id = ?",
         (closed.amount, closed.charged, closed.account_id),
     )
+
+
+def settlement_work(
+    reservation_id: str,
+    charge: int,
+    model_id: str | None,
+    streaming_session_id: str | None,
+    input_tokens: int,
+    output_tokens: int,
+) -> Callable[[Tx], Settlement]:
+    """The statements of a settlement (``SqlLedger.settle``, ``SqlLedger.settlement``),
+    its arguments checked first: the reservation closes, the charge entry, the rest
+    returned."""
+    if isinstance(charge, bool) or not isinstance(charge, int) or charge < 0:
+        raise InvalidAmount(f"charge must be a non-negative integer, got {charge!r}")
+    require_count("input_tokens", input_tokens)
+    require_count("output_tokens", output_tokens)
+
+    def work(tx: Tx) -> Settlement:
+        closed = close_reservation(tx, reservation_id, "settled", charge)
+        entry = None
+        if closed.charged:
+            entry = insert_entry(
+                tx,
+                closed.account_id,
+                "charge",
+                -closed.charged,
+                model_id=model_id if model_id is not None else closed.model_id,
+                streaming_session_id=(
+                    streaming_session_id
+                    if streaming_session_id is not None
+                    else closed.streaming_session_id
+                ),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                reservation_id=closed.id,
+            )
+        return_hold(tx, closed)
+        return Settlement(closed.id, closed.charged, closed.amount - closed.charged, entry)
+
+    return work
+
+
+def reservation_work(
+    account_id: str,
+    credits: int,
+    model_id: str | None,
+    streaming_session_id: str | None,
+    holder: str | None,
+) -> Callable[[Tx], Reservation]:
+    """The statements of a reservation, for ``SqlLedger.reserve`` and
+    ``SqlLedger.reservation``: the row, then the hold (see :func:`hold`)."""
+
+    def work(tx: Tx) -> Reservation:
+        reservation = Reservation.new(account_id, credits, model_id, streaming_session_id, holder)
+        insert_reservation(tx, reservation)
+        hold(tx, account_id, credits)
+        return reservation
+
+    return work

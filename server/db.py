@@ -51,13 +51,24 @@ import trio
 import ledger
 from ledger import LedgerBackend
 
-from .storage import StoreBackend
+from .storage import StoreBackend, StoreUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("chinwag.db")
 
 #: Writes between the SQLite writer's own WAL checkpoints (light writes on).
 CHECKPOINT_EVERY = 256
+
+#: Failures a write may not meet again a moment later (:meth:`Db.write_retried`).
+TRANSIENT: tuple[type[Exception], ...] = (
+    sqlite3.OperationalError,
+    StoreUnavailable,
+    ledger.LedgerUnavailable,
+)
+#: Pauses between the tries of :meth:`Db.write_retried`.
+RETRY_DELAYS = (0.05, 0.25, 1.0)
+#: A try is made only if the caller's deadline leaves this much after the pause.
+RETRY_MARGIN_S = 1.0
 
 #: Store methods that only read (inline on SQLite).
 STORE_READS = frozenset(
@@ -309,6 +320,24 @@ class Db:
                 self._wakeup.unpark_all()  # the writer checkpoints
             return moment(store, book, *args)
         return await self._write(lambda: moment(store, book, *args))
+
+    async def write_retried(self, moment: Callable[..., T], *args: Any) -> T:
+        """:meth:`write`, tried again after a transient failure (a busy or failing
+        SQLite file, an unreachable PostgreSQL) while the caller's deadline
+        leaves time: :data:`RETRY_DELAYS` apart, then the last error is raised.
+        Only for a moment that is one transaction (all or nothing: a call's
+        ending, ``StoreBackend.close_turn``), so a failed try left nothing."""
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                return await self.write(moment, *args)
+            except TRANSIENT as exc:
+                left = trio.current_effective_deadline() - trio.current_time()
+                if delay is None or left < delay + RETRY_MARGIN_S:
+                    raise
+                name = type(exc).__name__
+                log.warning("a write failed (%s); trying again in %.2f s", name, delay)
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         """Close the worker's own connections (the shared backends are the caller's)."""

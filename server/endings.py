@@ -16,7 +16,7 @@ arithmetic and records, with no trio in it:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ledger
@@ -46,6 +46,13 @@ class NodeLostError(ProviderError):
 
     error_code = "NODE_LOST"
     user_message = "The server running this answer stopped; please send the message again."
+
+
+class NotRecorded(ProviderError):
+    """Told to the readers of a stream whose ending the database would not take."""
+
+    error_code = "INTERNAL_ERROR"
+    user_message = "This answer could not be saved; it was not charged."
 
 
 class InternalFailure(ProviderError):
@@ -108,33 +115,40 @@ class Bill:
     def write(
         self, *, message_id: str, reservation_id: str, content: str, note: str | None
     ) -> Callable[[StoreBackend, ledger.LedgerBackend], ledger.Settlement]:
-        """The database hop (:meth:`server.db.Db.write`): the message, the charge
-        and the telemetry row, in one transaction."""
+        """The database hop (:meth:`server.db.Db.write`): the settlement, the
+        message and the telemetry row, in one transaction (``StoreBackend.close_turn``):
+        all of them or none, so it may be tried again. The message and the row
+        carry what the ledger really charged: a charge above the reservation
+        is capped at it (``LedgerBackend.settle``)."""
         call = self.call
 
         def end(store: StoreBackend, book: ledger.LedgerBackend) -> ledger.Settlement:
-            store.finish_message(
+            return store.close_turn(
                 message_id,
+                settle=book.settlement(
+                    reservation_id,
+                    self.charge,
+                    model_id=call.model_id,
+                    streaming_session_id=call.streaming_session_id,
+                    input_tokens=self.input_tokens,
+                    output_tokens=self.output_tokens,
+                ),
                 content=content,
                 status=self.status,
                 input_tokens=self.input_tokens,
                 output_tokens=self.output_tokens,
-                credits_charged=self.charge,
                 finish_reason=call.finish_reason,
                 cancel_reason=note,
+                telemetry=lambda charged: Telemetry.row(self.charged(charged)),
             )
-            settlement = book.settle(
-                reservation_id,
-                self.charge,
-                model_id=call.model_id,
-                streaming_session_id=call.streaming_session_id,
-                input_tokens=self.input_tokens,
-                output_tokens=self.output_tokens,
-            )
-            store.add_telemetry("model_call", Telemetry.row(call))
-            return settlement
 
         return end
+
+    def charged(self, credits: int) -> CallRecord:
+        """The telemetry record with the credits the ledger settled."""
+        if credits == self.call.credits_charged:
+            return self.call
+        return replace(self.call, credits_charged=credits)
 
 
 def bill(

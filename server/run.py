@@ -33,7 +33,7 @@ from observation import Stream
 
 from .auth import Principal
 from .dialects import CHAT, Dialect, Ending
-from .endings import InternalFailure, NodeLostError, Outcome, bill, told
+from .endings import InternalFailure, NodeLostError, NotRecorded, Outcome, bill, told
 from .models import ModelInfo
 from .providers.base import (
     ModelRequest,
@@ -322,8 +322,19 @@ class StreamRun:
             )
             if link is None or await link.owns_ending(self.stream_id):
                 owner = True
-                charged = (await hub.db.write(end)).charged
-                hub.telemetry.count(charges.call)
+                try:  # one transaction: tried again after a transient failure
+                    charged = (await hub.db.write_retried(end)).charged
+                except Exception:
+                    # Nothing of it was stored: the message stays "streaming" and the
+                    # reservation held until recovery ends them (the next start-up; in
+                    # cluster mode the stream stays on the node's live list for a
+                    # survivor), which charges nothing. Readers are told so.
+                    log.exception("stream %s: could not record its ending", self.stream_id)
+                    owner = False  # not `finished`: recovery must still find it
+                    charged, finish_reason, status = 0, "error", "interrupted"
+                    error = NotRecorded()
+                else:
+                    hub.telemetry.count(charges.charged(charged))
                 if link is not None:  # before `done`: its client may start the next one at once
                     await link.release(self.admission)
                     released = True

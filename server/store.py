@@ -138,10 +138,16 @@ class Store(SqliteMessages):
     # -- users ---------------------------------------------------------------------
 
     def add_user(
-        self, username: str, password_hash: str, role: str, email: str | None = None
+        self,
+        username: str,
+        password_hash: str,
+        role: str,
+        email: str | None = None,
+        *,
+        user_id: str | None = None,
     ) -> dict[str, Any]:
         user = {
-            "id": uuid.uuid4().hex,
+            "id": user_id or uuid.uuid4().hex,
             "username": username,
             "email": email,
             "role": role,

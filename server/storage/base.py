@@ -29,7 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from ledger import Settlement
 
 __all__ = [
     "MAX_SEARCH_TERMS",
@@ -257,8 +260,17 @@ class StoreBackend(Protocol):
 
     # users
     def add_user(
-        self, username: str, password_hash: str, role: str, email: str | None = None
-    ) -> Row: ...
+        self,
+        username: str,
+        password_hash: str,
+        role: str,
+        email: str | None = None,
+        *,
+        user_id: str | None = None,
+    ) -> Row:
+        """A new user (a new id unless ``user_id``: an external identity's ``sub``);
+        a taken username or id → :class:`UsernameTaken`."""
+        ...
 
     def user_by_name(self, username: str) -> Row | None: ...
 
@@ -344,6 +356,27 @@ class StoreBackend(Protocol):
         finish_reason: str,
         cancel_reason: str | None = None,
     ) -> None: ...
+
+    def close_turn(
+        self,
+        message_id: str,
+        *,
+        settle: Callable[[Any], Settlement],
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        cancel_reason: str | None,
+        telemetry: Callable[[int], str],
+    ) -> Settlement:
+        """A call's ending as one commit, or nothing: ``settle(connection)`` (a unit
+        of the ledger in this database, ``LedgerBackend.settlement``) first, then
+        the message (:meth:`finish_message`) with the credits the settlement
+        really charged, then the ``model_call`` telemetry row
+        ``telemetry(charged)``. On SQLite the commit waits for the disk, as the
+        ledger's own settlements do."""
+        ...
 
     def list_messages(self, session_id: str, page: Page | None = None) -> tuple[list[Row], int]: ...
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ledger import Settlement
 
 from .base import NewMessages, Page, Row, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
@@ -103,6 +106,32 @@ class PostgresMessages(NewMessages):
 
         return self._tx(unit)
 
+    def close_turn(
+        self,
+        message_id: str,
+        *,
+        settle: Callable[[Any], Settlement],
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        cancel_reason: str | None,
+        telemetry: Callable[[int], str],
+    ) -> Settlement:
+        def unit(c: Conn) -> Settlement:
+            settlement = settle(c)
+            _finish(
+                c,
+                message_id,
+                (content, status, input_tokens, output_tokens, settlement.charged),
+                (finish_reason, cancel_reason),
+            )
+            _telemetry(c, "model_call", telemetry(settlement.charged))
+            return settlement
+
+        return self._tx(unit)
+
     def finish_message(
         self,
         message_id: str,
@@ -117,22 +146,11 @@ class PostgresMessages(NewMessages):
     ) -> None:
         # One idempotent statement: safe to retry on a dead connection.
         self._read(
-            lambda c: c.execute(
-                """UPDATE messages SET content = %s, status = %s, input_tokens = %s,
-                       output_tokens = %s, tokens_used = %s, credits_charged = %s,
-                       finish_reason = %s, cancel_reason = %s
-                   WHERE id = %s""",
-                (
-                    content,
-                    status,
-                    input_tokens,
-                    output_tokens,
-                    input_tokens + output_tokens,
-                    credits_charged,
-                    finish_reason,
-                    cancel_reason,
-                    message_id,
-                ),
+            lambda c: _finish(
+                c,
+                message_id,
+                (content, status, input_tokens, output_tokens, credits_charged),
+                (finish_reason, cancel_reason),
             )
         )
 
@@ -217,12 +235,7 @@ class PostgresMessages(NewMessages):
         return self._tx(work)
 
     def add_telemetry(self, type_: str, payload_json: str) -> None:
-        self._write(
-            lambda c: c.execute(
-                "INSERT INTO telemetry_events (type, payload, created_at) VALUES (%s, %s, %s)",
-                (type_, payload_json, now_iso()),
-            )
-        )
+        self._write(lambda c: _telemetry(c, type_, payload_json))
 
     def recent_telemetry(self, limit: int = 100) -> list[Row]:
         """The newest ``limit`` telemetry rows, newest first (``payload`` as stored: JSON text)."""
@@ -247,3 +260,37 @@ class PostgresMessages(NewMessages):
             return int(cur.rowcount)
 
         return self._read(work)
+
+
+def _finish(
+    c: Conn,
+    message_id: str,
+    amounts: tuple[str, str, int, int, int],
+    reasons: tuple[str, str | None],
+) -> None:
+    """The message's final row: ``(content, status, input, output, credits)``,
+    ``(finish_reason, cancel_reason)``."""
+    content, status, input_tokens, output_tokens, credits_charged = amounts
+    c.execute(
+        """UPDATE messages SET content = %s, status = %s, input_tokens = %s,
+               output_tokens = %s, tokens_used = %s, credits_charged = %s,
+               finish_reason = %s, cancel_reason = %s
+           WHERE id = %s""",
+        (
+            content,
+            status,
+            input_tokens,
+            output_tokens,
+            input_tokens + output_tokens,
+            credits_charged,
+            *reasons,
+            message_id,
+        ),
+    )
+
+
+def _telemetry(c: Conn, type_: str, payload_json: str) -> None:
+    c.execute(
+        "INSERT INTO telemetry_events (type, payload, created_at) VALUES (%s, %s, %s)",
+        (type_, payload_json, now_iso()),
+    )

@@ -14,7 +14,10 @@ import sqlite3
 from abc import abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ledger import Settlement
 
 from .base import WORD as _WORD
 from .base import NewMessages, Page, now_iso, search_terms
@@ -68,6 +71,40 @@ class SqliteMessages(NewMessages):
             (row["session_id"],),
         ).fetchone()[0]
         self._insert("messages", row)
+
+    def close_turn(
+        self,
+        message_id: str,
+        *,
+        settle: Callable[[Any], Settlement],
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        cancel_reason: str | None,
+        telemetry: Callable[[int], str],
+    ) -> Settlement:
+        # The connection runs at NORMAL (no fsync per commit); a commit that
+        # settles credits waits for the disk, as the ledger's own settle does.
+        self.conn.execute("PRAGMA synchronous = FULL")
+        try:
+            with self._tx():
+                settlement = settle(self.conn)
+                self.finish_message(
+                    message_id,
+                    content=content,
+                    status=status,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    credits_charged=settlement.charged,
+                    finish_reason=finish_reason,
+                    cancel_reason=cancel_reason,
+                )
+                self.add_telemetry("model_call", telemetry(settlement.charged))
+        finally:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        return settlement
 
     def finish_message(
         self,

@@ -340,6 +340,78 @@ def test_a_streams_opening_is_its_reservation_and_its_turn_in_one_commit(
         assert book.open_reservations(bob) == []
 
 
+def test_a_calls_ending_is_its_settlement_message_and_telemetry_in_one_commit(
+    store: StoreBackend, target: Target
+) -> None:
+    """close_turn: the settlement unit, the message and the telemetry row commit
+    together, the message and the row carrying what the ledger charged (capped at
+    the reservation); a failure anywhere in it leaves all three as they were."""
+    alice = _user(store, "alice")
+    s = _session(store, alice)
+    with ledger.open_ledger(target.url) as book:
+        book.open_account(alice)
+        book.allocate(alice, 100)
+
+        def opened(stream: str) -> tuple[ledger.Reservation, str]:
+            held, _, assistant = store.open_turn(
+                s,
+                alice,
+                text="hi",
+                model_id="m",
+                streaming_session_id=stream,
+                reserve=book.reservation(alice, 30, model_id="m", streaming_session_id=stream),
+            )
+            return held, assistant["id"]
+
+        def close(
+            held: ledger.Reservation, message: str, charge: int, telemetry
+        ) -> ledger.Settlement:  # type: ignore[no-untyped-def]
+            return store.close_turn(
+                message,
+                settle=book.settlement(held.id, charge, input_tokens=3, output_tokens=7),
+                content="an answer",
+                status="complete",
+                input_tokens=3,
+                output_tokens=7,
+                finish_reason="length",
+                cancel_reason=None,
+                telemetry=telemetry,
+            )
+
+        rows_before = len(store.recent_telemetry(100))
+        held, message = opened("stream-1")
+        settled = close(held, message, 45, lambda charged: f'{{"charged": {charged}}}')
+        assert settled.charged == 30  # capped at the reservation
+        row = store.message_by_stream("stream-1")
+        assert row is not None
+        assert (row["status"], row["credits_charged"], row["output_tokens"]) == ("complete", 30, 7)
+        telemetry = store.recent_telemetry(100)
+        assert len(telemetry) == rows_before + 1 and telemetry[0]["payload"] == '{"charged": 30}'
+        assert book.balance(alice).balance == 70 and book.balance(alice).reserved == 0
+
+        # The last statement fails: nothing of the ending is kept, so it may be tried again.
+        held, message = opened("stream-2")
+
+        def broken(charged: int) -> str:
+            raise RuntimeError("telemetry refused")
+
+        with pytest.raises(RuntimeError):
+            close(held, message, 10, broken)
+        row = store.message_by_stream("stream-2")
+        assert row is not None and row["status"] == "streaming" and row["credits_charged"] == 0
+        assert [r.id for r in book.open_reservations(alice)] == [held.id]
+        assert len(store.recent_telemetry(100)) == rows_before + 1
+        settled = close(held, message, 10, lambda charged: "{}")  # tried again: it holds
+        assert settled.charged == 10
+        assert store.message_by_stream("stream-2")["status"] == "complete"  # type: ignore[index]
+
+        # Settled already (exactly once): the message is not touched either.
+        with pytest.raises(ledger.ReservationClosed):
+            close(held, message, 5, lambda charged: "{}")
+        assert store.message_by_stream("stream-2")["credits_charged"] == 10  # type: ignore[index]
+        assert book.balance(alice).balance == 60 and book.verify() == []
+
+
 def test_content_written_by_finish_message_is_found(store: StoreBackend) -> None:
     alice = _user(store, "alice")
     s = _session(store, alice)

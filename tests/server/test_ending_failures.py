@@ -1,0 +1,96 @@
+"""A call's ending is one transaction (``StoreBackend.close_turn``): a transient
+database failure is tried again, and one that lasts leaves nothing half written
+(the message still ``streaming``, the reservation still held, no charge) for
+recovery to end, while the run's readers and caller are told it was not saved.
+
+Before, the message, the settlement and the telemetry row were three commits:
+a failing settle left a ``complete`` message that said it was charged, with the
+reservation open, no ``done`` and a caller's ``AssertionError``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+import trio
+
+from server.auth import Principal
+
+
+def _failing(store: Any, times: int) -> list[int]:
+    """``store.close_turn`` raises a busy-database error ``times`` times (-1: always)."""
+    real = store.close_turn
+    calls: list[int] = []
+
+    def close_turn(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if times < 0 or len(calls) <= times:
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)
+
+    store.close_turn = close_turn
+    return calls
+
+
+async def _one_call(harness: Any) -> tuple[Any, Any, dict[str, Any]]:
+    svc = harness.svc
+    user = harness.user(credits=100_000)
+    session = svc.store.create_session(
+        user["id"], session_id=None, title="t", model_id=next(iter(svc.catalog)).id, source="api"
+    )
+    who = Principal(user["id"], "u", "enduser")
+    run = await svc.hub.start(
+        who,
+        session,
+        "hello",
+        next(iter(svc.catalog)),
+        max_tokens=None,
+        temperature=None,
+        scenario=None,
+    )
+    with trio.fail_after(20):
+        outcome = await run.result()
+    return run, outcome, user
+
+
+async def test_a_transient_failure_of_the_ending_is_tried_again(harness, caplog):
+    calls = _failing(harness.svc.db.write_store, times=2)
+    run, outcome, user = await _one_call(harness)
+    assert len(calls) == 3
+    assert outcome.finish_reason == "stop" and outcome.error is None
+    message = harness.svc.store.message_by_stream(run.stream_id)
+    assert message["status"] == "complete"
+    assert message["credits_charged"] == outcome.credits_charged > 0
+    balance = harness.svc.ledger.balance(user["id"])
+    assert balance.reserved == 0 and balance.balance == 100_000 - outcome.credits_charged
+
+
+async def test_an_ending_that_cannot_be_saved_leaves_nothing_half_written(harness, caplog):
+    svc = harness.svc
+    _failing(svc.db.write_store, times=-1)
+    run, outcome, user = await _one_call(harness)
+    # The caller is told, as readers are (an error, then done): not saved, not charged.
+    assert outcome.finish_reason == "error" and outcome.credits_charged == 0
+    assert outcome.error is not None and outcome.error.error_code == "INTERNAL_ERROR"
+    assert "could not record its ending" in caplog.text
+    # Nothing of the ending was stored: no charge, the message not "complete".
+    message = svc.store.message_by_stream(run.stream_id)
+    assert message["status"] == "streaming" and message["credits_charged"] == 0
+    assert [r.streaming_session_id for r in svc.ledger.open_reservations(user["id"])] == [
+        run.stream_id
+    ]
+    assert svc.ledger.balance(user["id"]).balance == 100_000
+    # Recovery (the next start-up) ends both, charging nothing.
+    assert svc.ledger.recover() == 1
+    assert svc.store.recover_streaming() == 1
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "interrupted"
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert svc.ledger.verify() == []
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
