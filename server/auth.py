@@ -58,6 +58,9 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, digest)
 
 
+#: The longest ``sub`` an external identity provider's token may carry.
+MAX_EXTERNAL_ID = 128
+
 # A hash of a random password, checked when the user does not exist, so that
 # "no such user" and "wrong password" take the same time.
 DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
@@ -70,6 +73,9 @@ class Principal:
     user_id: str
     username: str
     role: Role
+    #: Signed by an external identity provider (``CHINWAG_JWT_PUBLIC_KEY``),
+    #: whose users become local users at their first request.
+    external: bool = False
 
     def at_least(self, role: Role) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -126,7 +132,10 @@ class TokenService:
             expires = float(claims["exp"])
         except (OverflowError, TypeError, ValueError):
             raise Unauthorized("Invalid token.") from None
-        who = Principal(sub, username if isinstance(username, str) else "", role)
+        external = alg != "HS256"
+        if external and (len(sub) > MAX_EXTERNAL_ID or not sub.isprintable()):
+            raise Unauthorized("Invalid token.")  # it becomes a user id: keep it sane
+        who = Principal(sub, username if isinstance(username, str) else "", role, external)
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             del self._verified[next(iter(self._verified))]
         self._verified[token] = (who, expires)

@@ -27,6 +27,7 @@ from .settings import Settings
 from .storage import StoreBackend
 from .telemetry import Telemetry
 from .timers import Timers
+from .users import UserExists, provision_external
 
 if TYPE_CHECKING:
     from .clustering import ClusterLink
@@ -78,9 +79,16 @@ async def authenticate(role: Role, authorization: str | None = None) -> Principa
     if authorization is None:
         authorization = request.headers.get("Authorization")
     who = svc.tokens.verify(bearer_token(authorization))
-    if not svc.settings.jwt_public_key and await svc.db.store.user_by_id(who.user_id) is None:
-        # A token for a user that has been removed is no longer valid.
-        raise Unauthorized("Invalid token.")
+    if await svc.db.store.user_by_id(who.user_id) is None:
+        if not who.external:
+            # A token for a user that has been removed is no longer valid.
+            raise Unauthorized("Invalid token.")
+        # An external identity provider's user becomes a local one (sessions,
+        # credits), at its first request.
+        try:
+            await svc.db.write(provision_external, who)
+        except UserExists:
+            raise Unauthorized("This identity's username is taken here.") from None
     require_role(who, role)
     wait = await svc.rate_limit(who.user_id)
     if wait:

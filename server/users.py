@@ -14,7 +14,7 @@ from typing import Any
 
 import ledger
 
-from .auth import ROLES, Role, hash_password
+from .auth import ROLES, Principal, Role, hash_password
 from .storage import StoreBackend, UsernameTaken
 
 __all__ = [
@@ -108,6 +108,40 @@ def add_user(
 ) -> dict[str, Any]:
     """:func:`new_user` then :func:`save_user` (blocks for the hash)."""
     return save_user(store, book, new_user(username, password, role, email))
+
+
+#: An external user's stored password hash: matches no password (they log in
+#: at their identity provider, never at /api/auth/login).
+NO_PASSWORD = "external$-$-"
+
+
+def provision_external(
+    store: StoreBackend, book: ledger.LedgerBackend, who: Principal
+) -> dict[str, Any]:
+    """The local user of an external identity provider's token (``sub`` is its
+    id), made at its first request, with its (empty) ledger account: from then
+    on it is a user like any other (sessions, credits an admin allocates).
+
+    Its username is the token's ``username`` claim (or the ``sub``) where that
+    is free and valid, else that name with the start of the ``sub`` appended.
+    Two first requests at once: the second finds the first's row.
+    """
+    base = who.username if re.fullmatch(USERNAME_PATTERN, who.username or "") else ""
+    base = base or re.sub(r"[^A-Za-z0-9._-]", "_", who.user_id)[:40] or "user"
+    suffix = re.sub(r"[^A-Za-z0-9]", "", who.user_id)[:8] or "x"
+    row: dict[str, Any] | None = None
+    for name in (base, f"{base[:55]}-{suffix}"):
+        try:
+            row = store.add_user(name, NO_PASSWORD, who.role, None, user_id=who.user_id)
+            break
+        except UsernameTaken:
+            row = store.user_by_id(who.user_id)
+            if row is not None:  # made meanwhile
+                break
+    if row is None:
+        raise UserExists(base)
+    book.open_account(row["id"])
+    return public_user(row)
 
 
 def public_user(row: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ from quart import Blueprint
 from ..context import authenticated, camel_message, camel_session, principal, services
 from ..errors import ApiError, session_not_found
 from ..models import resolve
+from ..providers.base import ProviderError
 from ..validate import PAGINATION, Body, ClientId, Text, operation, paginated, pagination
+from .controls import TEST_CONTROLS, read_controls
 
 bp = Blueprint("chat", __name__)
 
@@ -143,22 +145,48 @@ async def list_messages(session_id: str) -> dict[str, Any]:
 
 @bp.post("/api/chat/sessions/<session_id>/messages")
 @authenticated()
-@operation("Send a message; the answer comes back whole (no streaming)", body=NEW_MESSAGE)
+@operation(
+    "Send a message; the answer comes back whole (no streaming)",
+    body=NEW_MESSAGE,
+    params=TEST_CONTROLS,
+)
 async def post_message(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """Non-streaming: the same stream machinery, answered when it is done."""
     svc = services()
     session = await owned_session(session_id)
     text: str = body["message"]
     model = resolve(svc.catalog, body["modelId"], default=session["model_id"])
+    controls = read_controls()  # as the stream route reads them (SPEC §8)
     run = await svc.hub.start(
-        principal(), session, text, model, max_tokens=None, temperature=None, scenario=None
+        principal(),
+        session,
+        text,
+        model,
+        max_tokens=None,
+        temperature=None,
+        scenario=controls.scenario,
+        pace=controls.pace,
     )
     outcome = await run.result()
     if outcome.error is not None:
-        raise ApiError(outcome.error.user_message, status=503, error_code=outcome.error.error_code)
+        raise _failed(outcome.error)
     return {
         "userMessage": camel_message(outcome.user_message),
         "assistantMessage": camel_message(outcome.assistant_message),
         "tokensUsed": outcome.input_tokens + outcome.output_tokens,
         "creditsCharged": outcome.credits_charged,
     }
+
+
+def _failed(error: ProviderError) -> ApiError:
+    """A whole answer that failed: 500 for our own failure, else 503
+    ``UPSTREAM_UNAVAILABLE`` (SPEC §2) with the upstream's code in ``details``."""
+    if error.error_code == "INTERNAL_ERROR":
+        return ApiError(error.user_message, status=500, error_code="INTERNAL_ERROR")
+    return ApiError(
+        error.user_message,
+        status=503,
+        error_code="UPSTREAM_UNAVAILABLE",
+        details=[{"upstreamErrorCode": error.error_code}],
+        headers={"Retry-After": "2"},
+    )

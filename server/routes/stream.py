@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -15,8 +14,6 @@ from observation import Batch, Reader, Stream
 from ..context import authenticated, camel_message, principal, services
 from ..errors import ApiError, Conflict, NotFound, ValidationError
 from ..models import resolve
-from ..providers.base import Pace
-from ..providers.simulated import SCENARIOS
 from ..push import serve_push
 from ..run import StreamRun
 from ..sse import CONNECTED, ConnectionReset, EventStream, heartbeat, sse_response
@@ -34,36 +31,11 @@ from ..validate import (
     operation,
 )
 from .chat import MODEL_ID, message_text, owned_session
+from .controls import TEST_CONTROLS, Controls, read_controls
 
 bp = Blueprint("stream", __name__)
 
 
-SCENARIO = Param(
-    "X-Test-Scenario",
-    {"type": "string", "enum": sorted(SCENARIOS)},
-    where="header",
-    description="Force a fault (simulated model, CHINWAG_TEST_SCENARIOS on; "
-    "otherwise checked and ignored). reset_midway cuts the connection after "
-    "half the answer, without done.",
-)
-MAX_SIM_RATE = 100_000
-MAX_SIM_TTFT_MS = 600_000
-SIM_RATE = Param(
-    "X-Sim-Tokens-Per-S",
-    {"type": "string", "pattern": "^[0-9]{1,6}$"},
-    where="header",
-    description=f"The simulated model's token rate for this request, 0-{MAX_SIM_RATE} "
-    "(0 = as fast as possible); CHINWAG_TEST_SCENARIOS on, otherwise checked and ignored.",
-)
-SIM_TTFT = Param(
-    "X-Sim-Ttft-Ms",
-    {"type": "string", "pattern": "^[0-9]{1,6}$"},
-    where="header",
-    description=f"The simulated model's time to first token for this request, 0-{MAX_SIM_TTFT_MS}"
-    " ms; CHINWAG_TEST_SCENARIOS on, otherwise checked and ignored.",
-)
-#: The test controls a stream request may carry (SPEC §8).
-TEST_CONTROLS = (SCENARIO, SIM_RATE, SIM_TTFT)
 LAST_EVENT_ID = Param(
     "Last-Event-ID",
     {"type": "string", "pattern": "^[0-9]{0,12}$"},
@@ -93,43 +65,6 @@ UPDATE = Body(
         "tokensUsed": Int(0, 2**31),
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Controls:
-    """What a request's test headers ask for, once checked (None/None when off)."""
-
-    scenario: str | None
-    pace: Pace | None
-
-
-def _header_int(name: str, maximum: int) -> int | None:
-    raw = request.headers.get(name)
-    if raw is None:
-        return None
-    raw = raw.strip()
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 7 or int(raw) > maximum:
-        raise ValidationError(
-            f"{name} must be an integer from 0 to {maximum}.", details=[{"field": name}]
-        )
-    return int(raw)
-
-
-def read_controls() -> Controls:
-    """``X-Test-Scenario`` and ``X-Sim-*``: checked always, acted on only with
-    ``CHINWAG_TEST_SCENARIOS`` on (SPEC §8)."""
-    scenario = request.headers.get("X-Test-Scenario")
-    if scenario is not None and scenario not in SCENARIOS:
-        raise ValidationError(
-            f"Unknown X-Test-Scenario; use one of {', '.join(sorted(SCENARIOS))}.",
-            details=[{"field": "X-Test-Scenario"}],
-        )
-    rate = _header_int("X-Sim-Tokens-Per-S", MAX_SIM_RATE)
-    ttft = _header_int("X-Sim-Ttft-Ms", MAX_SIM_TTFT_MS)
-    if not services().settings.test_scenarios:
-        return Controls(None, None)
-    pace = None if rate is None and ttft is None else Pace(tokens_per_s=rate, ttft_ms=ttft)
-    return Controls(scenario, pace)
 
 
 def push_response(run: StreamRun, stream: Stream, *, after_id: int) -> EventStream:

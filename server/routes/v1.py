@@ -28,7 +28,8 @@ from ..errors import ValidationError
 from ..models import ModelInfo, resolve
 from ..validate import EVENT_STREAM, Body, Flag, Text, operation
 from .chat import SESSION_KEY, message_text
-from .stream import TEST_CONTROLS, read_controls, stream_response
+from .controls import TEST_CONTROLS, read_controls
+from .stream import stream_response
 
 bp = Blueprint("v1", __name__)
 

@@ -311,13 +311,35 @@ async def test_scenarios_are_ignored_when_off(live):
     ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
-    # An unknown one is refused all the same: the contract does not depend on the setting.
+    # An unknown one too (SPEC §8: "ignored when off"); X-Sim-* are checked all the same.
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "x"},
+        headers={**alice["headers"], "X-Test-Scenario": "SERVER_ERROR"},
+    ) as r:
+        assert r.status_code == 200
+        evs = events(await collect(r))
+    assert evs[-1].data["finishReason"] == "stop"
+    r = await live.http.post(
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "x"},
+        headers={**alice["headers"], "X-Sim-Tokens-Per-S": "fast"},
+    )
+    assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
+
+
+async def test_an_unknown_scenario_is_refused_when_scenarios_are_on(live_factory, settings):
+    live = await live_factory(with_settings(settings, test_scenarios=True))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
     r = await live.http.post(
         f"/api/chat/sessions/{sid}/stream",
         json={"message": "x"},
         headers={**alice["headers"], "X-Test-Scenario": "SERVER_ERROR"},
     )
     assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
+    assert live.harness.svc.ledger.balance(alice["id"]).reserved == 0
 
 
 async def test_hang_scenario_keeps_heartbeating_until_the_client_leaves(live_factory, settings):
@@ -350,21 +372,27 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     sid1, sid2 = await new_session(live, alice), await new_session(live, alice)
     book = live.harness.svc.ledger
     writer = live.harness.svc.db.write_ledger  # settlements run on the database writer
-    real_settle = writer.settle
+    real_settlement = writer.settlement
 
-    def broken_settle(*args, **kwargs):
-        raise RuntimeError("disk on fire")
+    def broken_settlement(*args, **kwargs):
+        def unit(conn):
+            raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(writer, "settle", broken_settle)
+        return unit
+
+    monkeypatch.setattr(writer, "settlement", broken_settlement)
     async with live.http.stream(
         "POST",
         f"/api/chat/sessions/{sid1}/stream",
         json={"message": "one"},
         headers=alice["headers"],
     ) as r:
-        rest = [m async for m in messages(r)]  # the stream closes, without a done
-    assert not any(m.event == "done" for m in rest)
-    monkeypatch.setattr(writer, "settle", real_settle)
+        evs = events(await collect(r))
+    # Told, not left hanging: not saved, not charged.
+    assert [e.event for e in evs[-2:]] == ["error", "done"]
+    assert evs[-2].data["errorCode"] == "INTERNAL_ERROR"
+    assert evs[-1].data["finishReason"] == "error" and evs[-1].data["creditsCharged"] == 0
+    monkeypatch.setattr(writer, "settlement", real_settlement)
     # The hub (and the server) still serve.
     async with live.http.stream(
         "POST",
@@ -374,9 +402,11 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
-    # The broken one's reservation is what start-up recovery releases.
+    # Nothing of the broken one's ending was written: its reservation and its
+    # "streaming" message are what start-up recovery ends.
     assert len(book.open_reservations(alice["id"])) == 1
     assert book.recover() == 1 and book.verify() == []
+    assert live.harness.svc.store.recover_streaming() == 1
 
 
 async def test_stream_caps_per_user_and_per_process(live_factory, settings):
@@ -420,3 +450,27 @@ async def test_stream_caps_per_user_and_per_process(live_factory, settings):
         finally:
             for cm, _feed in held:
                 await cm.__aexit__(None, None, None)
+
+
+async def test_a_whole_answer_takes_the_same_test_controls(live_factory, settings):
+    """POST …/messages reads X-Test-Scenario and X-Sim-* as the stream does, and an
+    upstream failure is 503 UPSTREAM_UNAVAILABLE (SPEC §2) naming the upstream's code."""
+    live = await live_factory(with_settings(settings, test_scenarios=True))
+    alice = live.harness.user(credits=10_000)
+    sid = await new_session(live, alice)
+    url = f"/api/chat/sessions/{sid}/messages"
+    r = await live.http.post(
+        url, json={"message": "x"}, headers={**alice["headers"], "X-Test-Scenario": "rate_limit"}
+    )
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    body = r.json()
+    assert body["errorCode"] == "UPSTREAM_UNAVAILABLE"
+    assert body["details"] == [{"upstreamErrorCode": "RATE_LIMIT"}]
+    balance = live.harness.svc.ledger.balance(alice["id"])
+    assert (balance.balance, balance.reserved) == (10_000, 0)
+    r = await live.http.post(
+        url, json={"message": "x"}, headers={**alice["headers"], "X-Sim-Tokens-Per-S": "abc"}
+    )
+    assert r.status_code == 400 and r.json()["errorCode"] == "VALIDATION_ERROR"
+    r = await live.http.post(url, json={"message": "x"}, headers=alice["headers"])
+    assert r.status_code == 200 and r.json()["creditsCharged"] > 0

@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from tests.conftest import PASSWORD, SECRET
+from tests.conftest import PASSWORD, SECRET, Harness
 
 
 async def test_login_returns_a_token_that_works(client, harness):
@@ -148,6 +148,44 @@ async def test_rs256_from_an_external_identity_provider(tmp_path, settings):
         bad = jwt.encode(claims, other, algorithm="RS256")
         r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {bad}"})
         assert r.status_code == 401
+
+        # The external user became a local one at its first request: it can hold
+        # sessions, an admin can give it credits, and it can be answered.
+        ext = {"Authorization": f"Bearer {good}"}
+        svc = app.extensions["chinwag"]
+        row = svc.store.user_by_id("idp-user-1")
+        assert (row["username"], row["role"]) == ("ext", "enduser")
+        r = await client.post("/api/auth/login", json={"username": "ext", "password": "x"})
+        assert r.status_code == 401  # no local password
+        r = await client.post("/api/chat/sessions", json={"title": "t"}, headers=ext)
+        assert r.status_code == 201, await r.get_data()
+        sid = (await r.get_json())["sessionId"]
+        admin = Harness(app).user("admin")
+        r = await client.post(
+            "/api/credits/allocate",
+            json={"username": "ext", "credits": 1000},
+            headers=admin["headers"],
+        )
+        assert r.status_code in (200, 201), await r.get_data()
+        r = await client.post(
+            f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=ext
+        )
+        assert r.status_code == 200 and (await r.get_json())["creditsCharged"] > 0
+        r = await client.get("/api/credits/balance", headers=ext)
+        assert r.status_code == 200
+
+        # A second identity whose username is taken here gets a name of its own.
+        other_user = jwt.encode({**claims, "sub": "idp|user-2"}, key, algorithm="RS256")
+        r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {other_user}"})
+        assert r.status_code == 200
+        assert svc.store.user_by_id("idp|user-2")["username"] == "ext-idpuser2"
+
+        # A local HS256 token for a user that does not exist is still refused
+        # with a public key configured (it used to skip that check).
+        local = jwt.encode({**claims, "sub": "no-such-user"}, SECRET, algorithm="HS256")
+        r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {local}"})
+        assert r.status_code == 401
+        assert svc.store.user_by_id("no-such-user") is None
 
 
 async def test_password_is_never_stored_in_clear(harness):
