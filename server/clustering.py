@@ -268,6 +268,9 @@ class ClusterLink:
                 return
         except ClusterUnavailable:
             pass
+        except trio.Cancelled:  # the ending's deadline ran out: housekeeping sends it
+            self._unreleased.append(admission)
+            raise
         self._unreleased.append(admission)  # compare-and-delete: safe to send again
 
     async def finished(self, stream_id: str) -> None:
@@ -278,6 +281,9 @@ class ClusterLink:
                 return
         except ClusterUnavailable:
             pass
+        except trio.Cancelled:  # as in release()
+            self._unfinished.append(stream_id)
+            raise
         self._unfinished.append(stream_id)
 
     def on_lost(self, lost: Sequence[StreamInfo]) -> None:

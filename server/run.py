@@ -385,10 +385,12 @@ class StreamRun:
             hub._forget(self)
             try:
                 if link is not None:
-                    if not released:  # compare-and-delete: harmless if a survivor freed it
-                        await link.release(self.admission)
-                    if owner:
-                        await link.finished(self.stream_id)
+                    try:
+                        if not released:  # compare-and-delete: harmless if a survivor freed it
+                            await link.release(self.admission)
+                    finally:  # past the deadline both are queued for housekeeping
+                        if owner:
+                            await link.finished(self.stream_id)
             finally:
                 self._done.set()
 
