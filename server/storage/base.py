@@ -97,6 +97,49 @@ class NewMessages(ABC):
         ``before(connection)`` runs first in the same transaction (its error
         rolls back everything)."""
 
+    @abstractmethod
+    def _settling_tx(self, unit: Callable[[Any], T]) -> T:
+        """``unit(connection)`` in one write transaction whose commit is durable
+        (it settles credits)."""
+
+    @abstractmethod
+    def _finish_on(
+        self,
+        conn: Any,
+        message_id: str,
+        amounts: tuple[str, str, int, int, int],
+        reasons: tuple[str, str | None],
+    ) -> None:
+        """On ``conn``: the message's final row, ``(content, status, input_tokens,
+        output_tokens, credits_charged)`` and ``(finish_reason, cancel_reason)``."""
+
+    @abstractmethod
+    def _telemetry_on(self, conn: Any, type_: str, payload_json: str) -> None:
+        """On ``conn``: one ``telemetry_events`` row."""
+
+    def close_turn(
+        self,
+        message_id: str,
+        *,
+        settle: Callable[[Any], Settlement],
+        content: str,
+        status: str,
+        input_tokens: int,
+        output_tokens: int,
+        finish_reason: str,
+        cancel_reason: str | None,
+        telemetry: Callable[[int], str],
+    ) -> Settlement:
+        def unit(conn: Any) -> Settlement:
+            settlement = settle(conn)
+            charged = settlement.charged
+            amounts = (content, status, input_tokens, output_tokens, charged)
+            self._finish_on(conn, message_id, amounts, (finish_reason, cancel_reason))
+            self._telemetry_on(conn, "model_call", telemetry(charged))
+            return settlement
+
+        return self._settling_tx(unit)
+
     def add_message(
         self,
         session_id: str,

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from ledger import Settlement
+from typing import Any, TypeVar
 
 from .base import NewMessages, Page, Row, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
@@ -106,31 +103,20 @@ class PostgresMessages(NewMessages):
 
         return self._tx(unit)
 
-    def close_turn(
-        self,
-        message_id: str,
-        *,
-        settle: Callable[[Any], Settlement],
-        content: str,
-        status: str,
-        input_tokens: int,
-        output_tokens: int,
-        finish_reason: str,
-        cancel_reason: str | None,
-        telemetry: Callable[[int], str],
-    ) -> Settlement:
-        def unit(c: Conn) -> Settlement:
-            settlement = settle(c)
-            _finish(
-                c,
-                message_id,
-                (content, status, input_tokens, output_tokens, settlement.charged),
-                (finish_reason, cancel_reason),
-            )
-            _telemetry(c, "model_call", telemetry(settlement.charged))
-            return settlement
+    def _settling_tx(self, unit: Callable[[Conn], T]) -> T:
+        return self._tx(unit)  # PostgreSQL's commit waits for its WAL by default
 
-        return self._tx(unit)
+    def _finish_on(
+        self,
+        conn: Conn,
+        message_id: str,
+        amounts: tuple[str, str, int, int, int],
+        reasons: tuple[str, str | None],
+    ) -> None:
+        _finish(conn, message_id, amounts, reasons)
+
+    def _telemetry_on(self, conn: Conn, type_: str, payload_json: str) -> None:
+        _telemetry(conn, type_, payload_json)
 
     def finish_message(
         self,

@@ -14,15 +14,14 @@ import sqlite3
 from abc import abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ledger import Settlement
+from typing import Any, TypeVar
 
 from .base import WORD as _WORD
 from .base import NewMessages, Page, now_iso, search_terms
 
 __all__ = ["SqliteMessages"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("chinwag.store")
 
@@ -72,39 +71,15 @@ class SqliteMessages(NewMessages):
         ).fetchone()[0]
         self._insert("messages", row)
 
-    def close_turn(
-        self,
-        message_id: str,
-        *,
-        settle: Callable[[Any], Settlement],
-        content: str,
-        status: str,
-        input_tokens: int,
-        output_tokens: int,
-        finish_reason: str,
-        cancel_reason: str | None,
-        telemetry: Callable[[int], str],
-    ) -> Settlement:
+    def _settling_tx(self, unit: Callable[[Any], T]) -> T:
         # The connection runs at NORMAL (no fsync per commit); a commit that
         # settles credits waits for the disk, as the ledger's own settle does.
         self.conn.execute("PRAGMA synchronous = FULL")
         try:
-            with self._tx():
-                settlement = settle(self.conn)
-                self.finish_message(
-                    message_id,
-                    content=content,
-                    status=status,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    credits_charged=settlement.charged,
-                    finish_reason=finish_reason,
-                    cancel_reason=cancel_reason,
-                )
-                self.add_telemetry("model_call", telemetry(settlement.charged))
+            with self._tx() as conn:
+                return unit(conn)
         finally:
             self.conn.execute("PRAGMA synchronous = NORMAL")
-        return settlement
 
     def finish_message(
         self,
@@ -118,7 +93,22 @@ class SqliteMessages(NewMessages):
         finish_reason: str,
         cancel_reason: str | None = None,
     ) -> None:
-        self.conn.execute(
+        self._finish_on(
+            self.conn,
+            message_id,
+            (content, status, input_tokens, output_tokens, credits_charged),
+            (finish_reason, cancel_reason),
+        )
+
+    def _finish_on(
+        self,
+        conn: sqlite3.Connection,
+        message_id: str,
+        amounts: tuple[str, str, int, int, int],
+        reasons: tuple[str, str | None],
+    ) -> None:
+        content, status, input_tokens, output_tokens, credits_charged = amounts
+        conn.execute(
             """UPDATE messages SET content = ?, status = ?, input_tokens = ?, output_tokens = ?,
                    tokens_used = ?, credits_charged = ?, finish_reason = ?, cancel_reason = ?
                WHERE id = ?""",
@@ -129,8 +119,7 @@ class SqliteMessages(NewMessages):
                 output_tokens,
                 input_tokens + output_tokens,
                 credits_charged,
-                finish_reason,
-                cancel_reason,
+                *reasons,
                 message_id,
             ),
         )
@@ -252,7 +241,10 @@ class SqliteMessages(NewMessages):
         return len(ids)
 
     def add_telemetry(self, type_: str, payload_json: str) -> None:
-        self.conn.execute(
+        self._telemetry_on(self.conn, type_, payload_json)
+
+    def _telemetry_on(self, conn: sqlite3.Connection, type_: str, payload_json: str) -> None:
+        conn.execute(
             "INSERT INTO telemetry_events (type, payload, created_at) VALUES (?, ?, ?)",
             (type_, payload_json, now_iso()),
         )
