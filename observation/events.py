@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Event:
     """One published event.
 
@@ -14,6 +14,11 @@ class Event:
     ``wire`` is the event already encoded for the wire (SSE bytes): the
     manager's ``encode`` ran exactly once, at publish, and every reader
     shares these bytes.
+
+    Immutable by convention, as :class:`Batch` (nothing sets a field after
+    ``__init__``; it hashes by value): one is built per event published,
+    and ``frozen=True`` sets each field through ``object.__setattr__``,
+    ~430 ns a construction against ~110 ns (issue 10, session 13).
     """
 
     id: int

@@ -144,11 +144,6 @@ class Reader:
             raise trio.WouldBlock
         return batch
 
-    def take(self) -> Batch | None:
-        """As :meth:`next_batch_nowait`, but None when nothing is pending (no
-        exception: for a writer that drains the reader after every publish)."""
-        return self._take()
-
     async def next_batch(self) -> Batch:
         """Wait until something is pending, then take all of it.
 
@@ -236,13 +231,21 @@ class Reader:
         if position == last:
             batch = Batch((), skipped, b"")  # only after the ring was released, ending and all
         else:
-            batch = stream._batch(position + 1, last, skipped)
+            # Up to date and not skipped: the batch the last publish built, as is.
+            batch = stream._cached  # type: ignore[assignment]
+            if skipped or batch is None or batch.first_id != position + 1 or batch.last_id != last:
+                batch = stream._batch(position + 1, last, skipped)
         self._position = last
         if skipped:
             stream._lagged(skipped)
-        if self.primary:
-            stream._primary_advanced()
+        if stream._producer_waits and self.primary:  # the producer waits for room
+            stream._space.unpark_all()
         return batch
+
+    #: As :meth:`next_batch_nowait`, but None when nothing is pending (no
+    #: exception: for a writer that drains the reader after every publish,
+    #: :mod:`server.push`, so no frame of its own).
+    take = _take
 
     def __aiter__(self) -> Reader:
         return self

@@ -46,7 +46,7 @@ class Ring:
       * ids ``first_id..last_id`` are all present; nothing older is.
     """
 
-    __slots__ = ("_base", "_buffer", "_decode", "_size", "last_id")
+    __slots__ = ("_base", "_buffer", "_decode", "_size", "first_id", "last_id")
 
     def __init__(self, size: int, decode: Decode | None = None) -> None:
         if size < 1:
@@ -59,15 +59,14 @@ class Ring:
         #: Id of the newest event ever appended (0 before any). Read-only for
         #: everyone else: an attribute, as readers check it twice per event.
         self.last_id = 0
+        #: Id of the oldest event still held (``last_id + 1`` when empty).
+        #: Read-only for everyone else, kept by :meth:`append` and
+        #: :meth:`release`: every reader's take reads it.
+        self.first_id = 1
 
     @property
     def size(self) -> int:
         return self._size
-
-    @property
-    def first_id(self) -> int:
-        """Id of the oldest event still held (``last_id + 1`` when empty)."""
-        return self.last_id - len(self._buffer) + 1
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -84,6 +83,7 @@ class Ring:
             self._buffer.append(fields)
         else:
             self._buffer[(event.id - self._base) % self._size] = fields
+            self.first_id += 1
         self.last_id = event.id
 
     def slice(self, first: int, last: int) -> tuple[Event, ...]:
@@ -124,4 +124,4 @@ class Ring:
         keep = min(keep, len(self._buffer))
         first = self.last_id - keep + 1
         self._buffer = self.held(first, self.last_id) if keep else []
-        self._base = first
+        self._base = self.first_id = first

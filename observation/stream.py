@@ -65,7 +65,9 @@ class Stream:
         "_observers",
         "_on_close",
         "_primary",
+        "_producer_waits",
         "_ring",
+        "_size",
         "_space",
         "_tally",
         "_wakeup",
@@ -92,6 +94,7 @@ class Stream:
         self.group = group
         self.info = info
         self._ring = Ring(ring_size, decode)
+        self._size = ring_size
         self._encode = encode
         self._tally = tally
         self._on_close = on_close
@@ -103,8 +106,10 @@ class Stream:
         # (Reader.next_batch parks on it directly: it is the hot path).
         self._wakeup = wakeup_lot()
         self._fanout = fanout
-        # The producer waiting for the primary reader to make room parks here.
+        # The producer waiting for the primary reader to make room parks here
+        # (and says so: the primary's every take checks, so no lot method call).
         self._space = trio.lowlevel.ParkingLot()
+        self._producer_waits = False
         # The last batch built: readers woken by the same publish ask for the
         # same id range, so they share one tuple and one joined bytes object.
         # Always valid: ids are never reused and events are immutable.
@@ -164,8 +169,10 @@ class Stream:
             raise trio.ClosedResourceError(f"stream {self.stream_id!r} is closed")
         ring = self._ring
         primary = self._primary
-        # Appending to a full ring drops first_id; the primary must have it.
-        if primary is not None and ring.is_full() and primary.position < ring.first_id:
+        # Appending to a full ring drops first_id; the primary must have it. It
+        # has not if it is a whole ring behind (only a full ring can be: ids
+        # start at 1, and a released ring belongs to a closed stream).
+        if primary is not None and ring.last_id - primary._position >= self._size:
             raise trio.WouldBlock
         event_id = ring.last_id + 1
         event = Event(event_id, name, data, self._encode(event_id, name, data))
@@ -194,7 +201,11 @@ class Stream:
             return event
         while True:
             # Unparked when the primary reads, detaches, or the stream closes.
-            await self._space.park()
+            self._producer_waits = True
+            try:
+                await self._space.park()
+            finally:
+                self._producer_waits = False
             try:
                 return self.publish_nowait(name, data)
             except trio.WouldBlock:
@@ -275,10 +286,6 @@ class Stream:
             self._wakeup.unpark_all()
         else:
             self._fanout.wake(self._wakeup)
-
-    def _primary_advanced(self) -> None:
-        if self._space:  # a producer waits for room
-            self._space.unpark_all()
 
     def _lagged(self, skipped: int) -> None:
         self._tally.lagged(skipped)

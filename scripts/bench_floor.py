@@ -63,8 +63,8 @@ lateness p99 <= 50 ms, 0 failures; at 1,000 x 20/s all open within 10 s.
 wake-up and lateness.
 
 ``--profile DIR``: while chinwag is at full load, ``py-spy record`` (if
-installed; ``--nonblocking``, 100 Hz) samples the server for the all-live
-window; the collapsed stacks go to DIR and the top frames are printed.
+installed; ``--nonblocking``, ``--profile-rate`` Hz, 100 by default)
+samples the server for the all-live window; the collapsed stacks go to DIR and the top frames are printed.
 
 The server and the load generator share the machine's cores: the load
 generator's own CPU is reported. Exit status: 1 if something is
@@ -523,7 +523,7 @@ def targets_for(n: int, level: dict[str, Any]) -> list[tuple[str, bool]]:
 class Profiler:
     """``py-spy record`` on a server for a while (collapsed stacks), if py-spy is installed."""
 
-    def __init__(self, out_dir: Path, name: str, pid: int, seconds: float) -> None:
+    def __init__(self, out_dir: Path, name: str, pid: int, seconds: float, rate: int = 100) -> None:
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         self.path = out_dir / f"{name}.txt"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -541,7 +541,7 @@ class Profiler:
                 "--duration",
                 str(max(1, int(seconds))),
                 "--rate",
-                "100",
+                str(rate),
                 "--nonblocking",
                 "--format",
                 "raw",
@@ -596,9 +596,9 @@ class Profiler:
 
 
 def start_profiler(
-    into: list[Profiler], out_dir: Path, name: str, seconds: float, pid: int
+    into: list[Profiler], out_dir: Path, name: str, seconds: float, rate: int, pid: int
 ) -> None:
-    into.append(Profiler(out_dir, name, pid, seconds))
+    into.append(Profiler(out_dir, name, pid, seconds, rate))
 
 
 async def measure(
@@ -673,7 +673,14 @@ def run_target(env: BenchEnv, n: int, target: str, args: Any, tokens: int) -> di
     profile = None
     if args.profile and target in args.profile_targets:
         seconds = max(1.0, tokens / args.rate - (3 + n / 150) - 2)
-        profile = partial(start_profiler, profilers, Path(args.profile), f"{target}-{n}", seconds)
+        profile = partial(
+            start_profiler,
+            profilers,
+            Path(args.profile),
+            f"{target}-{n}",
+            seconds,
+            args.profile_rate,
+        )
     try:
         result = trio.run(
             measure,
@@ -947,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-tasks", type=int, default=500)
     p.add_argument("--micro-seconds", type=float, default=5.0)
     p.add_argument("--profile", metavar="DIR", help="py-spy the servers (see above)")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument(
         "--profile-targets", default="chinwag", help="comma-separated targets to profile"
     )

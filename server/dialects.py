@@ -81,6 +81,8 @@ class _Chat:
     connected = b": connected\n\n"
 
     def chunk(self, text: str) -> tuple[str, str]:
+        if _NEEDS_ESCAPE.search(text) is None:  # _text's plain case, inline: per token
+            return "chunk", '{"text":"' + text + '"}'
         return "chunk", _text(text)
 
     def ending(self, end: Ending) -> list[tuple[str, str]]:
@@ -117,6 +119,8 @@ class _V1:
     connected = b": Connected to chat stream\n\n"
 
     def chunk(self, text: str) -> tuple[str, str]:
+        if _NEEDS_ESCAPE.search(text) is None:  # _text's plain case, inline: per token
+            return "token", '{"text":"' + text + '"}'
         return "token", _text(text)
 
     def ending(self, end: Ending) -> list[tuple[str, str]]:

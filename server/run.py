@@ -106,9 +106,6 @@ class StreamRun:
         self.push: Push | None = None
         #: When the run was told to stop (:meth:`cancel`); None until then.
         self.stop_requested_at: float | None = None
-        #: The run's innermost scope while it streams: shielded by :meth:`cancel`
-        #: while a client write is in flight (:meth:`Push.write`).
-        self._writes: trio.CancelScope | None = None
         self._done = trio.Event()
         self._attached = trio.Event()
         if not streaming:
@@ -187,18 +184,29 @@ class StreamRun:
                     await self._attached.wait()
                 if attach_wait.cancelled_caught:
                     return
+                # Once per stream, not per token (the loop below runs per event).
+                chunk, publish = self.dialect.chunk, self.stream.publish_nowait
+                publisher, stream_id = self.publisher, self.stream_id
                 async with provider.stream(self.request) as events:
-                    # Innermost: shielded by cancel() while a client write is in flight.
-                    with trio.CancelScope() as self._writes:
+                    # Innermost: shielded by cancel() while a client write is in flight
+                    # (Push.shield_write).
+                    with trio.CancelScope() as writes:
                         async for event in events:
                             if isinstance(event, TextDelta):
+                                text = event.text
                                 if not parts:
                                     self.first_token_at = trio.current_time()
-                                parts.append(event.text)
-                                name, data = self.dialect.chunk(event.text)
-                                if not self._append(name, data):
+                                parts.append(text)
+                                name, data = chunk(text)
+                                try:
+                                    published = publish(name, data)
+                                except trio.WouldBlock:
+                                    # The client is a whole ring behind: wait for room.
                                     await self._publish_waiting(name, data)
-                                elif (
+                                    continue
+                                if publisher is not None:  # cluster mode: for Redis too
+                                    publisher.add(stream_id, published.id, name, data, tokens=1)
+                                if (
                                     not event.more
                                     and (push := self.push) is not None
                                     and self.stop_requested_at is None
@@ -206,7 +214,7 @@ class StreamRun:
                                     # The client's bytes, written by this task: no second
                                     # wake-up. A run of tokens already due (``more``) goes
                                     # in one write, after its last; none after a stop.
-                                    await push.write(self._writes)
+                                    await push.write(writes)
                             elif isinstance(event, Usage):
                                 usage = event
                             elif isinstance(event, Stop):
@@ -234,18 +242,6 @@ class StreamRun:
                     # What could not be settled stays reserved until the next start-up
                     # releases it; the message stays "streaming" until then too.
                     log.exception("stream %s: could not persist/settle", self.stream_id)
-
-    def _append(self, name: str, data: str) -> bool:
-        """Publish a chunk now; False (nothing published) if the client is a whole
-        ring behind. In cluster mode the event is also queued for Redis (never a wait).
-        """
-        try:
-            event = self.stream.publish_nowait(name, data)
-        except trio.WouldBlock:
-            return False
-        if self.publisher is not None:
-            self.publisher.add(self.stream_id, event.id, name, data, tokens=1)
-        return True
 
     async def _publish_waiting(self, name: str, data: str) -> None:
         """Publish a chunk once the client, a whole ring behind, makes room — but
