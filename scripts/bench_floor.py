@@ -49,6 +49,11 @@ handshakes in flight), driven by ``bench_streams``' load generator
 ``--pin``: each server on the last CPU, the load generator on the others
 (``benchlib.pin``), so that neither takes the other's core.
 
+``--baseline REV``: also runs chinwag as it was at REV (a temporary git
+worktree), as the target ``chinwag-base``, beside the others in every
+round: chinwag ÷ chinwag-base is the A/B of the changes since REV, paired
+per round like the floors' ratios (the VM's drift falls on both alike).
+
 ``--repeat N``: N rounds per stream count, every target once per round in
 turn, so that a drift of the machine's speed (±15% between runs here) falls
 on all of them alike; each figure is the median of its runs, and a ratio is
@@ -73,6 +78,7 @@ functionally broken (a failed stream, no events), never because of speed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -83,10 +89,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -97,7 +104,6 @@ from bench_streams import (
     BenchEnv,
     bench_concurrent,
     bench_first_byte,
-    start_chinwag,
 )
 from benchlib import (
     ROOT,
@@ -115,7 +121,9 @@ from benchlib import (
     sched_wait_s,
 )
 
-TARGETS = ("floor-sleep", "floor-timer", "floor-quart", "floor-relay", "chinwag")
+TARGETS = ("floor-sleep", "floor-timer", "floor-quart", "floor-relay", "chinwag", "chinwag-base")
+#: What chinwag's ratios are taken against, in the report's order.
+BASES = ("floor-timer", "floor-quart", "floor-relay", "floor-sleep", "chinwag-base")
 TTFT_MS = 50
 FLOOR_READY = "floor listening on"
 LINE_NO = re.compile(r":\d+\)$")
@@ -643,9 +651,12 @@ def bench_first(env: BenchEnv, args: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"streams": args.sequential, "targets": {}}
     for target in args.targets:
         print(f"[first] {target}: {args.sequential} sequential streams", flush=True)
-        if target == "chinwag":
-            srv = start_chinwag(
-                env, "chinwag-first", CHINWAG_SIM_TTFT_MS="0", CHINWAG_SIM_TOKENS_PER_S="0"
+        if target.startswith("chinwag"):
+            srv = Server(
+                env,
+                f"{target}-first",
+                {"CHINWAG_SIM_TTFT_MS": "0", "CHINWAG_SIM_TOKENS_PER_S": "0"},
+                cwd=args.baseline_dir if target == "chinwag-base" else None,
             )
         else:
             srv = start_floor(env, f"{target}-first", target, 100_000, args.grid_ms, ttft_ms=0)
@@ -659,13 +670,16 @@ def bench_first(env: BenchEnv, args: Any) -> dict[str, Any]:
 
 def run_target(env: BenchEnv, n: int, target: str, args: Any, tokens: int) -> dict[str, Any]:
     """One run of ``target`` at ``n`` streams on a fresh server: its summary, detail, profile."""
-    if target == "chinwag":
-        srv = start_chinwag(
+    if target.startswith("chinwag"):
+        srv = Server(
             env,
-            f"chinwag-{n}",
-            CHINWAG_SIM_TTFT_MS=str(TTFT_MS),
-            CHINWAG_SIM_TOKENS_PER_S=f"{args.rate:g}",
-            CHINWAG_SIM_ANSWER_TOKENS=str(tokens),
+            f"{target}-{n}",
+            {
+                "CHINWAG_SIM_TTFT_MS": str(TTFT_MS),
+                "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
+                "CHINWAG_SIM_ANSWER_TOKENS": str(tokens),
+            },
+            cwd=args.baseline_dir if target == "chinwag-base" else None,
         )
     else:
         srv = start_floor(env, f"{target}-{n}", target, args.rate, args.grid_ms)
@@ -765,7 +779,7 @@ def bench_level(env: BenchEnv, n: int, args: Any) -> dict[str, Any]:
     level["targets"] = {t: combine([r[t] for r in rounds]) for t in args.targets}
     level["ratios"] = {}
     if "chinwag" in args.targets:
-        for floor in ("floor-timer", "floor-sleep", "floor-quart", "floor-relay"):
+        for floor in BASES:
             if floor not in args.targets:
                 continue
             suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
@@ -867,7 +881,7 @@ def report(results: dict[str, Any]) -> None:
                 )
             )
         r = level["ratios"]
-        for floor in ("floor-timer", "floor-quart", "floor-relay", "floor-sleep"):
+        for floor in BASES:
             suffix = "Vs" + "".join(w.capitalize() for w in floor.split("-"))
             if r.get("cpuPerEvent" + suffix) is None:
                 continue
@@ -960,6 +974,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
     p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run chinwag at REV (a git worktree) as chinwag-base, for an A/B (see above)",
+    )
+    p.add_argument(
         "--pin",
         action="store_true",
         help="run each server on the last CPU and the load generator on the others",
@@ -972,6 +991,10 @@ def main(argv: list[str] | None = None) -> int:
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(args.targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.baseline and "chinwag-base" not in args.targets:
+        args.targets.append("chinwag-base")
+    if "chinwag-base" in args.targets and not args.baseline:
+        p.error("chinwag-base needs --baseline REV")
     only = {x.strip() for x in args.only.split(",")}
     args.profile_targets = {t.strip() for t in args.profile_targets.split(",")}
 
@@ -991,6 +1014,34 @@ def main(argv: list[str] | None = None) -> int:
         "streamSlackS": STREAM_SLACK_S,
     }
     t0 = time.perf_counter()
+    with baseline_tree(args.baseline) as args.baseline_dir:
+        if args.baseline:
+            results["baseline"] = args.baseline
+        return run_all(args, results, only, levels, t0)
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str | None) -> Iterator[Path | None]:
+    """A detached git worktree of ``rev`` for the ``chinwag-base`` target (None: no baseline)."""
+    if not rev:
+        yield None
+        return
+    where = Path(tempfile.mkdtemp(prefix="chinwag-base-")) / "tree"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--quiet", str(where), rev],
+        cwd=ROOT,
+        check=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, check=False)
+        shutil.rmtree(where.parent, ignore_errors=True)
+
+
+def run_all(
+    args: Any, results: dict[str, Any], only: set[str], levels: list[int], t0: float
+) -> int:
     if "micro" in only:
         print(
             f"[micro] {args.micro_tasks} tasks x {args.rate}/s x {args.micro_seconds:g} s",

@@ -364,6 +364,7 @@ class Server:
         argv: Sequence[str] = ("serve",),
         ready: str = "chinwag listening on",
         command: Sequence[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.settings = extra_env
@@ -376,7 +377,7 @@ class Server:
             [*_SERVER_WRAP, PY, *command]
             if command is not None
             else [*_SERVER_WRAP, PY, "-m", "server.cli", *argv],
-            cwd=ROOT,
+            cwd=cwd or ROOT,  # ``-m``: the packages of this directory (a worktree: another commit)
             env={**env.base_env(), **extra_env},
             stdin=subprocess.DEVNULL,
             stdout=self._out,
