@@ -2,33 +2,40 @@
 
 Pure data structure: no trio, no waking. The stream owns one.
 
-The ring holds each event as a plain tuple of its fields (all but the id,
-which is where it is held), not as the :class:`Event` itself: a tuple of
-strings and bytes is dropped from the cyclic garbage collector's lists the
-first time it survives a collection, an instance of a class never is. A
-ring holds thousands of events that live as long as the stream, and as
-instances they were ~90% of what every collection of the older generations
-had to walk: at 500 streams x 20/s, pauses of 30-100 ms, the streams'
-lateness maximum (BENCHMARKS.md). Events are built again, on demand, by
-:meth:`Ring.events` from what :meth:`Ring.held` returned (a stream's batch
-does so only when a reader asks for its events); :meth:`Ring.slice` does
-both at once. Given a ``decode`` (the inverse of the stream's
-encoder), the ring keeps an event's wire bytes but not its data, which is
-in them: a third less memory an event.
+The ring keeps each event's fields (all but the id, which is where it is
+held) in parallel lists, one per field, not as the :class:`Event` itself:
+nothing is allocated per event but what the event is made of (its wire
+bytes), and the cyclic garbage collector has nothing to walk (lists of
+strings and bytes are all it sees; instances of a class were ~90% of what
+every collection of the older generations had to walk: at 500 streams x
+20/s, pauses of 30-100 ms, the streams' lateness maximum; a tuple per event,
+the next design, was still one tracked allocation per event, and one cold
+object more per publish at 250 streams: BENCHMARKS.md). Events are built
+again, on demand, by :meth:`Ring.events` from what :meth:`Ring.held`
+returned (a stream's batch does so only when a reader asks for its events);
+:meth:`Ring.slice` does both at once. Given a ``decode`` (the inverse of the
+stream's encoder), the ring keeps an event's wire bytes but not its data,
+which is in them: a third less memory an event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from .events import Event
 
 #: Gets an event's ``data`` back from its id, name and wire bytes (see Ring).
 Decode = Callable[[int, str, bytes], str]
 
-#: How the ring keeps an event: its fields but the id (known from where it is
-#: held), and with a ``decode``, without ``data`` (None) either.
-_Fields = tuple[str, str | None, bytes]
+
+class Held(NamedTuple):
+    """Events ``first..last`` as the ring holds them (:meth:`Ring.held`): each
+    field's values in id order; ``datas`` is None for a ring with a ``decode``."""
+
+    names: list[str]
+    datas: list[str] | None
+    wires: list[bytes]
 
 
 class Ring:
@@ -46,7 +53,7 @@ class Ring:
       * ids ``first_id..last_id`` are all present; nothing older is.
     """
 
-    __slots__ = ("_base", "_buffer", "_decode", "_size", "first_id", "last_id")
+    __slots__ = ("_base", "_datas", "_decode", "_names", "_size", "_wires", "first_id", "last_id")
 
     def __init__(self, size: int, decode: Decode | None = None) -> None:
         if size < 1:
@@ -54,7 +61,10 @@ class Ring:
         self._size = size
         # With a decode, an event's data is not kept: it is in its wire bytes.
         self._decode = decode
-        self._buffer: list[_Fields] = []
+        # One list per field, index i holding the event with id base + i (mod size).
+        self._names: list[str] = []
+        self._datas: list[str] | None = None if decode is not None else []
+        self._wires: list[bytes] = []
         self._base = 1
         #: Id of the newest event ever appended (0 before any). Read-only for
         #: everyone else: an attribute, as readers check it twice per event.
@@ -69,59 +79,78 @@ class Ring:
         return self._size
 
     def __len__(self) -> int:
-        return len(self._buffer)
+        return len(self._wires)
 
     def is_full(self) -> bool:
-        return len(self._buffer) == self._size
+        return len(self._wires) == self._size
 
     def append(self, event: Event) -> None:
         """Add the next event; when full, the oldest one is dropped."""
-        if event.id != self.last_id + 1:
-            raise ValueError(f"expected id {self.last_id + 1}, got {event.id}")
-        fields = (event.name, None if self._decode else event.data, event.wire)
-        if len(self._buffer) < self._size:
-            self._buffer.append(fields)
+        event_id = event.id
+        if event_id != self.last_id + 1:
+            raise ValueError(f"expected id {self.last_id + 1}, got {event_id}")
+        wires, datas = self._wires, self._datas
+        if len(wires) < self._size:
+            self._names.append(event.name)
+            wires.append(event.wire)
+            if datas is not None:
+                datas.append(event.data)
         else:
-            self._buffer[(event.id - self._base) % self._size] = fields
+            i = (event_id - self._base) % self._size
+            self._names[i] = event.name
+            wires[i] = event.wire
+            if datas is not None:
+                datas[i] = event.data
             self.first_id += 1
-        self.last_id = event.id
+        self.last_id = event_id
 
     def slice(self, first: int, last: int) -> tuple[Event, ...]:
         """The events with ids ``first..last`` inclusive, in order.
 
         Both ids must be held (``first_id <= first <= last <= last_id``).
-        Costs O(last - first): two list slices at most, and an Event built
-        per event (equal to the one appended, not the same object).
+        Costs O(last - first): two list slices per field at most, and an
+        Event built per event (equal to the one appended, not the same object).
         """
         return self.events(first, self.held(first, last))
 
-    def held(self, first: int, last: int) -> list[_Fields]:
+    def held(self, first: int, last: int) -> Held:
         """How events ``first..last`` are held (see :meth:`slice`), for
-        :meth:`events` later: what is held is immutable, so the answer stays
-        true when the ring has moved on."""
+        :meth:`events` later: copies of the lists' slices, so the answer
+        stays true when the ring has moved on."""
         if not (self.first_id <= first <= last <= self.last_id):
             raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self.last_id}")
         start = (first - self._base) % self._size
         stop = (last - self._base) % self._size + 1
-        buffer = self._buffer
-        return buffer[start:stop] if start < stop else buffer[start:] + buffer[:stop]
-
-    def events(self, first: int, held: list[_Fields]) -> tuple[Event, ...]:
-        """The events ``held`` (:meth:`held`), the first of them ``first``."""
-        decode = self._decode
-        if decode is None:
-            return tuple([Event(i, *fields) for i, fields in enumerate(held, first)])  # type: ignore[arg-type]
-        return tuple(
-            [
-                Event(i, name, decode(i, name, wire), wire)
-                for i, (name, _, wire) in enumerate(held, first)
-            ]
+        datas = self._datas
+        if start < stop:
+            return Held(
+                self._names[start:stop],
+                None if datas is None else datas[start:stop],
+                self._wires[start:stop],
+            )
+        return Held(
+            self._names[start:] + self._names[:stop],
+            None if datas is None else datas[start:] + datas[:stop],
+            self._wires[start:] + self._wires[:stop],
         )
+
+    def events(self, first: int, held: Held) -> tuple[Event, ...]:
+        """The events ``held`` (:meth:`held`), the first of them ``first``."""
+        names, datas, wires = held
+        ids = range(first, first + len(wires))
+        if datas is None:
+            decode = self._decode
+            assert decode is not None
+            datas = [decode(i, name, wire) for i, name, wire in zip(ids, names, wires, strict=True)]
+        return tuple(map(Event, ids, names, datas, wires))
 
     def release(self, keep: int = 0) -> None:
         """Drop every event but the newest ``keep`` (the memory goes with them);
         ids keep counting."""
-        keep = min(keep, len(self._buffer))
+        keep = min(keep, len(self._wires))
         first = self.last_id - keep + 1
-        self._buffer = self.held(first, self.last_id) if keep else []
+        names, datas, wires = self.held(first, self.last_id) if keep else ([], None, [])
+        self._names, self._wires = names, wires
+        if self._datas is not None:
+            self._datas = datas if datas is not None else []
         self._base = self.first_id = first

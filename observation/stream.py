@@ -301,7 +301,7 @@ class Stream:
                 first,
                 last,
                 0,
-                b"".join([wire for _, _, wire in held]),
+                b"".join(held.wires),
                 partial(ring.events, first, held),
             )
             self._cached = cached
