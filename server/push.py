@@ -63,12 +63,12 @@ class Push:
         "_ended",
         "_extra",
         "_guard",
-        "_now",
         "_raised",
         "_reader",
         "_send",
-        "busy_since",
+        "busy",
         "lot",
+        "writes",
     )
 
     def __init__(self, reader: Reader, send: ASGISendCallable) -> None:
@@ -77,11 +77,13 @@ class Push:
         self._extra = b""  # a heartbeat, for whichever task writes next
         self._closed = False  # the response is over (or broken): nobody writes any more
         self._ended = False  # the stream ended and everything was written
-        #: When the write in flight started (None: no write in flight).
-        self.busy_since: float | None = None
+        #: A write is in flight (one writer at a time: the others leave their bytes).
+        self.busy = False
+        #: Writes started so far: with :attr:`busy`, tells one long write from
+        #: several short ones (a counter, not a clock read per event).
+        self.writes = 0
         self._guard: trio.CancelScope | None = None  # the caller's scope, while it writes
         self._raised = False  # its shield was raised by shield_write
-        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time(), one call
         #: The response's task parks here between heartbeats (woken: see :meth:`wake`).
         self.lot = Lot()
 
@@ -125,9 +127,10 @@ class Push:
         (``bench_instructions.py``); and this is the writes' only coroutine
         frame. None: the caller is in a shielded scope already.
         """
-        if self.busy_since is not None or self._closed:
+        if self.busy or self._closed:
             return
-        self.busy_since = self._now()
+        self.busy = True
+        self.writes += 1
         self._guard = guard
         reader, send = self._reader, self._send
         try:
@@ -145,7 +148,7 @@ class Push:
         except Exception:
             self._closed = True
         finally:
-            self.busy_since = None
+            self.busy = False
             self._guard = None
             if self._raised:  # by a stop meanwhile: it arrives at the next checkpoint
                 self._raised = False
@@ -189,9 +192,11 @@ async def serve_push(
                 return
             wake_at = next_beat
             stopped_at = run.stop_requested_at
-            if stopped_at is not None and push.busy_since is not None:
-                # The run is stopping but stuck writing to a client that does not read.
-                cut_at = max(stopped_at, push.busy_since) + HURRY_GRACE_S
+            if stopped_at is not None and push.busy:
+                # The run is stopping but stuck writing to a client that does not
+                # read: from the stop on, the client has HURRY_GRACE_S to take it
+                # (a run starts no write after its stop, so this one began before).
+                cut_at = stopped_at + HURRY_GRACE_S
                 if trio.current_time() >= cut_at:
                     push.close()
                     cut_peer(scope)
@@ -206,9 +211,9 @@ async def serve_push(
     finally:
         push.close()
         run.detach(push)
-        if push.busy_since is not None:
+        if push.busy:
             # The run's write in flight ends before the response does (bounded: the
             # connection is going away, or it was cut).
             with trio.CancelScope(shield=True, deadline=trio.current_time() + HURRY_GRACE_S):
-                while push.busy_since is not None:
+                while push.busy:
                     await push.lot.park()

@@ -70,8 +70,7 @@ async def test_a_stop_is_prompt_while_the_run_waits_on_a_client_that_stopped_rea
         # Wait until the run is in a write that does not return (the kernel's
         # buffers are full); nothing signals it, so watch the write's age, bounded.
         with trio.fail_after(10):
-            while not _stuck_for(run, 0.5):  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await _stuck_for(run, 0.5)
         started = trio.current_time()
         with trio.fail_after(10):
             assert await hub.stop(run.stream_id, "enough") == "cancelled"
@@ -83,7 +82,17 @@ async def test_a_stop_is_prompt_while_the_run_waits_on_a_client_that_stopped_rea
     assert bal.reserved == 0 and bal.balance == 1_000_000 - msg["credits_charged"]
 
 
-def _stuck_for(run, seconds: float) -> bool:
-    """The run's write to its client has been in flight for ``seconds``."""
-    since = run.push.busy_since if run.push is not None else None
-    return since is not None and trio.current_time() - since >= seconds
+async def _stuck_for(run, seconds: float) -> None:
+    """Return once the run's write to its client has been in flight for ``seconds``:
+    the same write (the push's count of writes unchanged) busy at every look."""
+    seen: int | None = None
+    since = 0.0
+    while True:
+        push, now = run.push, trio.current_time()
+        if push is None or not push.busy:
+            seen = None
+        elif push.writes != seen:
+            seen, since = push.writes, now
+        elif now - since >= seconds:
+            return
+        await trio.sleep(0.05)
