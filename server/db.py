@@ -326,7 +326,8 @@ class Db:
         SQLite file, an unreachable PostgreSQL) while the caller's deadline
         leaves time: :data:`RETRY_DELAYS` apart, then the last error is raised.
         Only for a moment that is one transaction (all or nothing: a call's
-        ending, ``StoreBackend.close_turn``), so a failed try left nothing."""
+        ending, ``StoreBackend.close_turn``), so a failed try left nothing, or
+        that is idempotent (a failed open's undo, ``StreamHub._undo_open``)."""
         for delay in (*RETRY_DELAYS, None):
             try:
                 return await self.write(moment, *args)

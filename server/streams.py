@@ -14,6 +14,7 @@ session, a shutdown.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ import ledger
 from observation import ObservationManager
 
 from .auth import Principal
-from .db import Db
+from .db import TRANSIENT, Db
 from .dialects import CHAT, Dialect
 from .endings import InternalFailure, NodeLostError, Outcome, ServerShutdown, StreamCancelled
 from .errors import ApiError, Conflict, TooMany
@@ -38,7 +39,7 @@ from .providers.base import (
 )
 from .run import CLEANUP_TIMEOUT_S, FINAL_WAIT_S, StreamRun
 from .settings import Settings
-from .storage import StoreBackend
+from .storage import StoreBackend, StoreError
 from .telemetry import Telemetry
 
 __all__ = [
@@ -59,6 +60,19 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 1024
 HISTORY_TURNS = 20
+
+
+log = logging.getLogger("chinwag.streams")
+
+
+def _may_have_committed(exc: BaseException) -> bool:
+    """Might the open that raised ``exc`` be stored after all? Yes for a database
+    that failed or went away mid-commit (and for a bug: better checked); no for
+    a refusal (insufficient credits, an unknown account, a store's own error),
+    which rolled the transaction back, and for what is not an error."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, Exception) and not isinstance(exc, ledger.LedgerError | StoreError)
 
 
 def new_stream_id() -> str:
@@ -273,9 +287,11 @@ class StreamHub:
             with trio.CancelScope(shield=True):
                 # Light: no commit in it waits for the disk (a reservation's does not).
                 reservation, user_msg, assistant_msg = await self.db.write(open_rows, light=True)
-        except BaseException:
-            if link is not None:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+        except BaseException as exc:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
+                if _may_have_committed(exc):
+                    await self._undo_open(stream_id, user_id)
+                if link is not None:
                     await link.release(admission)
                     await link.finished(stream_id)
             raise
@@ -294,6 +310,58 @@ class StreamHub:
             dialect=dialect,
             admission=admission,
         )
+
+    async def _undo_open(self, stream_id: str, user_id: str) -> None:
+        """Undo whatever of a failed open was stored: its reservation released, its
+        assistant message ``interrupted`` (nothing charged). Idempotent, and a
+        no-op when nothing was stored.
+
+        An open is one transaction, so it is all there or not at all; but a
+        commit can fail after it happened (PostgreSQL's connection lost in
+        ``COMMIT``): the caller is refused, and without this its reservation
+        would stay held with no stream to settle it — until the next start-up
+        on one process, for good in cluster mode (no start-up sweep there).
+        """
+
+        def undo(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[int, bool]:
+            released = 0
+            for held in book.open_reservations(user_id):
+                if held.streaming_session_id == stream_id:
+                    book.release(held.id)
+                    released += 1
+            message = store.message_by_stream(stream_id)
+            cut = message is not None and message["status"] == "streaming"
+            if cut:
+                assert message is not None
+                store.finish_message(
+                    message["id"],
+                    content="",
+                    status="interrupted",
+                    input_tokens=0,
+                    output_tokens=0,
+                    credits_charged=0,
+                    finish_reason="error",
+                )
+            return released, cut
+
+        try:
+            released, cut = await self.db.write_retried(undo)
+        except Exception:
+            log.exception(
+                "stream %s: its open failed and could not be checked: a reservation it "
+                "may hold is released by the next start-up's recovery (one process) or "
+                "by hand (cluster mode)",
+                stream_id,
+            )
+            return
+        if released or cut:
+            log.warning(
+                "stream %s: its open failed after it was stored: %d reservation(s) "
+                "released, message interrupted: %s",
+                stream_id,
+                released,
+                cut,
+            )
 
     def _forget(self, run: StreamRun) -> None:
         self._by_stream.pop(run.stream_id, None)

@@ -1,0 +1,113 @@
+"""An open is one transaction, all there or not at all; but its commit can fail
+after it happened (PostgreSQL's connection lost in ``COMMIT``). The caller is
+refused either way, so the hub undoes whatever of the open was stored: no
+reservation outlives the error with no stream to settle it (in cluster mode
+no start-up sweep would ever release it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+import pytest
+import trio
+
+import ledger
+from server.auth import Principal
+
+
+def _session(harness: Any, credits: int) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    svc = harness.svc
+    user = harness.user(credits=credits)
+    model = next(iter(svc.catalog))
+    session = svc.store.create_session(
+        user["id"], session_id=None, title="t", model_id=model.id, source="api"
+    )
+    return user, session, model
+
+
+async def _start(harness: Any, user: dict[str, Any], session: Any, model: Any) -> Any:
+    return await harness.svc.hub.start(
+        Principal(user["id"], "u", "enduser"),
+        session,
+        "hello",
+        model,
+        max_tokens=None,
+        temperature=None,
+        scenario=None,
+    )
+
+
+def _committed_then_failed(store: Any) -> list[str]:
+    """``store.open_turn`` commits, then raises as a lost connection would."""
+    real = store.open_turn
+    opened: list[str] = []
+
+    def open_turn(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)  # committed
+        opened.append(kwargs["streaming_session_id"])
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.open_turn = open_turn
+    return opened
+
+
+async def test_an_open_stored_despite_its_error_is_undone(harness, caplog):
+    svc = harness.svc
+    user, session, model = _session(harness, credits=100_000)
+    opened = _committed_then_failed(svc.db.write_store)
+    with pytest.raises(sqlite3.OperationalError):
+        await _start(harness, user, session, model)
+    # It was stored: the reservation and the turn's two messages.
+    [stream_id] = opened
+    message = svc.store.message_by_stream(stream_id)
+    assert message is not None
+    # And undone before the caller heard: nothing held, nothing charged.
+    assert svc.ledger.open_reservations(user["id"]) == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert message["status"] == "interrupted" and message["credits_charged"] == 0
+    assert "its open failed after it was stored" in caplog.text
+    assert svc.ledger.verify() == []
+    assert svc.hub.live() == []
+
+
+async def test_a_refused_open_has_nothing_to_undo(harness, caplog):
+    svc = harness.svc
+    user, session, model = _session(harness, credits=0)
+    with pytest.raises(ledger.InsufficientCredits):
+        await _start(harness, user, session, model)
+    assert svc.ledger.open_reservations(user["id"]) == []
+    assert "its open failed" not in caplog.text
+    assert svc.store.recent_messages(session["id"], 5) == []
+
+
+async def test_an_undo_that_fails_says_so_and_the_caller_gets_the_first_error(
+    harness, caplog, monkeypatch
+):
+    svc = harness.svc
+    user, session, model = _session(harness, credits=100_000)
+    opened = _committed_then_failed(svc.db.write_store)
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    caplog.set_level(logging.ERROR, logger="chinwag.streams")
+    with monkeypatch.context() as patch:
+        patch.setattr(svc.db.write_ledger, "open_reservations", unreachable)
+        with trio.fail_after(10), pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+            await _start(harness, user, session, model)
+    assert opened
+    assert "could not be checked" in caplog.text
+    # Left for recovery, as the log says: held, not charged.
+    [held] = svc.ledger.open_reservations(user["id"])
+    assert held.streaming_session_id == opened[0]
+    assert svc.ledger.recover() == 1
+    assert svc.ledger.balance(user["id"]).balance == 100_000
+
+
+@pytest.fixture(autouse=True)
+def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
