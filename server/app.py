@@ -219,6 +219,8 @@ async def _join_cluster(svc: Services) -> AsyncIterator[None]:
             catalog=svc.catalog,
             observations=svc.observations,
         )
+        # A stream ended without its run leaves the cluster's live list then.
+        svc.hub.abandoned.on_ended = svc.link.finished
         yield
 
 

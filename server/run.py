@@ -322,13 +322,16 @@ class StreamRun:
                     charged = (await hub.db.write_retried(end)).charged
                 except Exception:
                     # Nothing of it was stored: the message stays "streaming" and the
-                    # reservation held until recovery ends them (the next start-up; in
-                    # cluster mode the stream stays on the node's live list for a
-                    # survivor), which charges nothing. Readers are told so.
+                    # reservation held until the hub ends both without this run, once
+                    # the database answers again (hub.abandoned, every few seconds),
+                    # or recovery does (the next start-up; in cluster mode a survivor:
+                    # the stream stays on the node's live list until then). Either
+                    # charges nothing. Readers are told so.
                     log.exception("stream %s: could not record its ending", self.stream_id)
-                    owner = False  # not `finished`: recovery must still find it
+                    owner = False  # not `finished`: ended later, and found until then
                     charged, finish_reason, status = 0, "error", "interrupted"
                     error = NotRecorded()
+                    hub.abandoned.later(self.stream_id, self.user_id, content)
                 else:
                     hub.telemetry.count(charges.charged(charged))
                 if link is not None:  # before `done`: its client may start the next one at once

@@ -24,6 +24,7 @@ import trio
 import ledger
 from observation import ObservationManager
 
+from .abandoned import Abandoned
 from .auth import Principal
 from .db import TRANSIENT, Db
 from .dialects import CHAT, Dialect
@@ -122,10 +123,13 @@ class StreamHub:
         self._opening: set[str] = set()  # chat sessions whose stream is being opened
         self._opened = trio.lowlevel.ParkingLot()  # unparked as each opening ends
         self.accepting = True
+        #: Streams the database could not end, ended without their run.
+        self.abandoned = Abandoned(db)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.abandoned.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -289,8 +293,10 @@ class StreamHub:
                 reservation, user_msg, assistant_msg = await self.db.write(open_rows, light=True)
         except BaseException as exc:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
-                if _may_have_committed(exc):
-                    await self._undo_open(stream_id, user_id)
+                # A failed commit may have happened all the same: whatever of this
+                # open is stored is undone before the caller is refused.
+                if _may_have_committed(exc) and not await self.abandoned.end(stream_id, user_id):
+                    self.abandoned.later(stream_id, user_id)
                 if link is not None:
                     await link.release(admission)
                     await link.finished(stream_id)
@@ -310,58 +316,6 @@ class StreamHub:
             dialect=dialect,
             admission=admission,
         )
-
-    async def _undo_open(self, stream_id: str, user_id: str) -> None:
-        """Undo whatever of a failed open was stored: its reservation released, its
-        assistant message ``interrupted`` (nothing charged). Idempotent, and a
-        no-op when nothing was stored.
-
-        An open is one transaction, so it is all there or not at all; but a
-        commit can fail after it happened (PostgreSQL's connection lost in
-        ``COMMIT``): the caller is refused, and without this its reservation
-        would stay held with no stream to settle it — until the next start-up
-        on one process, for good in cluster mode (no start-up sweep there).
-        """
-
-        def undo(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[int, bool]:
-            released = 0
-            for held in book.open_reservations(user_id):
-                if held.streaming_session_id == stream_id:
-                    book.release(held.id)
-                    released += 1
-            message = store.message_by_stream(stream_id)
-            cut = message is not None and message["status"] == "streaming"
-            if cut:
-                assert message is not None
-                store.finish_message(
-                    message["id"],
-                    content="",
-                    status="interrupted",
-                    input_tokens=0,
-                    output_tokens=0,
-                    credits_charged=0,
-                    finish_reason="error",
-                )
-            return released, cut
-
-        try:
-            released, cut = await self.db.write_retried(undo)
-        except Exception:
-            log.exception(
-                "stream %s: its open failed and could not be checked: a reservation it "
-                "may hold is released by the next start-up's recovery (one process) or "
-                "by hand (cluster mode)",
-                stream_id,
-            )
-            return
-        if released or cut:
-            log.warning(
-                "stream %s: its open failed after it was stored: %d reservation(s) "
-                "released, message interrupted: %s",
-                stream_id,
-                released,
-                cut,
-            )
 
     def _forget(self, run: StreamRun) -> None:
         self._by_stream.pop(run.stream_id, None)

@@ -91,6 +91,28 @@ async def test_an_ending_that_cannot_be_saved_leaves_nothing_half_written(harnes
     assert svc.ledger.verify() == []
 
 
+async def test_an_ending_that_cannot_be_saved_is_ended_once_the_database_answers(
+    harness, monkeypatch
+):
+    """The hub ends it without its run (``server.abandoned``), as recovery would:
+    the reservation released, nothing charged, the message ``interrupted`` with
+    the text that was streamed — no restart needed, which cluster mode has none of."""
+    monkeypatch.setattr("server.abandoned.RETRY_S", 0.05)
+    svc = harness.svc
+    _failing(svc.db.write_store, times=-1)  # only the ending's own transaction fails
+    run, outcome, user = await _one_call(harness)
+    assert outcome.finish_reason == "error" and outcome.credits_charged == 0
+    with trio.fail_after(10):
+        await svc.hub.abandoned.drained()
+    message = svc.store.message_by_stream(run.stream_id)
+    assert message["status"] == "interrupted" and message["credits_charged"] == 0
+    assert message["content"] and message["content"] == outcome.assistant_message["content"]
+    assert svc.ledger.open_reservations(user["id"]) == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert svc.ledger.verify() == []
+
+
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))

@@ -1,13 +1,13 @@
 """An open is one transaction, all there or not at all; but its commit can fail
 after it happened (PostgreSQL's connection lost in ``COMMIT``). The caller is
-refused either way, so the hub undoes whatever of the open was stored: no
-reservation outlives the error with no stream to settle it (in cluster mode
-no start-up sweep would ever release it).
+refused either way, so the hub undoes whatever of the open was stored
+(``server.abandoned``): no reservation outlives the error with no stream to
+settle it (in cluster mode no start-up sweep would ever release it); if the
+database cannot even be asked, the hub asks again until it answers.
 """
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from typing import Any
 
@@ -69,7 +69,7 @@ async def test_an_open_stored_despite_its_error_is_undone(harness, caplog):
     balance = svc.ledger.balance(user["id"])
     assert (balance.balance, balance.reserved) == (100_000, 0)
     assert message["status"] == "interrupted" and message["credits_charged"] == 0
-    assert "its open failed after it was stored" in caplog.text
+    assert "ended without its run" in caplog.text
     assert svc.ledger.verify() == []
     assert svc.hub.live() == []
 
@@ -80,34 +80,43 @@ async def test_a_refused_open_has_nothing_to_undo(harness, caplog):
     with pytest.raises(ledger.InsufficientCredits):
         await _start(harness, user, session, model)
     assert svc.ledger.open_reservations(user["id"]) == []
-    assert "its open failed" not in caplog.text
+    assert "ended without its run" not in caplog.text and not svc.hub.abandoned.queued
     assert svc.store.recent_messages(session["id"], 5) == []
 
 
-async def test_an_undo_that_fails_says_so_and_the_caller_gets_the_first_error(
+async def test_an_undo_that_fails_is_tried_again_and_the_caller_gets_the_first_error(
     harness, caplog, monkeypatch
 ):
     svc = harness.svc
     user, session, model = _session(harness, credits=100_000)
     opened = _committed_then_failed(svc.db.write_store)
+    tries: list[int] = []
+    real = svc.db.write_ledger.open_reservations
 
-    def unreachable(*args: Any, **kwargs: Any) -> Any:
-        raise sqlite3.OperationalError("database is locked")
+    def unreachable_twice(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) <= 5:  # the undo's own retries (4), then the hub's first try
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)
 
-    caplog.set_level(logging.ERROR, logger="chinwag.streams")
-    with monkeypatch.context() as patch:
-        patch.setattr(svc.db.write_ledger, "open_reservations", unreachable)
-        with trio.fail_after(10), pytest.raises(sqlite3.OperationalError, match="disk I/O"):
-            await _start(harness, user, session, model)
-    assert opened
-    assert "could not be checked" in caplog.text
-    # Left for recovery, as the log says: held, not charged.
-    [held] = svc.ledger.open_reservations(user["id"])
-    assert held.streaming_session_id == opened[0]
-    assert svc.ledger.recover() == 1
-    assert svc.ledger.balance(user["id"]).balance == 100_000
+    monkeypatch.setattr(svc.db.write_ledger, "open_reservations", unreachable_twice)
+    with trio.fail_after(10), pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        await _start(harness, user, session, model)
+    [stream_id] = opened
+    assert "not ended yet" in caplog.text
+    assert svc.hub.abandoned.queued == [stream_id]
+    # Held, for now (read past the patched ledger method).
+    assert real(user["id"])[0].streaming_session_id == stream_id
+    with trio.fail_after(10):
+        await svc.hub.abandoned.drained()
+    assert len(tries) >= 6  # the hub tried again, and again, until it answered
+    assert real(user["id"]) == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert svc.store.message_by_stream(stream_id)["status"] == "interrupted"
 
 
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
+    monkeypatch.setattr("server.abandoned.RETRY_S", 0.05)

@@ -1,0 +1,134 @@
+"""Streams left in the database with no run to end them: ended now, or again later.
+
+A stream can be left so in two ways:
+
+- its open failed, though its commit may have happened all the same (a
+  PostgreSQL connection lost in ``COMMIT``): the caller was refused, and the
+  reservation and the turn's rows may be stored with no stream behind them;
+- its ending could not be recorded (:meth:`server.run.StreamRun._finish`:
+  the database failed through every retry): the message stays ``streaming``
+  and the reservation held, and its readers were told "not saved, not
+  charged".
+
+Both end the way start-up recovery ends what a dead process left, for this
+one stream: its reservation released (nothing charged), its assistant
+message ``interrupted`` (with the text it streamed, if any). :meth:`end`
+tries once (through transient failures while the caller's deadline
+allows); :meth:`later` queues the stream for :meth:`run`, the hub's task
+that tries the queue again every :data:`RETRY_S` until each is ended — so a
+database that comes back frees the credits without a restart, which in
+cluster mode (no start-up sweep there) nothing else would. Idempotent: a
+reservation already closed and a message no longer ``streaming`` are left
+alone (recovery, a survivor or an earlier try may have ended it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+import ledger
+
+from .db import Db
+from .storage import StoreBackend
+
+__all__ = ["RETRY_S", "Abandoned"]
+
+log = logging.getLogger("chinwag.streams")
+
+#: Seconds between tries of the queued streams.
+RETRY_S = 5.0
+
+#: One try's bound (a write that has started in its thread runs to its end).
+TRY_TIMEOUT_S = 5.0
+
+
+class Abandoned:
+    """The streams to end without a run (module docstring); start :meth:`run` in a nursery."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
+        # Stream id -> (user id, the text it streamed), in the order they came.
+        self._queue: dict[str, tuple[str, str]] = {}
+        self._queued = trio.lowlevel.ParkingLot()  # run() waits here for the first
+        self._drained = trio.lowlevel.ParkingLot()  # unparked when the queue empties
+        #: Called (awaited) with each queued stream once it is ended: cluster mode
+        #: takes it off the cluster's live list then (``ClusterLink.finished``).
+        self.on_ended: Callable[[str], Awaitable[None]] | None = None
+
+    @property
+    def queued(self) -> list[str]:
+        """Stream ids waiting for another try."""
+        return list(self._queue)
+
+    async def end(self, stream_id: str, user_id: str, content: str = "") -> bool:
+        """End ``stream_id`` now; False (logged) if the database could not be asked."""
+
+        def end(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[int, bool]:
+            released = 0
+            for held in book.open_reservations(user_id):
+                if held.streaming_session_id == stream_id:
+                    book.release(held.id)
+                    released += 1
+            message = store.message_by_stream(stream_id)
+            cut = message is not None and message["status"] == "streaming"
+            if message is not None and cut:
+                store.finish_message(
+                    message["id"],
+                    content=content,
+                    status="interrupted",
+                    input_tokens=0,
+                    output_tokens=0,
+                    credits_charged=0,
+                    finish_reason="error",
+                )
+            return released, cut
+
+        try:
+            released, cut = await self._db.write_retried(end)
+        except Exception as exc:
+            log.warning(
+                "stream %s: not ended yet (%s): its reservation, if stored, stays held "
+                "until a later try, the next start-up's recovery or, in cluster mode, "
+                "a survivor",
+                stream_id,
+                type(exc).__name__,
+            )
+            return False
+        if released or cut:
+            log.warning(
+                "stream %s: ended without its run: %d reservation(s) released, nothing "
+                "charged; message interrupted: %s",
+                stream_id,
+                released,
+                cut,
+            )
+        return True
+
+    def later(self, stream_id: str, user_id: str, content: str = "") -> None:
+        """Queue ``stream_id`` for :meth:`run` (never waits)."""
+        self._queue[stream_id] = (user_id, content)
+        self._queued.unpark_all()
+
+    async def drained(self) -> None:
+        """Wait until nothing is queued."""
+        while self._queue:
+            await self._drained.park()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Try the queue every :data:`RETRY_S` while it holds anything (the hub's task)."""
+        task_status.started()
+        while True:
+            while not self._queue:
+                await self._queued.park()
+            await trio.sleep(RETRY_S)
+            for stream_id, (user_id, content) in list(self._queue.items()):
+                with trio.move_on_after(TRY_TIMEOUT_S):
+                    if await self.end(stream_id, user_id, content):
+                        del self._queue[stream_id]
+                        if self.on_ended is not None:
+                            await self.on_ended(stream_id)
+            if not self._queue:
+                self._drained.unpark_all()
