@@ -124,11 +124,15 @@ class Abandoned:
             while not self._queue:
                 await self._queued.park()
             await trio.sleep(RETRY_S)
-            for stream_id, (user_id, content) in list(self._queue.items()):
-                with trio.move_on_after(TRY_TIMEOUT_S):
-                    if await self.end(stream_id, user_id, content):
-                        del self._queue[stream_id]
-                        if self.on_ended is not None:
-                            await self.on_ended(stream_id)
-            if not self._queue:
-                self._drained.unpark_all()
+            await self.try_all()
+
+    async def try_all(self) -> None:
+        """One try for each queued stream (also the hub's last act at shutdown)."""
+        for stream_id, (user_id, content) in list(self._queue.items()):
+            with trio.move_on_after(TRY_TIMEOUT_S):
+                if await self.end(stream_id, user_id, content):
+                    del self._queue[stream_id]
+                    if self.on_ended is not None:
+                        await self.on_ended(stream_id)
+        if not self._queue:
+            self._drained.unpark_all()

@@ -364,5 +364,9 @@ class StreamHub:
             for run in runs:
                 await run.wait_done()
             if not self._opening:
-                return
+                break
             await self._opened.park()
+        # One last try for what the database could not end (the rest is recovery's).
+        if self.abandoned.queued:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
+                await self.abandoned.try_all()

@@ -113,6 +113,22 @@ async def test_an_ending_that_cannot_be_saved_is_ended_once_the_database_answers
     assert svc.ledger.verify() == []
 
 
+async def test_a_shutdown_tries_once_more_what_the_database_could_not_end(harness, monkeypatch):
+    monkeypatch.setattr("server.abandoned.RETRY_S", 3600.0)  # no try before the shutdown's
+    svc = harness.svc
+    _failing(svc.db.write_store, times=-1)
+    run, outcome, user = await _one_call(harness)
+    assert outcome.credits_charged == 0
+    assert svc.hub.abandoned.queued == [run.stream_id]
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "streaming"
+    with trio.fail_after(10):
+        await svc.hub.shutdown()
+    assert svc.hub.abandoned.queued == []
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "interrupted"
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+
+
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
