@@ -12,14 +12,16 @@ A stream can be left so in two ways:
 
 Both end the way start-up recovery ends what a dead process left, for this
 one stream: its reservation released (nothing charged), its assistant
-message ``interrupted`` (with the text it streamed, if any). :meth:`end`
-tries once (through transient failures while the caller's deadline
-allows); :meth:`later` queues the stream for :meth:`run`, the hub's task
-that tries the queue again every :data:`RETRY_S` until each is ended — so a
-database that comes back frees the credits without a restart, which in
-cluster mode (no start-up sweep there) nothing else would. Idempotent: a
-reservation already closed and a message no longer ``streaming`` are left
-alone (recovery, a survivor or an earlier try may have ended it).
+message ``interrupted`` (with the text it streamed, if any). :meth:`later`
+queues the stream (never waits: a refused caller is not kept waiting for
+it) for :meth:`run`, the hub's task, which tries what comes at once and
+the rest again every :data:`RETRY_S` until each is ended — so a database
+that comes back frees the credits without a restart, which in cluster mode
+(no start-up sweep there) nothing else would. A round stops at the first
+try that fails: the database is away, and the others wait for the next
+round. Idempotent: a reservation already closed and a message no longer
+``streaming`` are left alone (recovery, a survivor or an earlier try may
+have ended it), and nothing of an open that did not commit is found.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Abandoned:
         self._queue: dict[str, tuple[str, str]] = {}
         self._queued = trio.lowlevel.ParkingLot()  # run() waits here for the first
         self._drained = trio.lowlevel.ParkingLot()  # unparked when the queue empties
+        self._tried = trio.lowlevel.ParkingLot()  # unparked as each round of tries ends
         #: Called (awaited) with each queued stream once it is ended: cluster mode
         #: takes it off the cluster's live list then (``ClusterLink.finished``).
         self.on_ended: Callable[[str], Awaitable[None]] | None = None
@@ -64,7 +67,8 @@ class Abandoned:
         return list(self._queue)
 
     async def end(self, stream_id: str, user_id: str, content: str = "") -> bool:
-        """End ``stream_id`` now; False (logged) if the database could not be asked."""
+        """End ``stream_id`` now (through transient failures while the caller's
+        deadline allows); False (logged) if the database could not be asked."""
 
         def end(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[int, bool]:
             released = 0
@@ -117,22 +121,33 @@ class Abandoned:
         while self._queue:
             await self._drained.park()
 
+    async def round_ended(self) -> None:
+        """Wait until the next round of tries ends (whatever it achieved)."""
+        await self._tried.park()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Try the queue every :data:`RETRY_S` while it holds anything (the hub's task)."""
+        """Try what is queued at once, then every :data:`RETRY_S` while anything
+        is left (the hub's task)."""
         task_status.started()
         while True:
             while not self._queue:
                 await self._queued.park()
-            await trio.sleep(RETRY_S)
             await self.try_all()
+            if self._queue:
+                await trio.sleep(RETRY_S)
 
     async def try_all(self) -> None:
-        """One try for each queued stream (also the hub's last act at shutdown)."""
+        """A try for each queued stream, in turn, until one fails (also the hub's
+        last act at shutdown)."""
         for stream_id, (user_id, content) in list(self._queue.items()):
+            ended = False
             with trio.move_on_after(TRY_TIMEOUT_S):
-                if await self.end(stream_id, user_id, content):
-                    del self._queue[stream_id]
-                    if self.on_ended is not None:
-                        await self.on_ended(stream_id)
+                ended = await self.end(stream_id, user_id, content)
+            if not ended:
+                break  # the database is away: the rest wait for the next round
+            del self._queue[stream_id]
+            if self.on_ended is not None:
+                await self.on_ended(stream_id)
+        self._tried.unpark_all()
         if not self._queue:
             self._drained.unpark_all()

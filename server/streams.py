@@ -294,8 +294,9 @@ class StreamHub:
         except BaseException as exc:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
                 # A failed commit may have happened all the same: whatever of this
-                # open is stored is undone before the caller is refused.
-                if _may_have_committed(exc) and not await self.abandoned.end(stream_id, user_id):
+                # open is stored is undone, at once but without keeping the
+                # refused caller waiting (a database that is away would).
+                if _may_have_committed(exc):
                     self.abandoned.later(stream_id, user_id)
                 if link is not None:
                     await link.release(admission)
