@@ -392,6 +392,7 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     assert [e.event for e in evs[-2:]] == ["error", "done"]
     assert evs[-2].data["errorCode"] == "INTERNAL_ERROR"
     assert evs[-1].data["finishReason"] == "error" and evs[-1].data["creditsCharged"] == 0
+    broken_stream = evs[-1].data["streamingSessionId"]
     monkeypatch.setattr(writer, "settlement", real_settlement)
     # The hub (and the server) still serve.
     async with live.http.stream(
@@ -402,11 +403,19 @@ async def test_a_failing_settlement_ends_one_stream_not_the_server(live, monkeyp
     ) as r:
         evs = events(await collect(r))
     assert evs[-1].data["finishReason"] == "stop"
-    # Nothing of the broken one's ending was written: its reservation and its
-    # "streaming" message are what start-up recovery ends.
-    assert len(book.open_reservations(alice["id"])) == 1
-    assert book.recover() == 1 and book.verify() == []
-    assert live.harness.svc.store.recover_streaming() == 1
+    charged_two = evs[-1].data["creditsCharged"]
+    # Nothing of the broken one's ending was written; the hub ended it without
+    # its run once the database answered (server.abandoned): its reservation
+    # released, its message interrupted, nothing charged, as its client was told.
+    with trio.fail_after(10):
+        await live.harness.svc.hub.abandoned.drained()
+    assert book.open_reservations(alice["id"]) == []
+    assert book.recover() == 0 and book.verify() == []
+    assert live.harness.svc.store.recover_streaming() == 0
+    broken = live.harness.svc.store.message_by_stream(broken_stream)
+    assert broken["status"] == "interrupted" and broken["credits_charged"] == 0
+    balance = book.balance(alice["id"])
+    assert (balance.balance, balance.reserved) == (10_000 - charged_two, 0)
 
 
 async def test_stream_caps_per_user_and_per_process(live_factory, settings):
