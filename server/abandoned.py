@@ -145,8 +145,8 @@ class Abandoned:
                 ended = await self.end(stream_id, user_id, content)
             if not ended:
                 break  # the database is away: the rest wait for the next round
-            del self._queue[stream_id]
-            if self.on_ended is not None:
+            # (A shutdown's round may run beside the task's: one of them says so.)
+            if self._queue.pop(stream_id, None) is not None and self.on_ended is not None:
                 await self.on_ended(stream_id)
         self._tried.unpark_all()
         if not self._queue:
