@@ -153,23 +153,23 @@ class Reader:
         delivered, :class:`trio.BusyResourceError` if another task is
         already waiting on this reader.
         """
-        batch = await self._next(None)
+        batch = await self.next_batch_or(None)
         assert batch is not None
         return batch
 
-    async def next_batch_or(self, park: Park) -> Batch | None:
+    async def next_batch_or(self, park: Park | None) -> Batch | None:
         """As :meth:`next_batch`, but wait by ``await park(lot)`` on the stream's
         wake-up lot; when that returns False (its deadline passed, say),
-        return None and leave the cursor where it was.
+        return None and leave the cursor where it was. ``park`` None: wait
+        on the lot itself, as :meth:`next_batch` does.
 
         This is how a reader waits for "the next event or my heartbeat"
         without entering a cancel scope per wait (``park`` can be a timer
         service's ``park_until(lot, deadline)``). Same guarantees as
-        :meth:`next_batch`.
+        :meth:`next_batch`. (The implementation of both: an observer's every
+        wake-up resumes the frames of its whole await chain, so no
+        forwarding frame stands in it.)
         """
-        return await self._next(park)
-
-    async def _next(self, park: Park | None) -> Batch | None:
         if self._receiving:
             raise trio.BusyResourceError("another task is already reading this reader")
         self._receiving = True
