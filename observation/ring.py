@@ -53,12 +53,14 @@ class Ring:
       * ids ``first_id..last_id`` are all present; nothing older is.
     """
 
-    __slots__ = ("_base", "_datas", "_decode", "_names", "_size", "_wires", "first_id", "last_id")
+    __slots__ = ("_base", "_datas", "_decode", "_names", "_wires", "first_id", "last_id", "size")
 
     def __init__(self, size: int, decode: Decode | None = None) -> None:
         if size < 1:
             raise ValueError(f"ring size must be >= 1, not {size}")
-        self._size = size
+        #: How many events it holds at most. Read-only for everyone else (an
+        #: attribute: a publish checks the primary reader against it).
+        self.size = size
         # With a decode, an event's data is not kept: it is in its wire bytes.
         self._decode = decode
         # One list per field, index i holding the event with id base + i (mod size).
@@ -74,15 +76,8 @@ class Ring:
         #: :meth:`release`: every reader's take reads it.
         self.first_id = 1
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def __len__(self) -> int:
         return len(self._wires)
-
-    def is_full(self) -> bool:
-        return len(self._wires) == self._size
 
     def append(self, event: Event) -> None:
         """Add the next event; when full, the oldest one is dropped."""
@@ -90,13 +85,13 @@ class Ring:
         if event_id != self.last_id + 1:
             raise ValueError(f"expected id {self.last_id + 1}, got {event_id}")
         wires, datas = self._wires, self._datas
-        if len(wires) < self._size:
+        if len(wires) < self.size:
             self._names.append(event.name)
             wires.append(event.wire)
             if datas is not None:
                 datas.append(event.data)
         else:
-            i = (event_id - self._base) % self._size
+            i = (event_id - self._base) % self.size
             self._names[i] = event.name
             wires[i] = event.wire
             if datas is not None:
@@ -119,8 +114,8 @@ class Ring:
         stays true when the ring has moved on."""
         if not (self.first_id <= first <= last <= self.last_id):
             raise IndexError(f"ids {first}..{last} not in ring {self.first_id}..{self.last_id}")
-        start = (first - self._base) % self._size
-        stop = (last - self._base) % self._size + 1
+        start = (first - self._base) % self.size
+        stop = (last - self._base) % self.size + 1
         datas = self._datas
         if start < stop:
             return Held(

@@ -67,7 +67,6 @@ class Stream:
         "_primary",
         "_producer_waits",
         "_ring",
-        "_size",
         "_space",
         "_tally",
         "_wakeup",
@@ -94,7 +93,6 @@ class Stream:
         self.group = group
         self.info = info
         self._ring = Ring(ring_size, decode)
-        self._size = ring_size
         self._encode = encode
         self._tally = tally
         self._on_close = on_close
@@ -172,7 +170,7 @@ class Stream:
         # Appending to a full ring drops first_id; the primary must have it. It
         # has not if it is a whole ring behind (only a full ring can be: ids
         # start at 1, and a released ring belongs to a closed stream).
-        if primary is not None and ring.last_id - primary._position >= self._size:
+        if primary is not None and ring.last_id - primary._position >= ring.size:
             raise trio.WouldBlock
         event_id = ring.last_id + 1
         event = Event(event_id, name, data, self._encode(event_id, name, data))
