@@ -67,30 +67,30 @@ async def test_a_transient_failure_of_the_ending_is_tried_again(harness, caplog)
     assert balance.reserved == 0 and balance.balance == 100_000 - outcome.credits_charged
 
 
-def _database_away(svc: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Every ending fails, and so does the hub's first round of ending it without
-    its run (``server.abandoned``); the next round is an hour away."""
+async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``_one_call`` whose ending fails, as does the hub's first round of ending it
+    without its run (``server.abandoned``); returns once that round is over, the
+    database answering again and the next round an hour away."""
+    svc = harness.svc
     monkeypatch.setattr("server.abandoned.RETRY_S", 3600.0)
     _failing(svc.db.write_store, times=-1)
-    away = monkeypatch.context()
-    patch = away.__enter__()
 
     def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise sqlite3.OperationalError("database is locked")
 
-    patch.setattr(svc.db.write_ledger, "open_reservations", unreachable)
-    return away
+    with monkeypatch.context() as away:
+        away.setattr(svc.db.write_ledger, "open_reservations", unreachable)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(svc.hub.abandoned.round_ended)  # parked before the run ends
+            result = await _one_call(harness)
+    return result
 
 
 async def test_an_ending_that_cannot_be_saved_leaves_nothing_half_written(
     harness, caplog, monkeypatch
 ):
     svc = harness.svc
-    away = _database_away(svc, monkeypatch)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(svc.hub.abandoned.round_ended)  # parked before the run ends
-        run, outcome, user = await _one_call(harness)
-    away.__exit__(None, None, None)
+    run, outcome, user = await _one_call_database_away(harness, monkeypatch)
     assert svc.hub.abandoned.queued == [run.stream_id]
     # The caller is told, as readers are (an error, then done): not saved, not charged.
     assert outcome.finish_reason == "error" and outcome.credits_charged == 0
@@ -136,11 +136,7 @@ async def test_an_ending_that_cannot_be_saved_is_ended_once_the_database_answers
 
 async def test_a_shutdown_tries_once_more_what_the_database_could_not_end(harness, monkeypatch):
     svc = harness.svc
-    away = _database_away(svc, monkeypatch)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(svc.hub.abandoned.round_ended)
-        run, outcome, user = await _one_call(harness)
-    away.__exit__(None, None, None)  # the database answers again; the next round is far
+    run, outcome, user = await _one_call_database_away(harness, monkeypatch)
     assert outcome.credits_charged == 0
     assert svc.hub.abandoned.queued == [run.stream_id]
     assert svc.store.message_by_stream(run.stream_id)["status"] == "streaming"
