@@ -6,8 +6,9 @@ arithmetic and records, with no trio in it:
 - :func:`bill` turns what the run produced into a :class:`Bill`: only
   produced tokens are charged (a call that produced nothing costs nothing),
   the stored status follows from the finish reason, and
-  :meth:`Bill.write` is the one database hop that stores the message,
-  settles the reservation and adds the telemetry row together;
+  :meth:`Bill.record` is the one database hop that stores the message,
+  settles the reservation and adds the telemetry row together, and says
+  what is stored;
 - :func:`told` is the error every reader hears when the server chose the
   ending (a shutdown, a supervisor's stop), before ``done``;
 - :class:`Outcome` is what a non-streaming caller gets back.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ledger
 
@@ -25,6 +26,9 @@ from .models import ModelInfo
 from .providers.base import ProviderError, Usage
 from .storage import StoreBackend
 from .telemetry import CallRecord, Telemetry
+
+if TYPE_CHECKING:
+    from .db import Db
 
 
 class ServerShutdown(ProviderError):
@@ -144,11 +148,52 @@ class Bill:
 
         return end
 
+    async def record(
+        self, db: Db, *, message_id: str, reservation_id: str, content: str, note: str | None
+    ) -> Stored:
+        """:meth:`write`, tried again after a transient failure, and what is stored.
+
+        A reservation found settled means the ending was stored already: by a
+        try whose commit went through but whose answer was lost (a connection
+        dropped in ``COMMIT``: this bill's ending), or by someone else (a
+        cluster survivor). Either way what is stored is read back and returned.
+        Raises when the ending could not be stored (nothing of it was written),
+        or was found stored and could not be read back.
+        """
+        end = self.write(
+            message_id=message_id, reservation_id=reservation_id, content=content, note=note
+        )
+        try:
+            settled = await db.write_retried(end)
+        except ledger.ReservationClosed:
+            stored = await db.read(_stored, self.call.streaming_session_id)
+            if stored is None:
+                raise
+            return stored
+        return Stored(self.status, self.call.finish_reason, settled.charged)
+
     def charged(self, credits: int) -> CallRecord:
         """The telemetry record with the credits the ledger settled."""
         if credits == self.call.credits_charged:
             return self.call
         return replace(self.call, credits_charged=credits)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """An ending as stored: the message's status, its finish reason, the credits charged."""
+
+    status: str
+    finish_reason: str
+    charged: int
+
+
+def _stored(store: StoreBackend, _book: Any, stream_id: str) -> Stored | None:
+    """The ending of the stream's message as stored; None while it has none."""
+    row = store.message_by_stream(stream_id)
+    if row is None or row["status"] == "streaming" or row["finish_reason"] is None:
+        return None
+    return Stored(row["status"], row["finish_reason"], row["credits_charged"])
 
 
 def bill(

@@ -310,16 +310,16 @@ class StreamRun:
                 charges.input_tokens,
                 charges.output_tokens,
             )
-            end = charges.write(
-                message_id=self.assistant_message["id"],
-                reservation_id=self.reservation.id,
-                content=content,
-                note=self.cancel_note,
-            )
             if link is None or await link.owns_ending(self.stream_id):
                 owner = True
                 try:  # one transaction: tried again after a transient failure
-                    charged = (await hub.db.write_retried(end)).charged
+                    stored = await charges.record(
+                        hub.db,
+                        message_id=self.assistant_message["id"],
+                        reservation_id=self.reservation.id,
+                        content=content,
+                        note=self.cancel_note,
+                    )
                 except Exception:
                     # Nothing of it was stored: the message stays "streaming" and the
                     # reservation held until the hub ends both without this run, once
@@ -333,7 +333,11 @@ class StreamRun:
                     error = NotRecorded()
                     hub.abandoned.later(self.stream_id, self.user_id, content)
                 else:
-                    hub.telemetry.count(charges.charged(charged))
+                    status, charged = stored.status, stored.charged
+                    if stored.finish_reason == finish_reason:
+                        hub.telemetry.count(charges.charged(charged))
+                    else:  # someone else ended it first (a survivor): told as stored
+                        owner, finish_reason, error = False, stored.finish_reason, NodeLostError()
                 if link is not None:  # before `done`: its client may start the next one at once
                     await link.release(self.admission)
                     released = True

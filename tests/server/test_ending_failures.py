@@ -67,6 +67,69 @@ async def test_a_transient_failure_of_the_ending_is_tried_again(harness, caplog)
     assert balance.reserved == 0 and balance.balance == 100_000 - outcome.credits_charged
 
 
+async def test_an_ending_stored_by_a_try_whose_answer_was_lost_is_told_as_stored(harness):
+    """The first try commits and then raises (a connection lost in COMMIT); the
+    retry finds the reservation settled. Readers and the caller are told what
+    is stored, the charge included, not "not saved, not charged"."""
+    svc = harness.svc
+    real = svc.db.write_store.close_turn
+    tries: list[int] = []
+
+    def close_turn(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        settled = real(*args, **kwargs)
+        if len(tries) == 1:
+            raise sqlite3.OperationalError("disk I/O error")  # after the commit
+        return settled
+
+    svc.db.write_store.close_turn = close_turn
+    run, outcome, user = await _one_call(harness)
+    assert len(tries) == 2
+    message = svc.store.message_by_stream(run.stream_id)
+    assert message["status"] == "complete" and message["credits_charged"] > 0
+    assert outcome.finish_reason == "stop" and outcome.error is None
+    assert outcome.credits_charged == message["credits_charged"]
+    assert outcome.assistant_message["status"] == "complete"
+    assert svc.hub.abandoned.queued == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000 - outcome.credits_charged, 0)
+    assert svc.ledger.verify() == []
+
+
+async def test_an_ending_someone_else_stored_first_is_told_as_theirs(harness):
+    """The reservation was closed and the message ended by another (a survivor in
+    cluster mode) before the run's own ending: the run keeps its hands off and
+    tells what is stored, not a charge of its own."""
+    svc = harness.svc
+    real = svc.db.write_store.close_turn
+    store, book = svc.db.write_store, svc.db.write_ledger
+
+    def close_turn(message_id: str, **kwargs: Any) -> Any:
+        for held in book.open_reservations():  # this test's one call's
+            book.release(held.id)
+        store.finish_message(
+            message_id,
+            content="",
+            status="interrupted",
+            input_tokens=0,
+            output_tokens=0,
+            credits_charged=0,
+            finish_reason="error",
+        )
+        return real(message_id, **kwargs)
+
+    store.close_turn = close_turn
+    run, outcome, user = await _one_call(harness)
+    assert outcome.finish_reason == "error" and outcome.credits_charged == 0
+    assert outcome.error is not None and outcome.error.error_code == "NODE_LOST"
+    assert outcome.assistant_message["status"] == "interrupted"
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "interrupted"
+    assert svc.hub.abandoned.queued == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert svc.ledger.verify() == []
+
+
 async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``_one_call`` whose ending fails, as does the hub's first round of ending it
     without its run (``server.abandoned``); returns once that round is over, the
