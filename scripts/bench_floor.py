@@ -272,6 +272,105 @@ def relay_floor_app(
     return app
 
 
+class _Watched:
+    """One stream of the fan-out floor: its events so far (event k at index k - 1),
+    and the lot its observers park on until there are more."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+        self.ended = False
+        self.lot = trio.lowlevel.ParkingLot()
+
+
+def fanout_floor_app(
+    sleep_until: Sleep, rate: float, ttft_s: float
+) -> Callable[..., Awaitable[None]]:
+    """The bare app with observers (``bench_observe.py --target floor-fanout``): the
+    floor of a stream's fan-out on this stack.
+
+    The stream route writes its chunks as the bare app does, keeps each, and
+    wakes every parked observer (``ParkingLot.unpark_all``) per chunk.
+    ``GET …/observe`` writes what chinwag's feed starts with (``observer``
+    connected, ``history-start``, the events so far, ``history-end``), then
+    parks and, at each wake-up, writes every event it has not had in one
+    ``send``, to ``done``: one task per observer, woken by each publish, and
+    observers that fall behind coalesce, as chinwag's. Nothing else: no
+    auth, no database, no ring bound, no heartbeats, no cap on the readers
+    let through per scheduler pass.
+    """
+    interval = 1 / rate
+    bare = floor_app(sleep_until, rate, ttft_s)
+    streams: dict[str, _Watched] = {}
+    started: dict[str, trio.Event] = {}  # sessions observers wait on (``?wait=``)
+
+    async def stream(session_id: str, tokens: int, send: Any) -> None:
+        watched = streams[session_id] = _Watched()
+        if session_id in started:
+            started.pop(session_id).set()
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b": connected\n\n", "more_body": True})
+        deadline = trio.current_time() + ttft_s
+        await sleep_until(deadline)
+        for k in range(1, tokens + 2):
+            if k <= tokens:
+                deadline += interval
+                await sleep_until(deadline)
+            event = _chunk(k) if k <= tokens else _done(tokens)
+            watched.events.append(event)
+            watched.ended = k > tokens
+            watched.lot.unpark_all()
+            await send(
+                {"type": "http.response.body", "body": event, "more_body": not watched.ended}
+            )
+
+    async def observe(session_id: str, wait: bool, send: Any) -> None:
+        watched = streams.get(session_id)
+        if watched is None and not wait:
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await send({"type": "http.response.body", "body": b": connected\n\n", "more_body": True})
+        if watched is None:
+            waiting = b'event: observer\ndata: {"status":"waiting","sessionId":"%s"}\n\n'
+            body = waiting % session_id.encode()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await started.setdefault(session_id, trio.Event()).wait()
+            watched = streams[session_id]
+        events = watched.events
+        sent = len(events)
+        connected = json.dumps(
+            {"status": "connected", "sessionId": session_id, "observers": len(watched.lot)}
+        )
+        head = (
+            b"event: observer\ndata: %s\n\n"
+            b'event: history-start\ndata: {"count":%d,"fromId":1}\n\n'
+            % (connected.encode(), sent)
+            + b"".join(events)
+            + b'event: history-end\ndata: {"lastId":%d}\n\n' % sent
+        )
+        await send({"type": "http.response.body", "body": head, "more_body": True})
+        while not (watched.ended and sent == len(events)):
+            if sent == len(events):
+                await watched.lot.park()
+            wire = b"".join(events[sent:])
+            sent = len(events)
+            await send({"type": "http.response.body", "body": wire, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.endswith(("/stream", "/observe")):
+            return await bare(scope, receive, send)
+        session_id = path.split("/")[-2]
+        if path.endswith("/observe"):
+            return await observe(session_id, b"wait=" in scope["query_string"], send)
+        body = await _read_body(receive)
+        await stream(session_id, int(json.loads(body or b"{}").get("maxTokens", 200)), send)
+
+    return app
+
+
 def quart_floor_app(sleep_until: Sleep, rate: float, ttft_s: float) -> Any:
     """The same two routes as a Quart-Trio app: what Quart's request layer adds.
 
@@ -320,7 +419,7 @@ def floor_serve(argv: list[str]) -> int:
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--ttft-ms", type=float, default=TTFT_MS)
     p.add_argument("--grid-ms", type=float, default=5.0)
-    p.add_argument("--app", choices=("bare", "quart", "relay"), default="bare")
+    p.add_argument("--app", choices=("bare", "quart", "relay", "fanout"), default="bare")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -348,7 +447,9 @@ def floor_serve(argv: list[str]) -> int:
             if args.app == "relay":
                 app = relay_floor_app(sleep_until, args.rate, args.ttft_ms / 1000, nursery)
             else:
-                make = quart_floor_app if args.app == "quart" else floor_app
+                make = {"quart": quart_floor_app, "fanout": fanout_floor_app}.get(
+                    args.app, floor_app
+                )
                 app = make(sleep_until, args.rate, args.ttft_ms / 1000)
             if args.pacing == "timer":
                 await nursery.start(timers.run)
@@ -386,7 +487,9 @@ def start_floor(
         "--pacing",
         pacing,
         "--app",
-        {"floor-quart": "quart", "floor-relay": "relay"}.get(target, "bare"),
+        {"floor-quart": "quart", "floor-relay": "relay", "floor-fanout": "fanout"}.get(
+            target, "bare"
+        ),
         "--rate",
         f"{rate:g}",
         "--ttft-ms",

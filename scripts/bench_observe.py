@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_observe.py [--json out.json] [--observers 10,100,1000]
         [--tokens 500] [--rate 50] [--replays 20] [--late-joins 5]
         [--mem-streams 200] [--mem-tokens 300] [--mem-rate 25] [--open-window 64]
+        [--target chinwag|floor-fanout]
 
 The script starts ``python -m server.cli serve`` itself (``CHINWAG_PORT=0``, a
 temporary ``CHINWAG_DB``, ``CHINWAG_RATE_LIMIT=1000000``,
@@ -60,6 +61,14 @@ across reads) and SSE blocks are split on ``\\n\\n``. The load generator's
 CPU (``time.process_time()``) and the server's CPU and RSS (``/proc/PID``) are
 reported for every run.
 
+``--target floor-fanout`` runs the fan-out part against the floor of the
+stack instead of chinwag: ``bench_floor.py``'s bare ASGI app on the same
+Hypercorn configuration, with a stream route that wakes every observer per
+chunk and an observe route that writes what chinwag's feed starts with, then
+everything new at each wake-up (``bench_floor.fanout_floor_app``). The same
+load, the same checks: what one process of this stack costs per observer
+write, and what lag that gives, before chinwag adds anything.
+
 Exit status: 1 if something is functionally broken (an HTTP error, an observer
 missing events, a gap or a duplicate, a mismatched event, ``lagged``, a stream
 not released), never because of speed.
@@ -81,6 +90,7 @@ from array import array
 from typing import Any
 
 import trio
+from bench_floor import start_floor
 from benchlib import (
     HOST,
     Env,
@@ -1241,7 +1251,8 @@ def report(results: dict[str, Any]) -> None:
             ),
         ]
     print()
-    print(f"chinwag observation benchmark (peers: {PEERS})")
+    target = results.get("target", "chinwag")
+    print(f"{target} observation benchmark (peers: {PEERS})")
     print_table(rows)
 
 
@@ -1286,6 +1297,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: fanout,replay,memory",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, server logs)")
+    p.add_argument(
+        "--target",
+        choices=("chinwag", "floor-fanout"),
+        default="chinwag",
+        help="floor-fanout: the fan-out part against the bare stack's floor (module docstring)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.observers, args.tokens = "5", 60
@@ -1294,6 +1311,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.observers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     only = {x.strip() for x in args.only.split(",")}
+    if args.target != "chinwag":
+        only &= {"fanout"}  # the floor has no replay bound or memory to measure
     replay_tokens = args.ring + 304  # the stream still runs when the observer joins at `ring`
 
     nofile = raise_fd_limit(
@@ -1305,21 +1324,25 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "targets": TARGETS,
         "peers": PEERS,
+        "target": args.target,
     }
     t0 = time.perf_counter()
     try:
         env.create_users()
         user, sup = env.user_token, env.sup_token
         if "fanout" in only:
-            srv = Server(
-                env,
-                "serve-fanout",
-                {
-                    "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
-                    "CHINWAG_SIM_ANSWER_TOKENS": str(args.tokens),
-                    "CHINWAG_STREAM_BUFFER_MS": "2000",
-                },
-            )
+            if args.target == "floor-fanout":
+                srv = start_floor(env, "floor-fanout", "floor-fanout", args.rate, 5.0, ttft_ms=0)
+            else:
+                srv = Server(
+                    env,
+                    "serve-fanout",
+                    {
+                        "CHINWAG_SIM_TOKENS_PER_S": f"{args.rate:g}",
+                        "CHINWAG_SIM_ANSWER_TOKENS": str(args.tokens),
+                        "CHINWAG_STREAM_BUFFER_MS": "2000",
+                    },
+                )
             results["server"] = {"fanoutPid": srv.pid}
             try:
 
