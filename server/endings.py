@@ -1,14 +1,15 @@
 """How a model call ends: what it is charged, what is stored, what its readers are told.
 
 :class:`server.run.StreamRun` streams; this module is its ending's
-arithmetic and records, with no trio in it:
+arithmetic and records:
 
 - :func:`bill` turns what the run produced into a :class:`Bill`: only
   produced tokens are charged (a call that produced nothing costs nothing),
   the stored status follows from the finish reason, and
   :meth:`Bill.record` is the one database hop that stores the message,
-  settles the reservation and adds the telemetry row together, and says
-  what is stored;
+  settles the reservation and adds the telemetry row together, bounded in
+  time, and says what is stored (reading it back when a try's answer was
+  lost);
 - :func:`told` is the error every reader hears when the server chose the
   ending (a shutdown, a supervisor's stop), before ``done``;
 - :class:`Outcome` is what a non-streaming caller gets back.
@@ -16,9 +17,12 @@ arithmetic and records, with no trio in it:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 import ledger
 
@@ -29,6 +33,8 @@ from .telemetry import CallRecord, Telemetry
 
 if TYPE_CHECKING:
     from .db import Db
+
+log = logging.getLogger("chinwag.streams")
 
 
 class ServerShutdown(ProviderError):
@@ -57,6 +63,15 @@ class NotRecorded(ProviderError):
 
     error_code = "INTERNAL_ERROR"
     user_message = "This answer could not be saved; it was not charged."
+
+
+class NotConfirmed(ProviderError):
+    """Told to the readers of a stream whose ending the database would not confirm in time."""
+
+    error_code = "INTERNAL_ERROR"
+    user_message = (
+        "This answer could not be confirmed as saved; any charge will show in your usage."
+    )
 
 
 class InternalFailure(ProviderError):
@@ -149,28 +164,48 @@ class Bill:
         return end
 
     async def record(
-        self, db: Db, *, message_id: str, reservation_id: str, content: str, note: str | None
-    ) -> Stored:
-        """:meth:`write`, tried again after a transient failure, and what is stored.
+        self,
+        db: Db,
+        *,
+        message_id: str,
+        reservation_id: str,
+        content: str,
+        note: str | None,
+        within: float,
+    ) -> tuple[Stored | None, bool]:
+        """Store the ending (:meth:`write`, tried again after a transient failure)
+        within ``within`` seconds: what is stored, and whether that is known.
 
-        A reservation found settled means the ending was stored already: by a
-        try whose commit went through but whose answer was lost (a connection
-        dropped in ``COMMIT``: this bill's ending), or by someone else (a
-        cluster survivor). Either way what is stored is read back and returned.
-        Raises when the ending could not be stored (nothing of it was written),
-        or was found stored and could not be read back.
+        ``(None, True)``: nothing was stored (the message is still "streaming");
+        ``(None, False)``: the database would not say in time (logged). A
+        reservation found settled means the ending was stored already: by a try
+        whose commit went through but whose answer was lost (a connection
+        dropped in ``COMMIT``), or by someone else (a cluster survivor); and a
+        failed last try may have committed too: both are read back. A write
+        already in a database thread is not interrupted: it finishes first.
         """
         end = self.write(
             message_id=message_id, reservation_id=reservation_id, content=content, note=note
         )
-        try:
-            settled = await db.write_retried(end)
-        except ledger.ReservationClosed:
-            stored = await db.read(_stored, self.call.streaming_session_id)
-            if stored is None:
-                raise
-            return stored
-        return Stored(self.status, self.call.finish_reason, settled.charged)
+        stream_id = self.call.streaming_session_id
+        with trio.move_on_after(within):
+            try:
+                settled = await db.write_retried(end)
+                return Stored(self.status, self.call.finish_reason, settled.charged), True
+            except Exception as exc:
+                if not isinstance(exc, ledger.ReservationClosed):
+                    log.exception("stream %s: could not record its ending", stream_id)
+            try:
+                return await self.stored(db), True
+            except Exception as exc:
+                log.warning("stream %s: could not read its ending back: %r", stream_id, exc)
+                return None, False
+        log.error("stream %s: its ending was not recorded within %g s", stream_id, within)
+        return None, False
+
+    async def stored(self, db: Db) -> Stored | None:
+        """The ending of this bill's stream as stored; None while it has none."""
+        return await db.read(_stored, self.call.streaming_session_id)
 
     def charged(self, credits: int) -> CallRecord:
         """The telemetry record with the credits the ledger settled."""

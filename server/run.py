@@ -33,7 +33,15 @@ from observation import Stream
 
 from .auth import Principal
 from .dialects import CHAT, Dialect, Ending
-from .endings import InternalFailure, NodeLostError, NotRecorded, Outcome, bill, told
+from .endings import (
+    InternalFailure,
+    NodeLostError,
+    NotConfirmed,
+    NotRecorded,
+    Outcome,
+    bill,
+    told,
+)
 from .models import ModelInfo
 from .providers.base import (
     ModelRequest,
@@ -55,6 +63,12 @@ log = logging.getLogger("chinwag.streams")
 
 #: Bound on the shielded ending of a run (persist, settle, tell readers).
 CLEANUP_TIMEOUT_S = 5.0
+#: Of which storing the ending gets at most this (a database thread that is
+#: already running still finishes: it cannot be interrupted)...
+RECORD_S = 3.0
+#: ... and telling the readers, after it, this, in a shielded scope of its own:
+#: whatever the database did, they get their closing events.
+TELL_S = 3.0
 #: How long the closing events wait, together, for a client a whole ring behind.
 FINAL_WAIT_S = 1.0
 #: How long a streaming run waits for its client's response to start reading.
@@ -286,7 +300,7 @@ class StreamRun:
         """
         hub = self.hub
         link = hub.link
-        owner = released = False
+        owner = released = ending_here = False
         final = 0  # closing events published
         try:
             charges = bill(
@@ -310,37 +324,35 @@ class StreamRun:
                 charges.input_tokens,
                 charges.output_tokens,
             )
-            if link is None or await link.owns_ending(self.stream_id):
+            ending_here = link is None or await link.owns_ending(self.stream_id)
+            if ending_here:
                 owner = True
-                try:  # one transaction: tried again after a transient failure
-                    stored = await charges.record(
-                        hub.db,
-                        message_id=self.assistant_message["id"],
-                        reservation_id=self.reservation.id,
-                        content=content,
-                        note=self.cancel_note,
-                    )
-                except Exception:
-                    # Nothing of it was stored: the message stays "streaming" and the
-                    # reservation held until the hub ends both without this run, once
-                    # the database answers again (hub.abandoned, every few seconds),
-                    # or recovery does (the next start-up; in cluster mode a survivor:
-                    # the stream stays on the node's live list until then). Either
-                    # charges nothing. Readers are told so.
-                    log.exception("stream %s: could not record its ending", self.stream_id)
+                stored, known = await charges.record(
+                    hub.db,
+                    message_id=self.assistant_message["id"],
+                    reservation_id=self.reservation.id,
+                    content=content,
+                    note=self.cancel_note,
+                    within=RECORD_S,
+                )
+                if stored is None:
+                    # Nothing of it was stored (or the database would not say in time):
+                    # the message stays "streaming" and the reservation held until the
+                    # hub ends both without this run, once the database answers again
+                    # (hub.abandoned, every few seconds), or recovery does (the next
+                    # start-up; in cluster mode a survivor: the stream stays on the
+                    # node's live list until then). Either charges nothing, unless
+                    # the database did store it. Readers are told so.
                     owner = False  # not `finished`: ended later, and found until then
                     charged, finish_reason, status = 0, "error", "interrupted"
-                    error = NotRecorded()
+                    error = NotRecorded() if known else NotConfirmed()
                     hub.abandoned.later(self.stream_id, self.user_id, content)
-                else:
-                    status, charged = stored.status, stored.charged
-                    if stored.finish_reason == finish_reason:
-                        hub.telemetry.count(charges.charged(charged))
-                    else:  # someone else ended it first (a survivor): told as stored
-                        owner, finish_reason, error = False, stored.finish_reason, NodeLostError()
-                if link is not None:  # before `done`: its client may start the next one at once
-                    await link.release(self.admission)
-                    released = True
+                elif (stored.status, stored.finish_reason) == (status, finish_reason):
+                    charged = stored.charged
+                    hub.telemetry.count(charges.charged(charged))
+                else:  # someone else ended it first (a survivor): told as stored
+                    owner, error, charged = False, NodeLostError(), stored.charged
+                    status, finish_reason = stored.status, stored.finish_reason
             else:
                 # A survivor took the stream over and settled it: the database is its.
                 log.warning("stream %s: taken over by a survivor; not settling", self.stream_id)
@@ -379,7 +391,12 @@ class StreamRun:
                 finish_reason=finish_reason,
                 error=error,
             )
-            final = await self._publish_final(self.dialect.ending(ending))
+            # Readers are told whatever the database did, in a time of their own.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + TELL_S):
+                if link is not None and ending_here:  # before `done`: the client may go on
+                    await link.release(self.admission)
+                    released = True
+                final = await self._publish_final(self.dialect.ending(ending))
         finally:
             # The ending outlives the ring's release: a late observer still gets it.
             self.stream.close(ending=final)

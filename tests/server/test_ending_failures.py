@@ -130,6 +130,79 @@ async def test_an_ending_someone_else_stored_first_is_told_as_theirs(harness):
     assert svc.ledger.verify() == []
 
 
+async def test_a_last_try_whose_commit_went_through_is_read_back(harness):
+    """Every try fails but the last, which commits and then raises (its answer
+    lost): the run reads the ending back and tells what is stored."""
+    svc = harness.svc
+    real = svc.db.write_store.close_turn
+    tries: list[int] = []
+
+    def close_turn(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) <= 3:
+            raise sqlite3.OperationalError("database is locked")
+        real(*args, **kwargs)
+        raise sqlite3.OperationalError("disk I/O error")  # after the commit
+
+    svc.db.write_store.close_turn = close_turn
+    run, outcome, user = await _one_call(harness)
+    assert len(tries) == 4
+    message = svc.store.message_by_stream(run.stream_id)
+    assert message["status"] == "complete" and message["credits_charged"] > 0
+    assert outcome.finish_reason == "stop" and outcome.error is None
+    assert outcome.credits_charged == message["credits_charged"]
+    assert svc.hub.abandoned.queued == []
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000 - outcome.credits_charged, 0)
+
+
+async def test_readers_are_told_when_the_database_does_not_answer_in_time(
+    harness, monkeypatch, caplog
+):
+    """Every database thread is busy past the time the ending has for its record
+    (a database that hangs rather than refuses): the readers are told all the
+    same (not confirmed), and the hub ends the stream once the database answers."""
+    svc = harness.svc
+    db = svc.hub.db
+    monkeypatch.setattr("server.run.RECORD_S", 0.3)
+    monkeypatch.setattr("server.abandoned.RETRY_S", 0.05)
+    monkeypatch.setattr(db, "_batching", False)  # writes wait for a thread, as on PostgreSQL
+    monkeypatch.setattr(db, "_limiter", trio.CapacityLimiter(1))
+    user = harness.user(credits=100_000)
+    model = next(iter(svc.catalog))
+    session = svc.store.create_session(
+        user["id"], session_id=None, title="t", model_id=model.id, source="api"
+    )
+    who = Principal(user["id"], "u", "enduser")
+    release = trio.Event()
+
+    async def hog(task_status: trio.TaskStatus[None]) -> None:
+        async with db._limiter:  # the only thread, held until the run has ended
+            task_status.started()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        run = await svc.hub.start(
+            who, session, "hello", model, max_tokens=None, temperature=None, scenario=None
+        )
+        await nursery.start(hog)
+        with trio.fail_after(20):
+            outcome = await run.result()
+        # Told, with its closing events, while the database still had not answered.
+        assert outcome.finish_reason == "error" and outcome.credits_charged == 0
+        assert outcome.error is not None and outcome.error.error_code == "INTERNAL_ERROR"
+        assert "confirmed" in outcome.error.user_message
+        assert run.stream.ended and svc.hub.abandoned.queued == [run.stream_id]
+        assert "not recorded within" in caplog.text
+        release.set()
+    with trio.fail_after(10):
+        await svc.hub.abandoned.drained()
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "interrupted"
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000, 0)
+    assert svc.ledger.verify() == []
+
+
 async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``_one_call`` whose ending fails, as does the hub's first round of ending it
     without its run (``server.abandoned``); returns once that round is over, the
