@@ -9,7 +9,9 @@ node over (exactly one) and hands it each of the node's streams;
   trimmed it), and the tokens the cluster saw produced;
 - its reservation (looked up by stream id: the stream was registered before
   the reservation existed) is settled for those tokens, or for nothing if
-  none were produced;
+  none were produced; released, charging nothing, if the owner had already
+  told its readers ``done`` (its ending could not be saved: they were told
+  "not charged", and that stands);
 - one telemetry row, ``errorCode`` ``NODE_LOST``;
 
 and returns the closing events — ``error`` ``NODE_LOST`` and ``done``
@@ -53,7 +55,8 @@ async def settle_recovered(
     model = catalog.get(stream.model_id)
     output = stream.tokens
     input_tokens = stream.input_tokens if output else 0
-    charge = model.price.cost(input_tokens, output) if model is not None and output else 0
+    told = stream.ended  # the owner's readers heard its ending: nothing charged
+    charge = model.price.cost(input_tokens, output) if model and output and not told else 0
     content = await _content(redis, stream)
     call = CallRecord(
         streaming_session_id=stream.stream_id,
@@ -75,6 +78,10 @@ async def settle_recovered(
         charged = int(message["credits_charged"]) if message else 0
         for reservation in book.open_reservations(stream.user_id):
             if reservation.streaming_session_id != stream.stream_id:
+                continue
+            if told:
+                book.release(reservation.id)
+                charged = 0
                 continue
             charged = book.settle(
                 reservation.id,

@@ -296,11 +296,13 @@ class StreamHub:
                 # A failed commit may have happened all the same: whatever of this
                 # open is stored is undone, at once but without keeping the
                 # refused caller waiting (a database that is away would).
-                if _may_have_committed(exc):
+                stored = _may_have_committed(exc)
+                if stored:
                     self.abandoned.later(stream_id, user_id)
                 if link is not None:
                     await link.release(admission)
-                    await link.finished(stream_id)
+                    if not stored:  # else once ended (abandoned.on_ended): a survivor
+                        await link.finished(stream_id)  # finds it live if this node dies
             raise
         stream = self.observations.open_stream(stream_id, group=session_id, info=dialect)
         return StreamRun(

@@ -287,3 +287,64 @@ async def test_a_shutdown_tries_once_more_what_the_database_could_not_end(harnes
 @pytest.fixture(autouse=True)
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
+
+
+@pytest.mark.parametrize("ended", [False, True])
+async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, monkeypatch, ended):
+    """A dead node's stream, ended in the database by a survivor (cluster mode):
+    one cut mid-way is charged the tokens the cluster saw produced; one whose
+    owner had already told its readers ``done`` (its ending could not be saved:
+    "not charged") is released, not charged — what its readers were told stands."""
+    from server.cluster import RecoveredStream
+    from server.recovery import settle_recovered
+
+    async def content(redis: Any, stream: Any) -> str:
+        return "so far"
+
+    monkeypatch.setattr("server.recovery._content", content)
+    svc = harness.svc
+    user = harness.user(credits=100_000)
+    model = next(iter(svc.catalog))
+    session = svc.store.create_session(
+        user["id"], session_id=None, title="t", model_id=model.id, source="api"
+    )
+    stream_id = f"stream-recovered-{ended}"
+
+    def open_rows(store: Any, book: Any) -> Any:
+        reserve = book.reservation(
+            user["id"], 500, model_id=model.id, streaming_session_id=stream_id
+        )
+        return store.open_turn(
+            session["id"],
+            user["id"],
+            text="hi",
+            model_id=model.id,
+            streaming_session_id=stream_id,
+            reserve=reserve,
+        )
+
+    reservation, _, assistant = await svc.db.write(open_rows)
+    lost = RecoveredStream(
+        stream_id=stream_id,
+        session_id=session["id"],
+        user_id=user["id"],
+        model_id=model.id,
+        reservation_id=reservation.id,
+        message_id=assistant["id"],
+        dialect="chat",
+        started_at=0.0,
+        node_id="dead",
+        tokens=300,
+        last_id=12,
+        ended=ended,
+        input_tokens=50,
+    )
+    await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
+    message = svc.store.message_by_stream(stream_id)
+    assert message["status"] == "interrupted" and message["content"] == "so far"
+    assert svc.ledger.open_reservations(user["id"]) == []
+    balance = svc.ledger.balance(user["id"])
+    charge = 0 if ended else model.price.cost(50, 300)
+    assert charge or ended
+    assert (balance.balance, message["credits_charged"]) == (100_000 - charge, charge)
+    assert svc.ledger.verify() == []

@@ -121,3 +121,50 @@ async def test_an_undo_that_fails_is_tried_again_and_the_caller_gets_the_first_e
 def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
     monkeypatch.setattr("server.abandoned.RETRY_S", 0.05)
+
+
+class _Link:
+    """What the hub asks of a cluster link around an open, recorded in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def admit(self, *, stream_id: str, **_: Any) -> str:
+        self.calls.append(("admit", stream_id))
+        return stream_id
+
+    async def release(self, admission: str | None) -> None:
+        self.calls.append(("release", str(admission)))
+
+    async def finished(self, stream_id: str) -> None:
+        self.calls.append(("finished", stream_id))
+
+
+async def test_in_cluster_mode_an_open_that_may_be_stored_stays_live_until_undone(
+    harness, monkeypatch
+):
+    """Off the cluster's live list only once undone: were the node to die before
+    the database answers, a survivor must still find it (and release it)."""
+    svc = harness.svc
+    link = _Link()
+    monkeypatch.setattr(svc.hub, "link", link)
+    svc.hub.abandoned.on_ended = link.finished
+    user, session, model = _session(harness, credits=100_000)
+    opened = _committed_then_failed(svc.db.write_store)
+    undo = svc.hub.abandoned.end
+    undone: list[str] = []
+
+    async def end(stream_id: str, *args: Any) -> bool:
+        assert ("finished", stream_id) not in link.calls  # still live while stored
+        undone.append(stream_id)
+        return await undo(stream_id, *args)
+
+    monkeypatch.setattr(svc.hub.abandoned, "end", end)
+    with pytest.raises(sqlite3.OperationalError):
+        await _start(harness, user, session, model)
+    [stream_id] = opened
+    with trio.fail_after(10):
+        await svc.hub.abandoned.drained()
+    assert undone == [stream_id]
+    assert link.calls == [("admit", stream_id), ("release", stream_id), ("finished", stream_id)]
+    assert svc.ledger.open_reservations(user["id"]) == []
