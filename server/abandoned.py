@@ -77,9 +77,9 @@ class Abandoned:
                     book.release(held.id)
                     released += 1
             message = store.message_by_stream(stream_id)
-            cut = message is not None and message["status"] == "streaming"
-            if message is not None and cut:
-                store.finish_message(
+            cut = False
+            if message is not None and message["status"] == "streaming":
+                cut = store.finish_message(
                     message["id"],
                     content=content,
                     status="interrupted",

@@ -91,8 +91,10 @@ async def settle_recovered(
                 input_tokens=input_tokens,
                 output_tokens=output,
             ).charged
+        # Unless the owner's own ending got there first (a partition: both sides
+        # may think the stream theirs): the message is ended once, its charge kept.
         if message is not None and message["status"] == "streaming":
-            store.finish_message(
+            ended_here = store.finish_message(
                 message["id"],
                 content=content,
                 status="interrupted",
@@ -102,7 +104,9 @@ async def settle_recovered(
                 finish_reason="error",
                 cancel_reason=None,
             )
-            store.add_telemetry("model_call", Telemetry.row(replace(call, credits_charged=charged)))
+            if ended_here:
+                telemetry = Telemetry.row(replace(call, credits_charged=charged))
+                store.add_telemetry("model_call", telemetry)
         return (message["id"] if message else stream.message_id), charged
 
     message_id, charged = await db.write(work)

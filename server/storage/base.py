@@ -109,9 +109,11 @@ class NewMessages(ABC):
         message_id: str,
         amounts: tuple[str, str, int, int, int],
         reasons: tuple[str, str | None],
-    ) -> None:
+        only_streaming: bool = False,
+    ) -> bool:
         """On ``conn``: the message's final row, ``(content, status, input_tokens,
-        output_tokens, credits_charged)`` and ``(finish_reason, cancel_reason)``."""
+        output_tokens, credits_charged)`` and ``(finish_reason, cancel_reason)``;
+        ``only_streaming``: unless it was ended already. Whether it was written."""
 
     @abstractmethod
     def _telemetry_on(self, conn: Any, type_: str, payload_json: str) -> None:
@@ -398,7 +400,10 @@ class StoreBackend(Protocol):
         credits_charged: int,
         finish_reason: str,
         cancel_reason: str | None = None,
-    ) -> None: ...
+    ) -> bool:
+        """End a message that is still ``streaming`` (one statement); False, and
+        nothing written, if it was ended already (by its own run, say)."""
+        ...
 
     def close_turn(
         self,

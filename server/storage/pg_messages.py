@@ -112,8 +112,9 @@ class PostgresMessages(NewMessages):
         message_id: str,
         amounts: tuple[str, str, int, int, int],
         reasons: tuple[str, str | None],
-    ) -> None:
-        _finish(conn, message_id, amounts, reasons)
+        only_streaming: bool = False,
+    ) -> bool:
+        return _finish(conn, message_id, amounts, reasons, only_streaming)
 
     def _telemetry_on(self, conn: Conn, type_: str, payload_json: str) -> None:
         _telemetry(conn, type_, payload_json)
@@ -129,14 +130,15 @@ class PostgresMessages(NewMessages):
         credits_charged: int,
         finish_reason: str,
         cancel_reason: str | None = None,
-    ) -> None:
+    ) -> bool:
         # One idempotent statement: safe to retry on a dead connection.
-        self._read(
+        return self._read(
             lambda c: _finish(
                 c,
                 message_id,
                 (content, status, input_tokens, output_tokens, credits_charged),
                 (finish_reason, cancel_reason),
+                only_streaming=True,
             )
         )
 
@@ -253,15 +255,18 @@ def _finish(
     message_id: str,
     amounts: tuple[str, str, int, int, int],
     reasons: tuple[str, str | None],
-) -> None:
+    only_streaming: bool = False,
+) -> bool:
     """The message's final row: ``(content, status, input, output, credits)``,
-    ``(finish_reason, cancel_reason)``."""
+    ``(finish_reason, cancel_reason)``; ``only_streaming``: unless it was ended
+    already. Whether it was written."""
     content, status, input_tokens, output_tokens, credits_charged = amounts
-    c.execute(
+    cur = c.execute(
         """UPDATE messages SET content = %s, status = %s, input_tokens = %s,
                output_tokens = %s, tokens_used = %s, credits_charged = %s,
                finish_reason = %s, cancel_reason = %s
-           WHERE id = %s""",
+           WHERE id = %s"""
+        + (" AND status = 'streaming'" if only_streaming else ""),
         (
             content,
             status,
@@ -273,6 +278,7 @@ def _finish(
             message_id,
         ),
     )
+    return bool(cur.rowcount)
 
 
 def _telemetry(c: Conn, type_: str, payload_json: str) -> None:

@@ -92,12 +92,13 @@ class SqliteMessages(NewMessages):
         credits_charged: int,
         finish_reason: str,
         cancel_reason: str | None = None,
-    ) -> None:
-        self._finish_on(
+    ) -> bool:
+        return self._finish_on(
             self.conn,
             message_id,
             (content, status, input_tokens, output_tokens, credits_charged),
             (finish_reason, cancel_reason),
+            only_streaming=True,
         )
 
     def _finish_on(
@@ -106,12 +107,14 @@ class SqliteMessages(NewMessages):
         message_id: str,
         amounts: tuple[str, str, int, int, int],
         reasons: tuple[str, str | None],
-    ) -> None:
+        only_streaming: bool = False,
+    ) -> bool:
         content, status, input_tokens, output_tokens, credits_charged = amounts
-        conn.execute(
+        cur = conn.execute(
             """UPDATE messages SET content = ?, status = ?, input_tokens = ?, output_tokens = ?,
                    tokens_used = ?, credits_charged = ?, finish_reason = ?, cancel_reason = ?
-               WHERE id = ?""",
+               WHERE id = ?"""
+            + (" AND status = 'streaming'" if only_streaming else ""),
             (
                 content,
                 status,
@@ -123,6 +126,7 @@ class SqliteMessages(NewMessages):
                 message_id,
             ),
         )
+        return bool(cur.rowcount)
 
     def list_messages(
         self, session_id: str, page: Page | None = None

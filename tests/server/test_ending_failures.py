@@ -348,3 +348,50 @@ async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, mon
     assert charge or ended
     assert (balance.balance, message["credits_charged"]) == (100_000 - charge, charge)
     assert svc.ledger.verify() == []
+
+
+async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(harness, monkeypatch):
+    """A partition: the survivor read the message as "streaming", then the owner's
+    own ending committed. The survivor finds no reservation to settle and leaves
+    the message as the owner stored it (charge included): ended once."""
+    from server.cluster import RecoveredStream
+    from server.recovery import settle_recovered
+
+    async def content(redis: Any, stream: Any) -> str:
+        return "so far"
+
+    monkeypatch.setattr("server.recovery._content", content)
+    svc = harness.svc
+    run, outcome, user = await _one_call(harness)
+    stored = svc.store.message_by_stream(run.stream_id)
+    assert stored["status"] == "complete" and stored["credits_charged"] > 0
+    stale = {**stored, "status": "streaming", "credits_charged": 0}
+    rows_before = len(svc.store.recent_telemetry(1000))
+    lost = RecoveredStream(
+        stream_id=run.stream_id,
+        session_id=run.session_id,
+        user_id=user["id"],
+        model_id=run.model.id,
+        reservation_id=run.reservation.id,
+        message_id=stored["id"],
+        dialect="chat",
+        started_at=0.0,
+        node_id="dead",
+        tokens=3,
+        last_id=3,
+        ended=False,
+        input_tokens=5,
+    )
+    with monkeypatch.context() as race:  # what the survivor read before the owner's commit
+        race.setattr(svc.db.write_store, "message_by_stream", lambda _id: stale)
+        await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
+    after = svc.store.message_by_stream(run.stream_id)
+    assert (after["status"], after["credits_charged"], after["content"]) == (
+        "complete",
+        stored["credits_charged"],
+        stored["content"],
+    )
+    assert len(svc.store.recent_telemetry(1000)) == rows_before
+    balance = svc.ledger.balance(user["id"])
+    assert (balance.balance, balance.reserved) == (100_000 - outcome.credits_charged, 0)
+    assert svc.ledger.verify() == []
