@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_calls.py --quick          # CI: tiny sizes, ~30 s
     .venv/bin/python scripts/bench_calls.py [--targets floor-timer,chinwag] [--streams 50]
         [--seconds 15] [--top 40]
+    .venv/bin/python scripts/bench_calls.py --observers 4 [--seconds 20]   # per observer event
 
 Why: CPU per event moves with the VM's speed (BENCHMARKS.md, issue 10) and
 ``bench_instructions.py`` counts instructions but not where they go by
@@ -20,6 +21,14 @@ takes out start-up, the streams' opens and settlements, and shutdown.
 The profiler makes every call dearer, so its times are not the server's;
 the call counts are exact. Prints calls per event for each target, the
 difference, and the functions that differ most.
+
+``--observers N``: calls per event an *observer* is sent instead, chinwag
+beside ``floor-fanout`` (``bench_floor.fanout_floor_app``: the bare app with
+an observe route, one task per observer woken per chunk). Each target serves
+one stream at ``--rate`` for ``--seconds`` twice, once watched by N observers
+and once not (a server each); the calls of the watched run less the other's
+(scaled to the same stream events) over the events the observers received.
+At this rate an observer is never behind: one write per event.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +54,8 @@ _dir = os.environ.get("BENCH_CALLS_DIR")
 if _dir and ("serve" in sys.argv or "floor-serve" in sys.argv):
     if "floor-serve" in sys.argv:
         _app = sys.argv[sys.argv.index("--app") + 1] if "--app" in sys.argv else "bare"
-        _tag = {"bare": "floor-timer", "quart": "floor-quart", "relay": "floor-relay"}[_app]
+        _tag = {"bare": "floor-timer", "quart": "floor-quart", "relay": "floor-relay",
+                "fanout": "floor-fanout"}[_app]
     else:
         _tag = "chinwag"
     _profile = cProfile.Profile()
@@ -111,6 +122,108 @@ def profiled_run(
     return out
 
 
+def observer_run(target: str, observers: int, seconds: float, rate: float, work: Path) -> Any:
+    """One server of ``target`` profiled, one stream watched by ``observers`` for
+    ``seconds``: (calls per function, stream events, observer events)."""
+    import trio
+    from bench_floor import TTFT_MS, start_floor
+    from bench_instructions import _observe, long_answer
+    from bench_streams import DEFAULT_MODEL, BenchEnv, Shared, run_stream, start_chinwag
+    from benchlib import create_sessions
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.environ["BENCH_CALLS_DIR"] = str(work)
+    os.environ["PYTHONPATH"] = str(work)
+    env = BenchEnv(keep=False)
+    try:
+        env.create_user()
+        supervisor = env.add_user("watcher", "watcher-password", "supervisor")
+        answer = long_answer(rate, seconds + 10)
+        if target == "chinwag":
+            srv = start_chinwag(
+                env,
+                target,
+                CHINWAG_SIM_TTFT_MS=str(TTFT_MS),
+                CHINWAG_SIM_TOKENS_PER_S=f"{rate:g}",
+                CHINWAG_SIM_ANSWER_TOKENS=str(answer),
+            )
+        else:
+            srv = start_floor(env, target, target, rate, 5.0)
+
+        async def drive() -> tuple[int, int]:
+            (sid,) = await create_sessions(srv.port, env.token, 1)
+            body = {"message": "Watch me", "modelId": DEFAULT_MODEL, "maxTokens": answer}
+            shared = Shared(interval=1 / rate)
+            counts = [0] * observers
+            async with trio.open_nursery() as nursery:
+                run = partial(run_stream, srv.port, env.token, sid, body, shared, limit_s=600)
+                nursery.start_soon(run)
+                with trio.fail_after(60):
+                    while shared.chunks < 10:  # noqa: ASYNC110  (sampled)
+                        await trio.sleep(0.1)
+                for i in range(observers):
+                    nursery.start_soon(_observe, srv.port, supervisor, sid, counts, i)
+                await trio.sleep(seconds)
+                nursery.cancel_scope.cancel()
+            return shared.chunks, sum(counts)
+
+        try:
+            events, observed = trio.run(drive)
+        finally:
+            srv.stop()
+    finally:
+        os.environ.pop("BENCH_CALLS_DIR", None)
+        env.cleanup()
+    return counts(work / f"{target}.prof"), events, observed
+
+
+def observer_calls(args: Any, work: Path) -> dict[str, Any]:
+    """Calls per observer event, chinwag and floor-fanout (``--observers``)."""
+    out: dict[str, Any] = {}
+    per: dict[str, dict[str, float]] = {}
+    for target in ("floor-fanout", "chinwag"):
+        alone, events_alone, _ = observer_run(target, 0, args.seconds, args.rate, work / "0")
+        watched, events, observed = observer_run(
+            target, args.observers, args.seconds, args.rate, work / str(args.observers)
+        )
+        if not observed or not events_alone:
+            raise SystemExit(f"{target}: no observer events")
+        scale = events / events_alone
+        per[target] = {
+            k: (watched.get(k, 0) - alone.get(k, 0) * scale) / observed
+            for k in watched.keys() | alone.keys()
+        }
+        out[target] = {"observerEvents": observed, "events": events}
+    a, b = per["floor-fanout"], per["chinwag"]
+    diff = {k: b.get(k, 0.0) - a.get(k, 0.0) for k in a.keys() | b.keys()}
+    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[: args.top]
+    return {
+        "runs": out,
+        "callsPerObserverEvent": {t: round(sum(v.values()), 1) for t, v in per.items()},
+        "largest": [
+            {"function": k, "base": round(a.get(k, 0.0), 2), "chinwag": round(b.get(k, 0.0), 2)}
+            for k, _ in top
+        ],
+    }
+
+
+def report_observers(r: dict[str, Any]) -> None:
+    a, o = r["args"], r["observers"]
+    print(f"\nPython calls per observer event - commit {r['machine']['commit']}")
+    print(f"  one stream at {a['rate']:g}/s, {a['observers']} observers for {a['seconds']:g} s,")
+    print("  less the same stream unwatched (cProfile; the counts are exact)")
+    for target, n in o["callsPerObserverEvent"].items():
+        print(f"    {target:<12} {n:8.1f} calls per observer event")
+    base, ours = o["callsPerObserverEvent"]["floor-fanout"], o["callsPerObserverEvent"]["chinwag"]
+    print(f"    chinwag - floor-fanout: {ours - base:+.1f} ({ours / base:.2f} x); the largest:")
+    for row in o["largest"]:
+        delta = row["chinwag"] - row["base"]
+        print(
+            f"      {delta:+7.2f}  ({row['base']:6.2f} -> {row['chinwag']:6.2f})  {row['function']}"
+        )
+
+
 def main() -> int:
     p = arg_parser(__doc__ or "", "20 streams x 2 s and 0.5 s, the top 10")
     p.add_argument(
@@ -123,9 +236,22 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--top", type=int, default=40, help="functions to list")
     p.add_argument("--keep", action="store_true", help="keep the profiles")
+    p.add_argument(
+        "--observers", type=int, default=0, help="calls per observer event instead (docstring)"
+    )
     args = p.parse_args()
     if args.quick:
         args.streams, args.seconds, args.top = 20, 2.0, 10
+    if args.observers:
+        t0 = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="chinwag-calls-"))
+        try:
+            results = {"machine": machine(), "args": vars(args)}
+            results["observers"] = observer_calls(args, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return finish(results, t0, report_observers, lambda _: [], args.json)
     targets = [t for t in args.targets.split(",") if t]
     if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")

@@ -2,7 +2,6 @@
 
     .venv/bin/python scripts/bench_instructions.py --quick        # CI: tiny sizes, ~2 min
     .venv/bin/python scripts/bench_instructions.py [--targets floor-timer,floor-quart,chinwag]
-        (also: floor-fanout, the floor of an observer's write)
         [--streams 8] [--rate 20] [--window 15] [--sequential 30] [--observers 4] [--json out.json]
 
 Why: CPU seconds on this VM drift by ±20% between runs of the same commit
@@ -38,9 +37,7 @@ pinned to the last CPU when there are two. Counters are zeroed
    asks (N x rate x window); below 95% valgrind saturated the server and
    its events came coalesced (fewer writes): the row says so.
 
-4. **per observer event** (chinwag, and ``floor-fanout``: ``bench_floor``'s
-   bare app with an observe route, one task per observer woken per chunk;
-   ``--targets floor-fanout,chinwag``; the other floors have no observers):
+4. **per observer event** (chinwag only; the floors have no observers):
    one stream of long answers, a ``--window`` with no observer, then
    ``--observers`` supervisors watching it over SSE and the same window
    again. The second window's instructions less the first's (scaled to
@@ -85,9 +82,6 @@ from benchlib import (
 )
 
 TARGETS = ("floor-timer", "floor-quart", "chinwag")
-#: Also: the fan-out floor (``bench_floor.fanout_floor_app``), whose per observer
-#: event is chinwag's to compare with.
-ALL_TARGETS = (*TARGETS, "floor-fanout")
 #: Under callgrind a server takes ~30 s to start here.
 START_TIMEOUT_S = 180.0
 #: Events per stream in the per-stream window.
@@ -262,7 +256,7 @@ def run_target(env: BenchEnv, target: str, args: Any, out_dir: Path) -> dict[str
             per_event, srv.port, env.token, counter, args.streams, args.rate, args.window
         )
         observer = None
-        if target in ("chinwag", "floor-fanout") and args.observers:
+        if target == "chinwag" and args.observers:
             observer = trio.run(
                 per_observer_event,
                 srv.port,
@@ -332,10 +326,6 @@ def report(results: dict[str, Any]) -> None:
                 rows.append(
                     (f"chinwag / {floor}, per {what}", f"{c[sub][key] / f[sub][key]:.2f} x", "")
                 )
-        co, fo = c.get("perObserverEvent"), f.get("perObserverEvent")
-        if co and fo and co["irPerObserverEvent"] and fo["irPerObserverEvent"]:
-            ratio = co["irPerObserverEvent"] / fo["irPerObserverEvent"]
-            rows.append((f"chinwag / {floor}, per observer event", f"{ratio:.2f} x", ""))
     print_table(rows)
 
 
@@ -365,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.targets, args.streams, args.window, args.sequential = "floor-quart,chinwag", 2, 3, 3
         args.events, args.observers = 40, 2
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if unknown := set(targets) - set(ALL_TARGETS):
+    if unknown := set(targets) - set(TARGETS):
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("bench_instructions: valgrind is not installed (apt-get install valgrind): skipped")
