@@ -54,8 +54,9 @@ from .errors import ApiError, Conflict, TooMany
 from .limits import RateLimiter
 from .models import Catalog
 from .recovery import settle_recovered
+from .run import RECORD_S, TELL_S
 from .settings import Settings
-from .streams import CLEANUP_TIMEOUT_S, FINAL_WAIT_S, StreamHub
+from .streams import StreamHub
 
 __all__ = ["ClusterLink", "busy"]
 
@@ -67,8 +68,9 @@ HOUSEKEEPING_S = 1.0
 #: (CLEANUP_TIMEOUT_S) is for the database and the closing events, so a Redis that
 #: hangs (rather than refuses) costs at most this much, then is retried later.
 ENDING_STEP_S = 1.0
-#: How long a stop or end-session waits for the stream's node to answer.
-ANSWER_WITHIN_S = CLEANUP_TIMEOUT_S + FINAL_WAIT_S + 2.0
+#: How long a stop or end-session waits for the stream's node to answer: the
+#: ending's Redis step, its record and its telling of readers, and a margin.
+ANSWER_WITHIN_S = ENDING_STEP_S + RECORD_S + TELL_S + 1.0
 
 
 def busy(exc: ClusterUnavailable) -> ApiError:

@@ -188,7 +188,10 @@ class Bill:
             message_id=message_id, reservation_id=reservation_id, content=content, note=note
         )
         stream_id = self.call.streaming_session_id
-        with trio.move_on_after(within):
+        # Shielded, with a deadline of its own: the caller's ending may be past its
+        # own deadline by the time a slow try returns; this bound is the one that
+        # applies, and it ends here, never in the caller's telling of readers.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + within):
             try:
                 settled = await db.write_retried(end)
                 return Stored(self.status, self.call.finish_reason, settled.charged), True

@@ -11,6 +11,7 @@ reservation open, no ``done`` and a caller's ``AssertionError``.
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -201,6 +202,32 @@ async def test_readers_are_told_when_the_database_does_not_answer_in_time(
     balance = svc.ledger.balance(user["id"])
     assert (balance.balance, balance.reserved) == (100_000, 0)
     assert svc.ledger.verify() == []
+
+
+async def test_readers_are_told_when_a_try_outlasts_the_whole_ending(harness, monkeypatch):
+    """A try that runs in its database thread past the ending's bounds (it cannot
+    be interrupted: a PostgreSQL lock wait, say) and then fails: the readers are
+    still told, and the hub still gets the stream to end."""
+    svc = harness.svc
+    db = svc.hub.db
+    monkeypatch.setattr("server.run.CLEANUP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("server.run.RECORD_S", 0.6)
+    monkeypatch.setattr("server.abandoned.RETRY_S", 3600.0)
+    monkeypatch.setattr(db, "_batching", False)  # as on PostgreSQL: a thread per write
+    monkeypatch.setattr(db, "_inline_reads", False)  # and per read
+
+    def close_turn(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.2)  # past RECORD_S and CLEANUP_TIMEOUT_S
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(svc.db.write_store, "close_turn", close_turn)
+    run, outcome, user = await _one_call(harness)
+    assert outcome.finish_reason == "error" and outcome.credits_charged == 0
+    assert outcome.error is not None and "confirmed" in outcome.error.user_message
+    assert run.stream.ended and svc.hub.abandoned.queued == [run.stream_id]
+    # Held until the hub ends it (its next round, an hour away here).
+    assert svc.store.message_by_stream(run.stream_id)["status"] == "streaming"
+    assert svc.ledger.balance(user["id"]).reserved > 0
 
 
 async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
