@@ -9,10 +9,13 @@ node over (exactly one) and hands it each of the node's streams;
   trimmed it), and the tokens the cluster saw produced;
 - its reservation (looked up by stream id: the stream was registered before
   the reservation existed) is settled for those tokens, or for nothing if
-  none were produced; released, charging nothing, if the owner had already
-  told its readers ``done`` (its ending could not be saved: they were told
-  "not charged", and that stands);
+  none were produced or if the owner had already told its readers ``done``
+  (its ending could not be saved: they were told "not charged", and that
+  stands);
 - one telemetry row, ``errorCode`` ``NODE_LOST``;
+
+all three in one transaction (``StoreBackend.close_turn``, as a run's own
+ending), so an owner's ending that commits first wins whole;
 
 and returns the closing events — ``error`` ``NODE_LOST`` and ``done``
 ``finishReason:"error"``, in the stream's own dialect — that the survivor
@@ -76,13 +79,39 @@ async def settle_recovered(
     def work(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[str, int]:
         message = store.message_by_stream(stream.stream_id)
         charged = int(message["credits_charged"]) if message else 0
-        for reservation in book.open_reservations(stream.user_id):
-            if reservation.streaming_session_id != stream.stream_id:
-                continue
-            if told:
-                book.release(reservation.id)
-                charged = 0
-                continue
+        held = [
+            r
+            for r in book.open_reservations(stream.user_id)
+            if r.streaming_session_id == stream.stream_id
+        ]
+        streaming = message is not None and message["status"] == "streaming"
+        if held and message is not None and streaming:
+            # The settlement, the message and the telemetry row in one transaction,
+            # as a run's own ending: the owner's ending, if it commits first, makes
+            # this one fail whole (ReservationClosed) and stands.
+            try:
+                return message["id"], store.close_turn(
+                    message["id"],
+                    settle=book.settlement(
+                        held[0].id,
+                        charge,
+                        model_id=stream.model_id,
+                        streaming_session_id=stream.stream_id,
+                        input_tokens=input_tokens,
+                        output_tokens=output,
+                    ),
+                    content=content,
+                    status="interrupted",
+                    input_tokens=input_tokens,
+                    output_tokens=output,
+                    finish_reason="error",
+                    cancel_reason=None,
+                    telemetry=lambda credits: Telemetry.row(replace(call, credits_charged=credits)),
+                ).charged
+            except ledger.ReservationClosed:
+                stored = store.message_by_stream(stream.stream_id)
+                return message["id"], int(stored["credits_charged"]) if stored else 0
+        for reservation in held:  # no message left to end (its session was deleted)
             charged = book.settle(
                 reservation.id,
                 charge,
@@ -91,9 +120,9 @@ async def settle_recovered(
                 input_tokens=input_tokens,
                 output_tokens=output,
             ).charged
-        # Unless the owner's own ending got there first (a partition: both sides
-        # may think the stream theirs): the message is ended once, its charge kept.
-        if message is not None and message["status"] == "streaming":
+        # Its reservation closed already (by the hub, say): the message is ended
+        # once, unless someone got there first.
+        if message is not None and streaming:
             ended_here = store.finish_message(
                 message["id"],
                 content=content,

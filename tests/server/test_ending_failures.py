@@ -377,10 +377,14 @@ async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, mon
     assert svc.ledger.verify() == []
 
 
-async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(harness, monkeypatch):
-    """A partition: the survivor read the message as "streaming", then the owner's
-    own ending committed. The survivor finds no reservation to settle and leaves
-    the message as the owner stored it (charge included): ended once."""
+@pytest.mark.parametrize("read_reservation", [False, True])
+async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(
+    harness, monkeypatch, read_reservation
+):
+    """A partition: the survivor read the message as "streaming" (and perhaps the
+    reservation as open), then the owner's own ending committed. The survivor's
+    ending fails whole or finds nothing to do, and the message stays as the
+    owner stored it (charge included): ended once, one telemetry row."""
     from server.cluster import RecoveredStream
     from server.recovery import settle_recovered
 
@@ -411,6 +415,8 @@ async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(harn
     )
     with monkeypatch.context() as race:  # what the survivor read before the owner's commit
         race.setattr(svc.db.write_store, "message_by_stream", lambda _id: stale)
+        if read_reservation:
+            race.setattr(svc.db.write_ledger, "open_reservations", lambda _u: [run.reservation])
         await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
     after = svc.store.message_by_stream(run.stream_id)
     assert (after["status"], after["credits_charged"], after["content"]) == (
