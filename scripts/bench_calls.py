@@ -25,10 +25,13 @@ difference, and the functions that differ most.
 ``--observers N``: calls per event an *observer* is sent instead, chinwag
 beside ``floor-fanout`` (``bench_floor.fanout_floor_app``: the bare app with
 an observe route, one task per observer woken per chunk). Each target serves
-one stream at ``--rate`` for ``--seconds`` twice, once watched by N observers
-and once not (a server each); the calls of the watched run less the other's
-(scaled to the same stream events) over the events the observers received.
-At this rate an observer is never behind: one write per event.
+one stream at ``--rate`` twice, once watched by N observers and once not (a
+server each), profiled only over a ``--seconds`` window once everything is
+running (the profiler is switched on and off by signals: no start-up, no
+joins, no shutdown in the counts); the calls of the watched window less the
+other's (scaled to the same stream events) over the events the observers
+received in it. At this rate an observer is never behind: one write per
+event.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,7 +69,12 @@ if _dir and ("serve" in sys.argv or "floor-serve" in sys.argv):
         _profile.dump_stats(os.path.join(_dir, _tag + ".prof"))
 
     atexit.register(_dump)
-    _profile.enable()
+    if os.environ.get("BENCH_CALLS_WINDOW"):  # on at SIGUSR1, off at SIGUSR2
+        import signal
+        signal.signal(signal.SIGUSR1, lambda *_: _profile.enable())
+        signal.signal(signal.SIGUSR2, lambda *_: _profile.disable())
+    else:
+        _profile.enable()
 """
 
 TARGETS = ("floor-timer", "floor-quart", "floor-relay", "chinwag")
@@ -123,8 +132,8 @@ def profiled_run(
 
 
 def observer_run(target: str, observers: int, seconds: float, rate: float, work: Path) -> Any:
-    """One server of ``target`` profiled, one stream watched by ``observers`` for
-    ``seconds``: (calls per function, stream events, observer events)."""
+    """One server of ``target``, one stream watched by ``observers``, profiled over
+    ``seconds``: (calls per function, stream events, observer events) in that window."""
     import trio
     from bench_floor import TTFT_MS, start_floor
     from bench_instructions import _observe, long_answer
@@ -133,8 +142,8 @@ def observer_run(target: str, observers: int, seconds: float, rate: float, work:
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    os.environ["BENCH_CALLS_DIR"] = str(work)
-    os.environ["PYTHONPATH"] = str(work)
+    saved = {k: os.environ.get(k) for k in ("BENCH_CALLS_DIR", "BENCH_CALLS_WINDOW", "PYTHONPATH")}
+    os.environ.update(BENCH_CALLS_DIR=str(work), BENCH_CALLS_WINDOW="1", PYTHONPATH=str(work))
     env = BenchEnv(keep=False)
     try:
         env.create_user()
@@ -164,16 +173,27 @@ def observer_run(target: str, observers: int, seconds: float, rate: float, work:
                         await trio.sleep(0.1)
                 for i in range(observers):
                     nursery.start_soon(_observe, srv.port, supervisor, sid, counts, i)
+                with trio.fail_after(60):
+                    while min(counts, default=2 * rate) < 2 * rate:  # noqa: ASYNC110  (sampled)
+                        await trio.sleep(0.1)
+                os.kill(srv.pid, signal.SIGUSR1)
+                c0, o0 = shared.chunks, sum(counts)
                 await trio.sleep(seconds)
+                os.kill(srv.pid, signal.SIGUSR2)
+                c1, o1 = shared.chunks, sum(counts)
                 nursery.cancel_scope.cancel()
-            return shared.chunks, sum(counts)
+            return c1 - c0, o1 - o0
 
         try:
             events, observed = trio.run(drive)
         finally:
             srv.stop()
     finally:
-        os.environ.pop("BENCH_CALLS_DIR", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         env.cleanup()
     return counts(work / f"{target}.prof"), events, observed
 
