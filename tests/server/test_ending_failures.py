@@ -68,24 +68,31 @@ async def test_a_transient_failure_of_the_ending_is_tried_again(harness, caplog)
     assert balance.reserved == 0 and balance.balance == 100_000 - outcome.credits_charged
 
 
-async def test_an_ending_stored_by_a_try_whose_answer_was_lost_is_told_as_stored(harness):
-    """The first try commits and then raises (a connection lost in COMMIT); the
-    retry finds the reservation settled. Readers and the caller are told what
-    is stored, the charge included, not "not saved, not charged"."""
+@pytest.mark.parametrize("lost_on_try", [1, 4])
+async def test_an_ending_stored_by_a_try_whose_answer_was_lost_is_told_as_stored(
+    harness, lost_on_try
+):
+    """A try commits and then raises (a connection lost in COMMIT): the first of
+    four, after which the retry finds the reservation settled, or the last, after
+    three failed ones, with no retry left. Either way the run reads the ending
+    back: readers and the caller are told what is stored, the charge included,
+    not "not saved, not charged"."""
     svc = harness.svc
     real = svc.db.write_store.close_turn
     tries: list[int] = []
 
     def close_turn(*args: Any, **kwargs: Any) -> Any:
         tries.append(1)
+        if len(tries) < lost_on_try:
+            raise sqlite3.OperationalError("database is locked")
         settled = real(*args, **kwargs)
-        if len(tries) == 1:
+        if len(tries) == lost_on_try:
             raise sqlite3.OperationalError("disk I/O error")  # after the commit
         return settled
 
     svc.db.write_store.close_turn = close_turn
     run, outcome, user = await _one_call(harness)
-    assert len(tries) == 2
+    assert len(tries) == {1: 2, 4: 4}[lost_on_try]
     message = svc.store.message_by_stream(run.stream_id)
     assert message["status"] == "complete" and message["credits_charged"] > 0
     assert outcome.finish_reason == "stop" and outcome.error is None
@@ -129,32 +136,6 @@ async def test_an_ending_someone_else_stored_first_is_told_as_theirs(harness):
     balance = svc.ledger.balance(user["id"])
     assert (balance.balance, balance.reserved) == (100_000, 0)
     assert svc.ledger.verify() == []
-
-
-async def test_a_last_try_whose_commit_went_through_is_read_back(harness):
-    """Every try fails but the last, which commits and then raises (its answer
-    lost): the run reads the ending back and tells what is stored."""
-    svc = harness.svc
-    real = svc.db.write_store.close_turn
-    tries: list[int] = []
-
-    def close_turn(*args: Any, **kwargs: Any) -> Any:
-        tries.append(1)
-        if len(tries) <= 3:
-            raise sqlite3.OperationalError("database is locked")
-        real(*args, **kwargs)
-        raise sqlite3.OperationalError("disk I/O error")  # after the commit
-
-    svc.db.write_store.close_turn = close_turn
-    run, outcome, user = await _one_call(harness)
-    assert len(tries) == 4
-    message = svc.store.message_by_stream(run.stream_id)
-    assert message["status"] == "complete" and message["credits_charged"] > 0
-    assert outcome.finish_reason == "stop" and outcome.error is None
-    assert outcome.credits_charged == message["credits_charged"]
-    assert svc.hub.abandoned.queued == []
-    balance = svc.ledger.balance(user["id"])
-    assert (balance.balance, balance.reserved) == (100_000 - outcome.credits_charged, 0)
 
 
 async def test_readers_are_told_when_the_database_does_not_answer_in_time(
@@ -316,12 +297,9 @@ def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
 
 
-@pytest.mark.parametrize("ended", [False, True])
-async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, monkeypatch, ended):
-    """A dead node's stream, ended in the database by a survivor (cluster mode):
-    one cut mid-way is charged the tokens the cluster saw produced; one whose
-    owner had already told its readers ``done`` (its ending could not be saved:
-    "not charged") is released, not charged — what its readers were told stands."""
+async def _recover(monkeypatch: pytest.MonkeyPatch, svc: Any, **fields: Any) -> None:
+    """A survivor ends a dead node's stream (``settle_recovered``), the cluster's
+    copy of its text being "so far"."""
     from server.cluster import RecoveredStream
     from server.recovery import settle_recovered
 
@@ -329,6 +307,16 @@ async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, mon
         return "so far"
 
     monkeypatch.setattr("server.recovery._content", content)
+    lost = RecoveredStream(dialect="chat", started_at=0.0, node_id="dead", **fields)
+    await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ended", [False, True])
+async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, monkeypatch, ended):
+    """A dead node's stream, ended in the database by a survivor (cluster mode):
+    one cut mid-way is charged the tokens the cluster saw produced; one whose
+    owner had already told its readers ``done`` (its ending could not be saved:
+    "not charged") is released, not charged — what its readers were told stands."""
     svc = harness.svc
     user = harness.user(credits=100_000)
     model = next(iter(svc.catalog))
@@ -351,22 +339,20 @@ async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, mon
         )
 
     reservation, _, assistant = await svc.db.write(open_rows)
-    lost = RecoveredStream(
+    await _recover(
+        monkeypatch,
+        svc,
         stream_id=stream_id,
         session_id=session["id"],
         user_id=user["id"],
         model_id=model.id,
         reservation_id=reservation.id,
         message_id=assistant["id"],
-        dialect="chat",
-        started_at=0.0,
-        node_id="dead",
         tokens=300,
         last_id=12,
         ended=ended,
         input_tokens=50,
     )
-    await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
     message = svc.store.message_by_stream(stream_id)
     assert message["status"] == "interrupted" and message["content"] == "so far"
     assert svc.ledger.open_reservations(user["id"]) == []
@@ -385,39 +371,30 @@ async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(
     reservation as open), then the owner's own ending committed. The survivor's
     ending fails whole or finds nothing to do, and the message stays as the
     owner stored it (charge included): ended once, one telemetry row."""
-    from server.cluster import RecoveredStream
-    from server.recovery import settle_recovered
-
-    async def content(redis: Any, stream: Any) -> str:
-        return "so far"
-
-    monkeypatch.setattr("server.recovery._content", content)
     svc = harness.svc
     run, outcome, user = await _one_call(harness)
     stored = svc.store.message_by_stream(run.stream_id)
     assert stored["status"] == "complete" and stored["credits_charged"] > 0
     stale = {**stored, "status": "streaming", "credits_charged": 0}
     rows_before = len(svc.store.recent_telemetry(1000))
-    lost = RecoveredStream(
-        stream_id=run.stream_id,
-        session_id=run.session_id,
-        user_id=user["id"],
-        model_id=run.model.id,
-        reservation_id=run.reservation.id,
-        message_id=stored["id"],
-        dialect="chat",
-        started_at=0.0,
-        node_id="dead",
-        tokens=3,
-        last_id=3,
-        ended=False,
-        input_tokens=5,
-    )
     with monkeypatch.context() as race:  # what the survivor read before the owner's commit
         race.setattr(svc.db.write_store, "message_by_stream", lambda _id: stale)
         if read_reservation:
             race.setattr(svc.db.write_ledger, "open_reservations", lambda _u: [run.reservation])
-        await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
+        await _recover(
+            race,
+            svc,
+            stream_id=run.stream_id,
+            session_id=run.session_id,
+            user_id=user["id"],
+            model_id=run.model.id,
+            reservation_id=run.reservation.id,
+            message_id=stored["id"],
+            tokens=3,
+            last_id=3,
+            ended=False,
+            input_tokens=5,
+        )
     after = svc.store.message_by_stream(run.stream_id)
     assert (after["status"], after["credits_charged"], after["content"]) == (
         "complete",
