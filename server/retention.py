@@ -22,10 +22,11 @@ SWEEP_INTERVAL_S = 3600.0
 
 
 def sweep(store: StoreBackend, hub: StreamHub, days: int, now: datetime | None = None) -> int:
-    """Delete sessions older than ``days`` (none with a live stream); how many."""
+    """Delete sessions older than ``days`` (none with a live stream or one
+    being opened); how many."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     cutoff_iso = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    deleted = store.delete_sessions_before(cutoff_iso, keep={r.session_id for r in hub.live()})
+    deleted = store.delete_sessions_before(cutoff_iso, keep=hub.busy_sessions())
     if deleted:
         log.info("retention: deleted %d sessions older than %d days", deleted, days)
     return deleted

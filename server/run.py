@@ -368,6 +368,8 @@ class StreamRun:
                 "credits_charged": charged,
                 "finish_reason": finish_reason,
             }
+            if error is None:  # an ending the server chose: a stop, a shutdown
+                error = told(finish_reason)
             self.outcome = Outcome(
                 self.user_message,
                 self.assistant_message,
@@ -378,8 +380,6 @@ class StreamRun:
                 retries,
                 error,
             )
-            if error is None:
-                error = told(finish_reason)
             ending = Ending(
                 stream_id=self.stream_id,
                 message_id=self.assistant_message["id"],

@@ -109,13 +109,24 @@ class EventStream(Response):
     No response timeout: Quart's RESPONSE_TIMEOUT (60 s by default) would
     silently cut a long stream. The after-request hooks see it as any
     response (status, headers); only :class:`Connection` sends it.
+
+    ``unserved``: called if the client goes away before :attr:`serve` is
+    called (a stream's run waits for its client: it is told at once, not
+    after ``ATTACH_TIMEOUT_S``). Once called, :attr:`serve` owns that news.
     """
 
-    def __init__(self, serve: Serve, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        serve: Serve,
+        headers: dict[str, str] | None = None,
+        *,
+        unserved: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(b"", status=200, headers={**SSE_HEADERS, **(headers or {})})
         del self.headers["Content-Length"]  # of the placeholder body: this one is open-ended
         self.timeout = None
         self.serve = serve
+        self.unserved = unserved
 
 
 class Connection(TrioASGIHTTPConnection):
@@ -130,19 +141,29 @@ class Connection(TrioASGIHTTPConnection):
         if not isinstance(response, EventStream):
             await super()._send_response(send, response)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-                "trailers": False,
-            }
-        )
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": encode_headers(response.headers),
+                    "trailers": False,
+                }
+            )
+        except BaseException:
+            if response.unserved is not None:
+                response.unserved()
+            raise
         await response.serve(send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def sse_response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> EventStream:
+def sse_response(
+    body: AsyncIterator[bytes],
+    headers: dict[str, str] | None = None,
+    *,
+    unserved: Callable[[], None] | None = None,
+) -> EventStream:
     """An :class:`EventStream` writing each chunk ``body`` yields, in one ``send`` each."""
 
     async def serve(send: ASGISendCallable) -> None:
@@ -157,4 +178,4 @@ def sse_response(body: AsyncIterator[bytes], headers: dict[str, str] | None = No
                 with trio.CancelScope(shield=True):
                     await aclose()
 
-    return EventStream(serve, headers)
+    return EventStream(serve, headers, unserved=unserved)

@@ -138,6 +138,10 @@ class StreamHub:
     def live(self) -> list[StreamRun]:
         return list(self._by_session.values())
 
+    def busy_sessions(self) -> set[str]:
+        """Chat sessions with a live stream here, or one being opened."""
+        return {*self._by_session, *self._opening}
+
     def for_session(self, session_id: str) -> StreamRun | None:
         return self._by_session.get(session_id)
 
@@ -336,7 +340,10 @@ class StreamHub:
     # -- ending --------------------------------------------------------------------
 
     async def end_session_streams(self, session_id: str) -> None:
-        """End the live run on a chat session (if any) and wait until it is settled."""
+        """End the live run on a chat session (if any) and wait until it is settled;
+        one being opened is waited for first (its open commits whatever happens)."""
+        while session_id in self._opening:
+            await self._opened.park()
         run = self._by_session.get(session_id)
         if run is not None:
             run.cancel("client_disconnected")
@@ -360,15 +367,14 @@ class StreamHub:
         """Stop every run (``finishReason: shutdown``) and wait until all are settled,
         those that were still opening included (they start already told to stop)."""
         self.accepting = False
-        while True:
+        while self._by_stream or self._opening:
             runs = list(self._by_stream.values())
             for run in runs:
                 run.cancel("shutdown")
             for run in runs:
                 await run.wait_done()
-            if not self._opening:
-                break
-            await self._opened.park()
+            if self._opening:  # each one started meanwhile is stopped on the next turn
+                await self._opened.park()
         # One last try for what the database could not end (the rest is recovery's).
         if self.abandoned.queued:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):

@@ -8,7 +8,8 @@ from typing import Any
 from quart import Blueprint
 
 from ..context import authenticated, camel_message, camel_session, principal, services
-from ..errors import ApiError, session_not_found
+from ..endings import ServerShutdown, StreamCancelled
+from ..errors import ApiError, Conflict, session_not_found
 from ..models import resolve
 from ..providers.base import ProviderError
 from ..validate import PAGINATION, Body, ClientId, Text, operation, paginated, pagination
@@ -179,10 +180,22 @@ async def post_message(session_id: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failed(error: ProviderError) -> ApiError:
-    """A whole answer that failed: 500 for our own failure, else 503
-    ``UPSTREAM_UNAVAILABLE`` (SPEC §2) with the upstream's code in ``details``."""
+    """A whole answer that did not complete: 500 for our own failure; 409
+    ``STREAM_CANCELLED`` if a supervisor stopped it and 503
+    ``SERVER_SHUTTING_DOWN`` if the server is stopping (what a stream's client
+    is told, SPEC §6.1); else 503 ``UPSTREAM_UNAVAILABLE`` (SPEC §2) with the
+    upstream's code in ``details``. What was produced is stored either way."""
     if error.error_code == "INTERNAL_ERROR":
         return ApiError(error.user_message, status=500, error_code="INTERNAL_ERROR")
+    if isinstance(error, StreamCancelled):
+        return Conflict(error.user_message, error_code=error.error_code)
+    if isinstance(error, ServerShutdown):
+        return ApiError(
+            error.user_message,
+            status=503,
+            error_code=error.error_code,
+            headers={"Retry-After": "1"},
+        )
     return ApiError(
         error.user_message,
         status=503,

@@ -79,11 +79,15 @@ def push_response(run: StreamRun, stream: Stream, *, after_id: int) -> EventStre
     scope = request.scope
 
     async def serve(send: ASGISendCallable) -> None:
-        await send({"type": "http.response.body", "body": connected, "more_body": True})
+        try:
+            await send({"type": "http.response.body", "body": connected, "more_body": True})
+        except BaseException:
+            run.detach()  # gone before it attached: the run must not wait for it
+            raise
         with stream.reader(after_id, primary=True) as reader:
             await serve_push(run, reader, send, interval=interval, timers=svc.timers, scope=scope)
 
-    return EventStream(serve, {"X-Streaming-Session-Id": stream.stream_id})
+    return EventStream(serve, {"X-Streaming-Session-Id": stream.stream_id}, unserved=run.detach)
 
 
 def stream_response(run: StreamRun, controls: Controls) -> Response:
@@ -104,7 +108,7 @@ def stream_response(run: StreamRun, controls: Controls) -> Response:
         cut_after=cut_after,
         timers=services().timers,
     )
-    return sse_response(feed, {"X-Streaming-Session-Id": run.stream_id})
+    return sse_response(feed, {"X-Streaming-Session-Id": run.stream_id}, unserved=run.detach)
 
 
 @bp.post("/api/chat/sessions/<session_id>/stream")
@@ -165,8 +169,8 @@ async def client_feed(
     connection is cut right after that event, with no terminating chunk, as
     a crashed proxy would: for the run that is a disconnect like any other.
     """
-    yield connected
     try:
+        yield connected  # a client gone before it attached is told too (finally)
         with stream.reader(after_id, primary=True) as reader:
             if run is not None:
                 run.attach()
@@ -286,6 +290,7 @@ async def resume_stream(session_id: str) -> Response:
             timers=svc.timers,
         ),
         {"X-Streaming-Session-Id": stream_id},
+        unserved=None if run is None else run.detach,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
 from quart import Blueprint, Response
 
 from .. import memory
@@ -26,6 +27,7 @@ from ..context import authenticated, principal, services
 from ..dialects import V1
 from ..errors import ValidationError
 from ..models import ModelInfo, resolve
+from ..run import CLEANUP_TIMEOUT_S
 from ..validate import EVENT_STREAM, Body, Flag, Text, operation
 from .chat import SESSION_KEY, message_text
 from .controls import TEST_CONTROLS, read_controls
@@ -104,8 +106,9 @@ async def chat(body: dict[str, Any]) -> Response:
             context=context,
         )
     except BaseException:
-        if created:  # refused: leave nothing behind
-            await svc.db.store.delete_session(session["id"])
+        if created:  # refused, or its caller left: leave nothing behind
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
+                await svc.db.store.delete_session(session["id"])
         raise
     response = stream_response(run, controls)
     response.headers["X-Chat-Session-Id"] = session["id"]
