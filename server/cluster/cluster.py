@@ -114,6 +114,6 @@ async def open_cluster(
             publisher=Publisher(
                 redis, ring_size=settings.observe_ring, buffer_ms=settings.stream_buffer_ms
             ),
-            mirror=Mirror(redis, observations, info_for=info_for),
+            mirror=Mirror(redis, observations, info_for=info_for, is_mine=registry.is_mine),
             signals=Signals(redis, identity),
         )

@@ -98,9 +98,14 @@ class Mirror:
         *,
         info_for: Callable[[str], object] = lambda dialect: dialect,
         block_ms: int = BLOCK_MS,
+        is_mine: Callable[[str], bool] = lambda stream_id: False,
     ) -> None:
         self.redis = redis
         self.observations = observations
+        #: A stream this node runs (registered, not finished) is never mirrored
+        #: here: until its open has stored it, it has no ring yet, and a mirror
+        #: under its id would stand where the run's own ring must open.
+        self.is_mine = is_mine
         #: The ``info`` of a mirrored ring, from the stream's dialect name.
         self.info_for = info_for
         self.block_ms = block_ms
@@ -145,6 +150,8 @@ class Mirror:
             done.set()
 
     async def _open(self, stream_id: str) -> Stream | None:
+        if self.is_mine(stream_id):  # still opening here: no stream yet, as on one node
+            return None
         keys, client = self.redis.keys, self.redis.client
         with self.redis.guard("mirror"):
             async with client.pipeline(transaction=False) as pipe:
@@ -152,7 +159,7 @@ class Mirror:
                 history_request = pipe.xrange(keys("stream", stream_id))
             meta, history = dict(await meta_request), await history_request
         info = info_from_meta(meta) if meta else None
-        if info is None:
+        if info is None or self.is_mine(stream_id):  # (registered here meanwhile)
             return None
         # Synchronous from here to the reader's start: nothing can slip in between.
         stream = self.observations.open_stream(

@@ -156,6 +156,10 @@ class Registry:
     def mine(self) -> list[StreamInfo]:
         return list(self._mine.values())
 
+    def is_mine(self, stream_id: str) -> bool:
+        """Registered by this incarnation and not finished."""
+        return stream_id in self._mine
+
     async def register(self, info: StreamInfo) -> None:
         """Record a starting stream as this incarnation's (one round trip).
 

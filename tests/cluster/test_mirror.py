@@ -155,6 +155,24 @@ async def test_concurrent_opens_share_one_mirror_and_unknown_is_none(redis: Clus
         assert (await mirror.open_latest("session-s1")) is opened[0]
 
 
+async def test_a_node_never_mirrors_a_stream_it_is_opening(redis: ClusterRedis):
+    """Registered in Redis before its open is stored and its ring opened (as
+    ``StreamHub._open`` does): an observer on that node meanwhile finds no stream
+    (as on one node), not a mirror that would take the run's ring's place."""
+    registry = Registry(redis, Identity("a"), buffer_ms=30_000)
+    observations = ObservationManager(ring_size=64, linger=30, encode=encode_event)
+    mirror = Mirror(redis, observations, block_ms=200, is_mine=registry.is_mine)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        info = StreamInfo("s1", "session-s1", "u", "m", "r", "msg", "chat", time.time(), "a")
+        await registry.register(info)  # the open's admission; its commit comes next
+        assert await mirror.open_latest("session-s1") is None
+        assert mirror.statistics().mirrors == 0
+        own = observations.open_stream("s1", group="session-s1")  # no StreamExists
+        assert await mirror.open_latest("session-s1") is own
+        nursery.cancel_scope.cancel()
+
+
 async def test_history_redis_trimmed_is_told_as_lagged(redis: ClusterRedis):
     async with two_nodes(redis) as (producer, mirror):
         stream = await producer.start("s1")
