@@ -58,6 +58,7 @@ from .errors import UnknownReservation as UnknownReservation
 from .pricing import Price as Price
 from .schema import SCHEMA_VERSION as SCHEMA_VERSION
 from .sqlite import SqliteLedger as SqliteLedger
+from .urls import InvalidDatabaseUrl as InvalidDatabaseUrl
 from .urls import is_postgres_url as is_postgres_url
 from .urls import mask_url as mask_url
 from .validation import MAX_CREDITS as MAX_CREDITS

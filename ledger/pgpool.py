@@ -48,7 +48,7 @@ import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from .urls import mask_url, scrub
+from .urls import InvalidDatabaseUrl, mask_url, scrub
 
 __all__ = ["Connection", "PostgresPool"]
 
@@ -93,7 +93,9 @@ class PostgresPool:
         try:
             params = conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
-            raise ValueError(f"invalid database URL {self.url}: {self._scrub(exc)}") from None
+            raise InvalidDatabaseUrl(
+                f"invalid database URL {self.url}: {self._scrub(exc)}"
+            ) from None
         options = " ".join(
             part
             for part in (

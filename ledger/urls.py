@@ -7,12 +7,16 @@ must not cost the SQLite default an import of psycopg.
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
-__all__ = ["is_postgres_url", "mask_url", "password_of", "scrub"]
+__all__ = ["InvalidDatabaseUrl", "is_postgres_url", "mask_url", "password_of", "scrub"]
 
 _SCHEMES = ("postgresql://", "postgres://")
 _MASK = "***"
+
+
+class InvalidDatabaseUrl(ValueError):
+    """A database URL the driver cannot parse (its text masked: :func:`scrub`)."""
 
 
 def is_postgres_url(target: str | os.PathLike[str]) -> bool:
@@ -45,10 +49,15 @@ def password_of(url: str) -> str | None:
         _, has_password, password = split[1].partition(":")
         if has_password and password:
             return unquote(password)
-    for key, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+    for key, value in parse_qsl(_query(url), keep_blank_values=True):
         if key == "password" and value:
             return value
     return None
+
+
+def _query(url: str) -> str:
+    """The query of a URL, even one ``urlsplit`` refuses (an unclosed ``[``)."""
+    return url.partition("?")[2].partition("#")[0]
 
 
 def mask_url(url: str) -> str:
@@ -80,13 +89,23 @@ def mask_url(url: str) -> str:
 
 
 def scrub(text: str, url: str) -> str:
-    """``text`` with every occurrence of the URL's password (raw or %-encoded) masked.
-
-    For driver messages that might echo a connection string back.
+    """``text`` with the URL and every form of its password masked: decoded,
+    %-encoded, and as written in the URL (any escapes, any case), since a
+    driver may echo the connection string back as it was given.
     """
-    password = password_of(url)
-    if not password:
-        return text
-    for form in {password, quote(password, safe="")}:
+    if url:
+        text = text.replace(url, mask_url(url))
+    forms: set[str] = set()
+    split = _split_userinfo(url)
+    if split is not None and split[1] is not None:
+        _, has_password, raw = split[1].partition(":")
+        if has_password:
+            forms |= {raw, unquote(raw)}
+    for pair in _query(url).split("&"):
+        key, _, raw = pair.partition("=")
+        if unquote_plus(key) == "password":
+            forms |= {raw, unquote_plus(raw)}
+    forms |= {quote(form, safe="") for form in forms}
+    for form in sorted(filter(None, forms), key=len, reverse=True):
         text = text.replace(form, _MASK)
     return text

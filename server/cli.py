@@ -164,7 +164,13 @@ def _guarded(args: argparse.Namespace) -> Any:
 
     try:
         return args.func(args)
-    except (StoreError, ledger.LedgerUnavailable, ledger.SchemaTooNew, SchemaTooNew) as exc:
+    except (
+        StoreError,
+        ledger.LedgerUnavailable,
+        ledger.SchemaTooNew,
+        SchemaTooNew,
+        ledger.InvalidDatabaseUrl,
+    ) as exc:
         raise _database_problem(exc, Settings.from_env()) from None
 
 

@@ -44,3 +44,14 @@ def test_an_unreachable_database_is_one_clear_line_without_the_password(tmp_path
         assert "s3cret-pw" not in done.stderr + done.stdout
         assert "postgresql://bob:***@127.0.0.1:1/nowhere" in lines[-1]
         assert "Traceback" not in done.stderr
+
+
+def test_a_malformed_url_is_one_clear_line_without_the_password(tmp_path: Path) -> None:
+    url = "postgresql://bob:s3cret%2fpw@[::1"  # libpq echoes it back as written
+    done = run(tmp_path, url, "migrate")
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the database named by CHINWAG_DATABASE_URL cannot be used")
+    assert "invalid database URL" in last
+    assert "s3cret" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

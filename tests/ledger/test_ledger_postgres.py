@@ -22,6 +22,7 @@ import pytest
 from ledger import (
     Balance,
     InsufficientCredits,
+    InvalidDatabaseUrl,
     LedgerUnavailable,
     PostgresLedger,
     Reservation,
@@ -367,6 +368,24 @@ def test_mask_url(url: str, masked: str) -> None:
     if secret:  # the masked form never spells it, and scrub finds it in free text
         assert secret not in mask_url(url)
         assert secret not in scrub(f"could not connect to {url}: refused", url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://chinwag:S3CRET%2fpw@[::1",  # an escape in lower case
+        "postgresql://chinwag:S3CRET%41pw@[::1",  # an unreserved character escaped
+        "postgresql://chinwag:S3CRET%2Fpw@[::1]x/db",
+        "postgresql://u@[::1?password=S3CRET%2fpw",
+    ],
+)
+def test_a_malformed_url_is_refused_without_its_password(url: str) -> None:
+    """libpq echoes a URL it cannot parse as it was written: every form of the
+    password in it is masked, not only the decoded one and its canonical escape."""
+    with pytest.raises(InvalidDatabaseUrl) as caught:
+        open_ledger(url)
+    assert "S3CRET" not in str(caught.value)
+    assert "S3CRET" not in scrub(f'bad URI: "{url}"', url)
 
 
 @pytest.mark.parametrize(
