@@ -126,7 +126,7 @@ class TokenService:
         except jwt.PyJWTError:
             raise Unauthorized("Invalid token.") from None
         sub, username, role = claims.get("sub"), claims.get("username"), claims.get("role")
-        if not isinstance(sub, str) or not sub or role not in _RANK:
+        if not isinstance(sub, str) or not sub or not isinstance(role, str) or role not in _RANK:
             raise Unauthorized("Invalid token.")
         try:  # PyJWT checked it is a number and not past; any number (10**400 too)
             expires = float(claims["exp"])

@@ -148,6 +148,11 @@ async def test_rs256_from_an_external_identity_provider(tmp_path, settings):
         bad = jwt.encode(claims, other, algorithm="RS256")
         r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {bad}"})
         assert r.status_code == 401
+        # Identity providers often send roles as a list: not a role of ours, a 401 (was a 500).
+        for role in (["admin"], {"name": "enduser"}, 1):
+            odd = jwt.encode({**claims, "role": role}, key, algorithm="RS256")
+            r = await client.get("/api/auth/me", headers={"Authorization": f"Bearer {odd}"})
+            assert (r.status_code, (await r.get_json())["errorCode"]) == (401, "UNAUTHORIZED")
 
         # The external user became a local one at its first request: it can hold
         # sessions, an admin can give it credits, and it can be answered.
