@@ -22,7 +22,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
-from quart import Response, g, jsonify, request
+from quart import Response, g, jsonify, request, websocket
+from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -249,12 +250,12 @@ async def _provider_service(
         await trio.sleep_forever()
 
 
-def _refuse_nul(path: str, query: bytes) -> None:
+def _refuse_nul(path: str, query: bytes, view_args: dict[str, Any] | None) -> None:
     """No id or value holds NUL, and PostgreSQL's text cannot take one (a lookup
     would fail as a database error): such a path names nothing, such a query is
     bad input."""
     if "\x00" in path:
-        args = request.view_args or {}
+        args = view_args or {}
         if "\x00" in args.get("session_id", ""):
             raise session_not_found()
         raise NotFound()
@@ -270,7 +271,22 @@ def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
         g.t0 = time.perf_counter()
-        _refuse_nul(request.path, request.query_string)
+        _refuse_nul(request.path, request.query_string, request.view_args)
+
+    # A WebSocket's handshake is a request too: the same id, the same refusals.
+    @app.before_websocket
+    async def assign_websocket_id() -> None:
+        incoming = websocket.headers.get("X-Request-Id", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+        _refuse_nul(websocket.path, websocket.query_string, websocket.view_args)
+
+    @app.after_websocket
+    async def finish_websocket(response: ResponseTypes | None) -> ResponseTypes | None:
+        if response is not None:  # refused before the upgrade: a plain HTTP answer
+            response.headers["X-Request-Id"] = getattr(g, "request_id", None) or (
+                f"req_{uuid.uuid4().hex[:16]}"
+            )
+        return response
 
     @app.after_request
     async def finish(response: Response) -> Response:

@@ -499,3 +499,36 @@ async def test_an_observer_attaching_as_the_buffer_expires_still_gets_done(
     assert controls[1] == ("history-start", {"count": 1, "fromId": last.id})
     assert controls[2] == ("history-end", {"lastId": last.id})
     assert stream_events(observed) == [(last.id, "done", last.data)]
+
+
+async def _refused_upgrade(live: Any, path: str) -> bytes:
+    """A WebSocket handshake the server refuses: its plain HTTP answer, whole."""
+    url = urlsplit(live.url)
+    stream = await trio.open_tcp_stream(url.hostname, url.port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "X-Request-Id: ws-req-1\r\n\r\n".encode()
+        )
+        data = b""
+        with trio.fail_after(5):
+            while not data.rstrip().endswith(b"}"):
+                chunk = await stream.receive_some()
+                assert chunk, data
+                data += chunk
+    return data
+
+
+async def test_a_refused_websocket_observer_gets_the_http_routes_answers(live):
+    """The handshake runs the request hooks too: a NUL in the path names nothing
+    (404, not a database error on PostgreSQL), and every refusal has its id."""
+    sup = live.harness.user("supervisor")
+    nul = await _refused_upgrade(
+        live, f"/api/chat/sessions/abc%00def/observe/ws?token={sup['token']}"
+    )
+    assert nul.startswith(b"HTTP/1.1 404") and b'"SESSION_NOT_FOUND"' in nul, nul
+    no_token = await _refused_upgrade(live, "/api/chat/sessions/abc/observe/ws")
+    assert no_token.startswith(b"HTTP/1.1 401") and b'"UNAUTHORIZED"' in no_token, no_token
+    for answer in (nul, no_token):
+        assert b"\r\nx-request-id: ws-req-1\r\n" in answer.lower(), answer
