@@ -16,7 +16,14 @@ from ..errors import ApiError, Conflict, NotFound, ValidationError
 from ..models import resolve
 from ..push import serve_push
 from ..run import StreamRun
-from ..sse import CONNECTED, ConnectionReset, EventStream, heartbeat, sse_response
+from ..sse import (
+    CONNECTED,
+    ConnectionReset,
+    EventStream,
+    encode_event,
+    heartbeat,
+    sse_response,
+)
 from ..timers import Alarm, Timers
 from ..validate import (
     EVENT_STREAM,
@@ -67,11 +74,19 @@ UPDATE = Body(
 )
 
 
+def lagged(reader: Reader, after_id: int) -> bytes:
+    """``event: lagged`` ``{"skipped": N}`` for the events after ``after_id`` that the
+    ring no longer holds (a resume older than the ring), as an observer is told."""
+    skipped = reader.backlog()[1] - (after_id + 1)
+    return encode_event(None, "lagged", f'{{"skipped":{skipped}}}') if skipped > 0 else b""
+
+
 def push_response(run: StreamRun, stream: Stream, *, after_id: int) -> EventStream:
     """The SSE response of a run of this node: the run writes it (:mod:`server.push`).
 
-    ``: connected`` is flushed before the reader attaches (the run waits for
-    that attach before it calls upstream); ``after_id`` as for a reader.
+    ``: connected`` (and ``lagged`` for a resume older than the ring) is
+    flushed before the run is told its client is there (it waits for that
+    before it calls upstream); ``after_id`` as for a reader.
     """
     svc = services()
     interval = svc.settings.sse_heartbeat_ms / 1000
@@ -79,12 +94,13 @@ def push_response(run: StreamRun, stream: Stream, *, after_id: int) -> EventStre
     scope = request.scope
 
     async def serve(send: ASGISendCallable) -> None:
-        try:
-            await send({"type": "http.response.body", "body": connected, "more_body": True})
-        except BaseException:
-            run.detach()  # gone before it attached: the run must not wait for it
-            raise
         with stream.reader(after_id, primary=True) as reader:
+            head = connected + lagged(reader, after_id)
+            try:
+                await send({"type": "http.response.body", "body": head, "more_body": True})
+            except BaseException:
+                run.detach()  # gone before it attached: the run must not wait for it
+                raise
             await serve_push(run, reader, send, interval=interval, timers=svc.timers, scope=scope)
 
     return EventStream(serve, {"X-Streaming-Session-Id": stream.stream_id}, unserved=run.detach)
@@ -170,8 +186,9 @@ async def client_feed(
     a crashed proxy would: for the run that is a disconnect like any other.
     """
     try:
-        yield connected  # a client gone before it attached is told too (finally)
         with stream.reader(after_id, primary=True) as reader:
+            # A client gone before it attached is told too (finally).
+            yield connected + lagged(reader, after_id)
             if run is not None:
                 run.attach()
             # paced(), inlined: this loop runs once per event of every stream.

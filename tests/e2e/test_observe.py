@@ -397,6 +397,57 @@ async def test_resume_within_the_grace_continues_without_loss(live_factory, sett
     assert stored["content"] == text_of(first + rest) and stored["status"] == "complete"
 
 
+@pytest.mark.parametrize("when", ["live", "ended"])
+async def test_a_resume_older_than_the_ring_is_told_lagged(live_factory, settings, when):
+    """Events the ring no longer holds are never skipped silently: the resumed
+    client is told ``lagged`` ``{"skipped": N}``, as an observer is, then gets
+    every kept event to the end (the run live in its grace: its push; ended:
+    the ring's replay)."""
+    live = await live_factory(
+        with_settings(
+            settings,
+            sim_tokens_per_s=50,
+            sim_answer_tokens=120,
+            observe_ring=16,
+            disconnect_grace_ms=10_000,
+        )
+    )
+    alice = live.harness.user(credits=100_000)
+    sid = await new_session(live, alice)
+    async with live.http.stream(
+        "POST",
+        f"/api/chat/sessions/{sid}/stream",
+        json={"message": "drop"},
+        headers=alice["headers"],
+    ) as r:
+        stream_id = r.headers["x-streaming-session-id"]
+        run = live.harness.svc.hub.for_stream(stream_id)
+        async for first in messages(r):
+            if first.event == "chunk":
+                break
+        assert first.id == 1
+    with trio.fail_after(10):
+        if when == "ended":
+            await run.wait_done()
+        else:  # the ring wrapped past what the client had, the run still going
+            with run.stream.reader(0) as reader:
+                while (await reader.next_batch()).events[-1].id < 40:
+                    pass
+            assert not run.done
+    async with live.http.stream(
+        "GET",
+        f"/api/chat/sessions/{sid}/stream?streamingSessionId={stream_id}",
+        headers={**alice["headers"], "Last-Event-ID": "1"},
+    ) as r2:
+        assert r2.status_code == 200
+        rest = [m for m in await read_until_done(r2) if m.event is not None]
+    assert rest[0].event == "lagged" and rest[0].id is None
+    ids = [m.id for m in rest if m.id is not None]
+    assert ids == list(range(ids[0], ids[-1] + 1)) and ids[0] > 2
+    assert rest[0].data == {"skipped": ids[0] - 2}
+    assert events(rest)[-1].data["finishReason"] == "stop"
+
+
 async def test_no_resume_within_the_grace_aborts_like_a_disconnect(live_factory, settings):
     live = await live_factory(
         with_settings(settings, sim_tokens_per_s=20, sim_answer_tokens=400, disconnect_grace_ms=200)
