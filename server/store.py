@@ -244,6 +244,15 @@ class Store(SqliteMessages):
             self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
             self.conn.execute("DELETE FROM chat_sessions WHERE id = ?", (session_id,))
 
+    def delete_session_if_unused(self, session_id: str) -> bool:
+        with self._tx():
+            cur = self.conn.execute(
+                "DELETE FROM chat_sessions WHERE id = ? AND NOT EXISTS "
+                "(SELECT 1 FROM messages WHERE session_id = ?)",
+                (session_id, session_id),
+            )
+        return bool(cur.rowcount)
+
     def touch_session(self, session_id: str) -> None:
         self.conn.execute(
             "UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now_iso(), session_id)

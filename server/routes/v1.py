@@ -106,9 +106,11 @@ async def chat(body: dict[str, Any]) -> Response:
             context=context,
         )
     except BaseException:
-        if created:  # refused, or its caller left: leave nothing behind
+        # Refused, or its caller left: leave nothing behind, but only what nobody
+        # else uses (a concurrent call with the same sessionId may stream on it).
+        if created and session["id"] not in svc.hub.busy_sessions():
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
-                await svc.db.store.delete_session(session["id"])
+                await svc.db.store.delete_session_if_unused(session["id"])
         raise
     response = stream_response(run, controls)
     response.headers["X-Chat-Session-Id"] = session["id"]

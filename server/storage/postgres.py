@@ -254,6 +254,17 @@ class PostgresStore(PostgresMessages):
     def delete_session(self, session_id: str) -> None:
         self._tx(lambda c: delete_sessions(c, [session_id]))
 
+    def delete_session_if_unused(self, session_id: str) -> bool:
+        def work(c: Conn) -> bool:
+            cur = c.execute(
+                "DELETE FROM chat_sessions WHERE id = %s AND NOT EXISTS "
+                "(SELECT 1 FROM messages WHERE session_id = %s)",
+                (session_id, session_id),
+            )
+            return bool(cur.rowcount)
+
+        return self._write(work)
+
     def touch_session(self, session_id: str) -> None:
         self._read(
             lambda c: c.execute(

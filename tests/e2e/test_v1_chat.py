@@ -321,3 +321,63 @@ async def test_observers_see_exactly_the_clients_bytes_and_resume_works(live_fac
         observed = (await o.aread()).decode()
     replayed = [b for b in observed.split("\n\n") if b.startswith("id: ")]
     assert replayed == client_events
+
+
+async def test_a_refused_call_never_deletes_the_session_another_call_streams_on(live, monkeypatch):
+    """Two calls with one new ``sessionId``: the first makes the session, then
+    waits in its memory recall while the second streams on it; the first is
+    refused (409: the session's stream is taken) and must leave the session,
+    the second's turn and its stored answer alone."""
+    from server.db import Db
+
+    key = "session-20250101-120000-abcd"
+    alice = live.harness.user(credits=100_000)
+    streaming = trio.Event()
+    read = Db.read
+
+    async def recall_after_the_second_streams(self: Any, moment: Any, *args: Any) -> Any:
+        if getattr(moment, "__name__", "") == "<lambda>":  # v1's memory recall
+            await streaming.wait()
+        return await read(self, moment, *args)
+
+    monkeypatch.setattr(Db, "read", recall_after_the_second_streams)
+    got: dict[str, Any] = {}
+
+    async def first() -> None:
+        r = await live.http.post(
+            "/api/v1/chat",
+            json={"message": "hello one", "sessionId": key, "useMemory": True},
+            headers=alice["headers"],
+        )
+        got["first"] = r.status_code, r.json()
+
+    async def second() -> None:
+        # Once the first call has made the session (no event of ours says when).
+        while live.harness.svc.store.session_by_key(alice["id"], key) is None:  # noqa: ASYNC110
+            await trio.sleep(0.005)
+        async with live.http.stream(
+            "POST",
+            "/api/v1/chat",
+            json={"message": "hello two", "sessionId": key},
+            headers=alice["headers"],
+        ) as r:
+            got["session"] = r.headers["x-chat-session-id"]
+            streaming.set()
+            got["second"] = [m async for m in messages(r)]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+    assert got["first"] == (
+        409,
+        {
+            "message": "A stream is already active on this chat session.",
+            "errorCode": "STREAM_ALREADY_ACTIVE",
+        },
+    )
+    assert events(got["second"])[-1].event == "done"
+    r = await live.http.get(f"/api/chat/sessions/{got['session']}", headers=alice["headers"])
+    assert r.status_code == 200
+    assert [m["role"] for m in r.json()["messages"]] == ["user", "assistant"]
+    assert r.json()["messages"][1]["status"] == "complete"
