@@ -48,7 +48,7 @@ from .retention import run_retention
 from .serving import TIMER_PER_PASS
 from .settings import Settings
 from .sse import Connection, encode_event, event_data, quiet_resets
-from .storage import StoreUnavailable, open_store
+from .storage import SessionGone, StoreUnavailable, open_store
 from .streams import StreamHub
 from .telemetry import Telemetry
 from .timers import Lot, Timers
@@ -373,6 +373,10 @@ def _install_error_handlers(app: QuartTrio) -> None:
         response = jsonify({"message": message, "errorCode": code})
         response.status_code = status
         return response
+
+    @app.errorhandler(SessionGone)
+    async def session_gone(exc: SessionGone) -> Response:
+        return await api_error(session_not_found())  # deleted while this request ran
 
     @app.errorhandler(StoreUnavailable)
     async def store_unavailable(exc: StoreUnavailable) -> Response:

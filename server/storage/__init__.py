@@ -25,6 +25,7 @@ from ledger import is_postgres_url
 from .base import MAX_SEARCH_TERMS as MAX_SEARCH_TERMS
 from .base import Page as Page
 from .base import SchemaTooNew as SchemaTooNew
+from .base import SessionGone as SessionGone
 from .base import StoreBackend as StoreBackend
 from .base import StoreError as StoreError
 from .base import StoreUnavailable as StoreUnavailable

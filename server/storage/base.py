@@ -65,6 +65,10 @@ class StoreUnavailable(StoreError):
     """
 
 
+class SessionGone(StoreError):
+    """A message's chat session was deleted meanwhile: nothing was written."""
+
+
 class SchemaTooNew(StoreError):
     """The database's store schema is newer than this code: refused at open."""
 

@@ -13,7 +13,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .base import NewMessages, Page, Row, now_iso, search_terms
+from .base import NewMessages, Page, Row, SessionGone, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
 
 __all__ = ["PostgresMessages"]
@@ -96,10 +96,15 @@ class PostgresMessages(NewMessages):
     def _insert_messages(
         self, session_id: str, rows: list[Row], before: Callable[[Any], None] | None = None
     ) -> list[Row]:
+        import psycopg
+
         def unit(c: Conn) -> list[Row]:
             if before is not None:
                 before(c)
-            return _insert_numbered(c, session_id, rows)
+            try:
+                return _insert_numbered(c, session_id, rows)
+            except psycopg.errors.ForeignKeyViolation:
+                raise SessionGone(session_id) from None  # deleted since it was looked up
 
         return self._tx(unit)
 

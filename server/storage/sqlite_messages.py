@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from .base import WORD as _WORD
-from .base import NewMessages, Page, now_iso, search_terms
+from .base import NewMessages, Page, SessionGone, now_iso, search_terms
 
 __all__ = ["SqliteMessages"]
 
@@ -55,12 +55,17 @@ class SqliteMessages(NewMessages):
         rows: list[dict[str, Any]],
         before: Callable[[Any], None] | None = None,
     ) -> list[dict[str, Any]]:
-        with self._tx():
-            if before is not None:
-                before(self.conn)
-            for row in rows:
-                self._number_and_insert(row)
-            self.touch_session(session_id)
+        try:
+            with self._tx():
+                if before is not None:
+                    before(self.conn)
+                for row in rows:
+                    self._number_and_insert(row)
+                self.touch_session(session_id)
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" not in str(exc):
+                raise
+            raise SessionGone(session_id) from None  # deleted since it was looked up
         return rows
 
     def _number_and_insert(self, row: dict[str, Any]) -> None:

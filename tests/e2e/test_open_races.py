@@ -246,3 +246,44 @@ async def test_a_whole_answer_stopped_or_cut_is_not_a_success(paced, how):
     assert 0 < stored["output_tokens"] < 200
     assert stored["credits_charged"] == run.outcome.credits_charged
     assert live.harness.svc.ledger.balance(alice["id"]).reserved == 0
+
+
+@pytest.mark.parametrize("route", ["stream", "messages"])
+async def test_a_session_deleted_before_the_open_is_a_404(live, monkeypatch, route):
+    """Past its ownership check, before its open: the session deleted meanwhile is
+    404 SESSION_NOT_FOUND, as it would be a moment later (not a 503 "retry")."""
+    from server.streams import StreamHub
+
+    alice = live.harness.user(credits=100_000)
+    sid = await new_session(live, alice)
+    checked, deleted = trio.Event(), trio.Event()
+    start = StreamHub.start
+
+    async def after_the_delete(self: Any, *args: Any, **kwargs: Any) -> Any:
+        checked.set()
+        await deleted.wait()
+        return await start(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamHub, "start", after_the_delete)
+    got: list[Any] = []
+
+    async def ask() -> None:
+        got.append(
+            await live.http.post(
+                f"/api/chat/sessions/{sid}/{route}",
+                json={"message": "hi"},
+                headers=alice["headers"],
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        with trio.fail_after(5):
+            await checked.wait()
+        r = await live.http.delete(f"/api/chat/sessions/{sid}", headers=alice["headers"])
+        assert r.status_code == 200
+        deleted.set()
+    (r,) = got
+    assert (r.status_code, r.json()["errorCode"]) == (404, "SESSION_NOT_FOUND")
+    assert live.harness.svc.ledger.balance(alice["id"]).reserved == 0
+    assert live.harness.svc.store.list_messages(sid)[1] == 0
