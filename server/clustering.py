@@ -397,6 +397,14 @@ class ClusterLink:
         except ClusterUnavailable as exc:
             raise busy(exc) from None
 
+    async def observers_elsewhere(self, stream_id: str) -> int:
+        """A stream's observers on the other nodes; 0 while Redis is away (a count
+        is not worth refusing a join for)."""
+        try:
+            return await self.cluster.registry.observers_elsewhere(stream_id)
+        except ClusterUnavailable:
+            return 0
+
     async def active(self) -> list[dict[str, Any]]:
         """``GET /api/chat/streams/active``: the whole cluster's live streams."""
         try:

@@ -233,6 +233,14 @@ class Registry:
             else:
                 await self.redis.client.hdel(key, [self.identity.node_id])
 
+    async def observers_elsewhere(self, stream_id: str) -> int:
+        """A stream's observers on the other nodes (as they last told, within a second)."""
+        key = self.redis.keys("stream", stream_id, "observers")
+        with self.redis.guard("observers"):
+            counts = await self.redis.client.hgetall(key)
+        mine = self.identity.node_id.encode()
+        return sum(int(v) for k, v in counts.items() if k != mine)
+
     async def active(self) -> list[ActiveStream]:
         """Every live stream of the cluster, oldest first, with observers summed over nodes."""
         keys = self.redis.keys

@@ -143,8 +143,10 @@ async def observe_feed(
                 return
             beats.sent()
             await tell([None])
+    # Cluster mode: the count is the cluster's, whichever node answers (SPEC §9).
+    elsewhere = await link.observers_elsewhere(stream.stream_id) if link is not None else 0
     with stream.reader(0) as reader:
-        await tell(_head(stream, reader))
+        await tell(_head(stream, reader, elsewhere))
         # The live tail, one wake-up per call of ``tell``, with heartbeats on
         # ``beats``' schedule. Waiting is cancel-safe: the cursor moves only
         # when a batch is returned, so a heartbeat never loses an event. With
@@ -184,8 +186,9 @@ async def _next_stream(
     return stream
 
 
-def _head(stream: Stream, reader: Reader) -> list[Item]:
-    """``observer`` connected, ``history-start``, the replay and ``history-end``."""
+def _head(stream: Stream, reader: Reader, elsewhere: int = 0) -> list[Item]:
+    """``observer`` connected, ``history-start``, the replay and ``history-end``;
+    ``elsewhere``: the stream's observers on other nodes."""
     count, from_id = reader.backlog()
     history_end = reader.history_end
     head: list[Item] = [
@@ -195,7 +198,7 @@ def _head(stream: Stream, reader: Reader) -> list[Item]:
                 "status": "connected",
                 "sessionId": stream.group,
                 "streamingSessionId": stream.stream_id,
-                "observers": stream.observers,
+                "observers": stream.observers + elsewhere,
             },
         ),
         ("history-start", {"count": count, "fromId": from_id}),

@@ -4,6 +4,7 @@ what a client sees does not depend on which node answers."""
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from trio_websocket import open_websocket_url
 
 from tests.sse import Msg, events, messages
 
-from .nodes import Cluster, paced, post_stream
+from .nodes import Cluster, paced, post_stream, until_true
 from .nodes import cluster as cluster  # the fixture
 
 RATE = 40  # tokens/s: a 120-token answer lasts 3 s
@@ -91,6 +92,43 @@ async def test_started_on_a_observed_late_on_b_then_resumed_on_c(cluster: Cluste
     assert r2.status_code == 200
     text = "".join(m.data["text"] for m in events(client) if m.event == "chunk")
     assert r2.json()["message"]["content"] == text
+
+
+async def test_an_observer_is_told_the_clusters_count_whichever_node_answers(cluster: Cluster):
+    alice = cluster.user(credits=1_000_000)
+    sup = cluster.user("supervisor")
+    sid = await cluster.session("a", alice)
+    feeds: list[messages] = []  # kept open: a finalized feed closes its response
+
+    async def observe(stack: AsyncExitStack, node: str) -> int:
+        o = await stack.enter_async_context(
+            cluster[node].http.stream(
+                "GET", f"/api/chat/sessions/{sid}/observe", headers=sup["headers"]
+            )
+        )
+        feeds.append(messages(o))
+        head = await read_until(feeds[-1], lambda got: got[-1].event == "observer")
+        return int(head[-1].data["observers"])
+
+    async def counted(node: str, n: int) -> bool:
+        r = await cluster[node].http.get("/api/chat/streams/active", headers=sup["headers"])
+        return [row["observers"] for row in r.json()["streams"]] == [n]
+
+    async with AsyncExitStack() as stack:
+        r = await stack.enter_async_context(
+            cluster["a"].http.stream(
+                "POST",
+                f"/api/chat/sessions/{sid}/stream",
+                json={"message": "a long answer", "maxTokens": 120},
+                headers=paced(RATE, alice["headers"]),
+            )
+        )
+        feeds.append(messages(r))
+        await read_until(feeds[-1], lambda got: len(events(got)) >= 1)
+        told_a = await observe(stack, "a")
+        await until_true(lambda: counted("b", 1), within=10)  # a's count reached Redis
+        told_b = await observe(stack, "b")
+        assert (told_a, told_b) == (1, 2)  # b's own observer, and a's
 
 
 async def test_a_dropped_client_resumes_on_another_node_within_the_grace(tmp_path, pg_url, nursery):
