@@ -70,7 +70,7 @@ class Recall:
     snippets: tuple[Snippet, ...]
     #: How many hits the search returned (at most ``top_k``), before the budget.
     candidates: int
-    #: Sum of the snippets' estimated tokens (≤ the budget).
+    #: Estimated tokens of the rendered context, heading included (≤ the budget).
     total_tokens: int
     #: Wall time of the search and the selection, milliseconds.
     ms: float
@@ -109,11 +109,15 @@ def recall(
         key = text.strip()
         if not key or key in seen:
             continue
-        tokens = estimate_tokens(text)
-        if total + tokens > token_budget:
+        # What the model is sent (and the caller charged for): the snippet's
+        # rendered line, and with the first one the heading. A sum of
+        # estimates is never below the estimate of the whole text.
+        tokens = estimate_tokens("\n" + _line(row["created_at"], row["role"], text))
+        cost = tokens if kept else tokens + estimate_tokens(HEADING)
+        if total + cost > token_budget:
             continue
         seen.add(key)
-        total += tokens
+        total += cost
         kept.append(
             Snippet(
                 message_id=row["id"],
@@ -159,6 +163,11 @@ def render_context(recalled: Recall) -> str | None:
         return None
     lines = [HEADING]
     for s in sorted(recalled.snippets, key=lambda s: s.created_at):
-        text = "\n  ".join(s.text.strip().splitlines())
-        lines.append(f"- [{s.created_at[:10]}] {s.role}: {text}")
+        lines.append(_line(s.created_at, s.role, s.text))
     return "\n".join(lines)
+
+
+def _line(created_at: str, role: str, text: str) -> str:
+    """One recalled message as the model reads it (its line breaks indented)."""
+    body = "\n  ".join(text.strip().splitlines())
+    return f"- [{created_at[:10]}] {role}: {body}"

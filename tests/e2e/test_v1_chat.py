@@ -280,6 +280,26 @@ async def test_use_memory_recalls_the_callers_history_and_never_anothers(live, c
     assert await tokens_in(bob, ask, True) - await tokens_in(bob, ask, False) > 300
 
 
+async def test_recalled_context_stays_within_the_token_budget(live_factory, settings):
+    """What memory adds to the input (and so to the charge) is at most
+    CHINWAG_MEMORY_TOKEN_BUDGET, the heading and each line's date and role
+    included: a message that fits the budget alone but not with them is left out."""
+    budget = 40
+    live = await live_factory(with_settings(settings, memory_token_budget=budget))
+    alice = live.harness.user(credits=100_000)
+    await v1_chat(live, alice, {"message": "quokka " + "x" * 71})  # 20 tokens of text
+
+    async def tokens_in(memory: bool) -> tuple[int, Any]:
+        headers, msgs = await v1_chat(live, alice, {"message": "quokka?", "useMemory": memory})
+        return next(m.data["tokens_in"] for m in msgs if m.event == "usage"), headers
+
+    plain, _ = await tokens_in(False)
+    recalled, headers = await tokens_in(True)
+    assert 0 <= recalled - plain <= budget
+    stored = live.harness.svc.store.message_by_stream(headers["x-streaming-session-id"])
+    assert stored["input_tokens"] == recalled  # what was charged
+
+
 async def test_observers_see_exactly_the_clients_bytes_and_resume_works(live_factory, settings):
     live = await live_factory(
         with_settings(settings, sim_tokens_per_s=50, sim_answer_tokens=30, disconnect_grace_ms=5000)

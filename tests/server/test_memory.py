@@ -338,7 +338,14 @@ def test_recall_respects_top_k(store):
     got = recall(store, alice, "gecko", top_k=4, token_budget=10_000)
     assert got.results_count == 4
     assert got.candidates == 4
-    assert got.total_tokens == sum(estimate_tokens(x.text) for x in got.snippets)
+    assert got.total_tokens == estimate_tokens(HEADING) + sum(x.tokens for x in got.snippets)
+    context = render_context(got)
+    assert context is not None and estimate_tokens(context) <= got.total_tokens
+
+
+def _line_tokens(text: str, role: str = "user") -> int:
+    """What one recalled message costs in the rendered context (date: 10 characters)."""
+    return estimate_tokens(f"\n- [2026-01-01] {role}: {text}")
 
 
 def test_recall_keeps_whole_hits_within_the_token_budget(store):
@@ -347,19 +354,28 @@ def test_recall_keeps_whole_hits_within_the_token_budget(store):
     big = "iguana " * 200  # ~350 tokens, the best match
     _say(store, s, alice, big)
     small = [_say(store, s, alice, f"an iguana, note {i}") for i in range(3)]
-    budget = 20
+    # The budget is what the model is sent (and the caller pays for): the
+    # heading and each message's rendered line, not the bare texts.
+    budget = estimate_tokens(HEADING) + 3 * _line_tokens("an iguana, note 0")
     got = recall(store, alice, "iguana", top_k=5, token_budget=budget)
     assert got.candidates == 4
     # The big one would overflow: skipped, not cut; the small ones fit.
     assert {x.message_id for x in got.snippets} == set(small)
     assert all(x.text.startswith("an iguana") for x in got.snippets)
-    assert got.total_tokens <= budget
-    assert got.total_tokens == sum(estimate_tokens(x.text) for x in got.snippets)
+    context = render_context(got)
+    assert context is not None
+    assert estimate_tokens(context) <= got.total_tokens <= budget
 
-    tight = recall(
-        store, alice, "iguana", top_k=5, token_budget=estimate_tokens("an iguana, note 0")
+    tight = recall(store, alice, "iguana", top_k=5, token_budget=budget - 1)
+    assert tight.results_count == 2
+    bare = recall(
+        store,
+        alice,
+        "iguana",
+        top_k=5,
+        token_budget=sum(estimate_tokens(t) for t in ["an iguana, note 0"] * 3),
     )
-    assert tight.results_count == 1
+    assert bare.results_count == 0  # the texts alone would fit; their context does not
 
 
 def test_recall_is_the_callers_own_and_skips_duplicates(store):
