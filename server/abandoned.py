@@ -33,7 +33,7 @@ import trio
 
 import ledger
 
-from .db import Db
+from .db import TRANSIENT, Db
 from .storage import StoreBackend
 
 __all__ = ["RETRY_S", "Abandoned"]
@@ -57,6 +57,7 @@ class Abandoned:
         self._queued = trio.lowlevel.ParkingLot()  # run() waits here for the first
         self._drained = trio.lowlevel.ParkingLot()  # unparked when the queue empties
         self._tried = trio.lowlevel.ParkingLot()  # unparked as each round of tries ends
+        self._refused: set[str] = set()  # failed this round for a reason of their own
         #: Called (awaited) with each queued stream once it is ended: cluster mode
         #: takes it off the cluster's live list then (``ClusterLink.finished``).
         self.on_ended: Callable[[str], Awaitable[None]] | None = None
@@ -100,6 +101,8 @@ class Abandoned:
                 stream_id,
                 type(exc).__name__,
             )
+            if not isinstance(exc, TRANSIENT):
+                self._refused.add(stream_id)  # not the database's absence: the others go on
             return False
         if released or cut:
             log.warning(
@@ -144,6 +147,9 @@ class Abandoned:
             with trio.move_on_after(TRY_TIMEOUT_S):
                 ended = await self.end(stream_id, user_id, content)
             if not ended:
+                if stream_id in self._refused:  # this one's own trouble: try the rest
+                    self._refused.discard(stream_id)
+                    continue
                 break  # the database is away: the rest wait for the next round
             # (A shutdown's round may run beside the task's: one of them says so.)
             if self._queue.pop(stream_id, None) is not None and self.on_ended is not None:

@@ -52,6 +52,7 @@ from .providers.base import (
     TextDelta,
     Usage,
     request_tokens,
+    storable,
 )
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ class StreamRun:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT_S):
                 try:
                     await self._finish(
-                        "".join(parts),
+                        storable("".join(parts)),  # whatever a provider let through
                         len(parts),
                         usage,
                         finish or self.cancel_reason,

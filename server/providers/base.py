@@ -24,6 +24,7 @@ Guarantees every provider gives:
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -138,6 +139,16 @@ class Provider(Protocol):
     def stream(
         self, request: ModelRequest
     ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]: ...
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """``text`` with what no database column or UTF-8 byte can hold — NUL, and
+    lone surrogates (a model's JSON may carry ``\\u0000`` or ``\\ud800``) —
+    replaced by U+FFFD. The same string when there is none (the usual case)."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def estimate_tokens(text: str) -> int:

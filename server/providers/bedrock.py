@@ -63,6 +63,7 @@ from .base import (
     UpstreamFailure,
     UpstreamTimeout,
     Usage,
+    storable,
 )
 
 log = logging.getLogger("chinwag.providers.bedrock")
@@ -222,7 +223,7 @@ class _ConverseEvents:
         elif "contentBlockDelta" in event:
             text = event["contentBlockDelta"].get("delta", {}).get("text")
             if text:
-                self._pending.append(TextDelta(text))
+                self._pending.append(TextDelta(storable(text)))
         elif "messageStop" in event:
             reason = event["messageStop"].get("stopReason", "")
             if reason not in _STOP_REASONS:

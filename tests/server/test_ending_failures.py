@@ -405,3 +405,81 @@ async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(
     balance = svc.ledger.balance(user["id"])
     assert (balance.balance, balance.reserved) == (100_000 - outcome.credits_charged, 0)
     assert svc.ledger.verify() == []
+
+
+class _Odd:
+    """A provider whose answer holds what no database can store as it is."""
+
+    name = "odd"
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def stream(self, request: Any) -> Any:
+        from contextlib import asynccontextmanager
+
+        from server.providers.base import Started, Stop, TextDelta, Usage
+
+        @asynccontextmanager
+        async def events() -> Any:
+            async def gen() -> Any:
+                yield Started(retries=0)
+                for text in ("Hello", self.text, " world"):
+                    yield TextDelta(text)
+                yield Usage(input_tokens=3, output_tokens=3)
+                yield Stop("stop")
+
+            yield gen()
+
+        return events()
+
+
+@pytest.mark.parametrize("text", ["\x00", "nul\x00byte"], ids=["nul", "nul-inside"])
+async def test_an_answer_holding_nul_is_stored_and_charged(client, harness, text):
+    """PostgreSQL's text takes no NUL (a model's JSON may carry \\u0000): the answer
+    is stored with U+FFFD in its place and charged, not left streaming, uncharged."""
+    svc = harness.svc
+    alice = harness.user(credits=1000)
+    svc.hub.provider = _Odd(text)
+    r = await client.post("/api/chat/sessions", json={}, headers=alice["headers"])
+    sid = (await r.get_json())["sessionId"]
+    r = await client.post(
+        f"/api/chat/sessions/{sid}/messages", json={"message": "hi"}, headers=alice["headers"]
+    )
+    assert r.status_code == 200, await r.get_data()
+    stored = svc.store.list_messages(sid)[0][-1]
+    assert stored["status"] == "complete"
+    assert stored["content"] == "Hello" + text.replace("\x00", "\ufffd") + " world"
+    assert stored["credits_charged"] > 0 and svc.ledger.balance(alice["id"]).reserved == 0
+    assert svc.hub.abandoned.queued == [] and svc.ledger.verify() == []
+
+
+async def test_one_stream_the_database_refuses_to_end_never_holds_up_the_others(
+    harness, monkeypatch
+):
+    """The queue of streams to end without their run goes past one that fails for
+    a reason of its own (not the database's absence), so the others' reservations
+    are released now, not at the next start-up."""
+    import ledger
+
+    svc = harness.svc
+    bob, carol = harness.user(credits=50), harness.user(credits=50)
+    svc.ledger.reserve(bob["id"], 50, streaming_session_id="stream-bad")
+    svc.ledger.reserve(carol["id"], 50, streaming_session_id="stream-good")
+    by_stream = svc.db.write_store.message_by_stream
+    refuse = True
+
+    def refusing(stream_id: str) -> Any:
+        if refuse and stream_id == "stream-bad":  # not the database's absence
+            raise ledger.LedgerError("a row the database will not take")
+        return by_stream(stream_id)
+
+    monkeypatch.setattr(svc.db.write_store, "message_by_stream", refusing)
+    svc.hub.abandoned.later("stream-bad", bob["id"])
+    svc.hub.abandoned.later("stream-good", carol["id"])
+    await svc.hub.abandoned.try_all()
+    assert svc.ledger.balance(carol["id"]).reserved == 0
+    assert svc.hub.abandoned.queued == ["stream-bad"]
+    refuse = False
+    await svc.hub.abandoned.try_all()  # its next try goes through
+    assert svc.ledger.balance(bob["id"]).reserved == 0 and svc.hub.abandoned.queued == []
