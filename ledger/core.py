@@ -164,9 +164,10 @@ class SqlLedger(LedgerHistory):
         """Add ``credits`` (an int in ``(0, 2**53]``) as an ``allocation`` entry.
 
         With ``idempotency_key``: the first call with that key on this account
-        allocates; a later call with the same amount allocates nothing and
-        returns the current balance; one with another amount raises
-        :class:`IdempotencyConflict`. Raises :class:`UnknownAccount` if the
+        allocates; a later call with the same amount and reason allocates
+        nothing and returns the current balance; one with another amount or
+        reason raises :class:`IdempotencyConflict`. (Keys are per account: the
+        same key on another account is another allocation.) Raises :class:`UnknownAccount` if the
         account was never opened, :class:`InvalidAmount` if the balance would
         pass 2**53.
         """
@@ -179,13 +180,13 @@ class SqlLedger(LedgerHistory):
             if idempotency_key is not None:
                 row = first(
                     tx.execute(
-                        "SELECT amount FROM ledger_entries"
+                        "SELECT amount, reason FROM ledger_entries"
                         " WHERE account_id = ? AND idempotency_key = ?",
                         (account_id, idempotency_key),
                     )
                 )
                 if row is not None:
-                    if int(row[0]) != credits:
+                    if (int(row[0]), row[1]) != (credits, reason):
                         raise IdempotencyConflict(idempotency_key)
                     return current
             after = credit(tx, current, credits)

@@ -81,7 +81,7 @@ class UnknownReservation(LedgerError):
 
 
 class IdempotencyConflict(LedgerError):
-    """The idempotency key was already used on this account with another amount."""
+    """The idempotency key was already used on this account with another amount or reason."""
 
     code: ClassVar[str] = "IDEMPOTENCY_CONFLICT"
 

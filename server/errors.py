@@ -114,7 +114,7 @@ def from_ledger(exc: ledger.LedgerError) -> ApiError:
         return NotFound("User not found.", error_code="USER_NOT_FOUND")
     if isinstance(exc, ledger.IdempotencyConflict):
         return Conflict(
-            "This idempotency key was already used with a different amount.",
+            "This idempotency key was already used with a different amount or reason.",
             error_code="IDEMPOTENCY_CONFLICT",
         )
     if isinstance(exc, ledger.InvalidAmount):

@@ -90,6 +90,12 @@ async def allocate(body: dict[str, Any]) -> dict[str, Any]:
     )
     if user is None:
         raise NotFound("User not found.", error_code="USER_NOT_FOUND")
+    if user_id and username is not None and user["username"] != username:
+        # Both given: they must name one user (credits never go to a guess).
+        named = await svc.db.store.user_by_name(username)
+        if named is None:
+            raise NotFound("User not found.", error_code="USER_NOT_FOUND")
+        raise ValidationError("'userId' and 'username' name different users.")
     await svc.db.ledger.open_account(user["id"])
     b = await svc.db.ledger.allocate(user["id"], credits, reason=reason, idempotency_key=key)
     return {"userId": b.account_id, "balance": b.balance, "available": b.available}

@@ -39,12 +39,31 @@ async def test_allocate_is_admin_only_and_idempotent(client, harness):
     )
     assert r.status_code == 409 and (await r.get_json())["errorCode"] == "IDEMPOTENCY_CONFLICT"
     r = await client.post(
+        "/api/credits/allocate", json={**body, "reason": "other"}, headers=admin["headers"]
+    )
+    assert r.status_code == 409 and (await r.get_json())["errorCode"] == "IDEMPOTENCY_CONFLICT"
+    r = await client.post(
         "/api/credits/allocate",
         json={"userId": alice["id"], "credits": 5},
         headers=admin["headers"],
     )
     assert (await r.get_json())["balance"] == 105
     assert harness.svc.ledger.verify() == []
+
+
+async def test_allocate_to_a_user_named_twice_must_name_one(client, harness):
+    admin, alice, bob = harness.user("admin"), harness.user(), harness.user()
+    for body, status in (
+        ({"userId": alice["id"], "username": bob["username"]}, 400),
+        ({"userId": alice["id"], "username": "nobody"}, 404),
+        ({"userId": alice["id"], "username": alice["username"]}, 200),
+    ):
+        r = await client.post(
+            "/api/credits/allocate", json={**body, "credits": 7}, headers=admin["headers"]
+        )
+        assert r.status_code == status, await r.get_json()
+    assert harness.svc.ledger.balance(alice["id"]).balance == 7
+    assert harness.svc.ledger.balance(bob["id"]).balance == 0
 
 
 @pytest.mark.parametrize(
