@@ -136,6 +136,9 @@ async def settle_recovered(
             if ended_here:
                 telemetry = Telemetry.row(replace(call, credits_charged=charged))
                 store.add_telemetry("model_call", telemetry)
+            else:  # its owner ended it since it was read: what it stored stands
+                stored = store.message_by_stream(stream.stream_id)
+                charged = int(stored["credits_charged"]) if stored else charged
         return (message["id"] if message else stream.message_id), charged
 
     message_id, charged = await db.write(work)

@@ -10,6 +10,7 @@ reservation open, no ``done`` and a caller's ``AssertionError``.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any
@@ -483,3 +484,54 @@ async def test_one_stream_the_database_refuses_to_end_never_holds_up_the_others(
     refuse = False
     await svc.hub.abandoned.try_all()  # its next try goes through
     assert svc.ledger.balance(bob["id"]).reserved == 0 and svc.hub.abandoned.queued == []
+
+
+async def test_a_survivor_late_to_an_owners_ending_tells_the_stored_charge(harness, monkeypatch):
+    """A survivor that read the message as still streaming just before its owner's
+    ending committed (a partition; another process on the database) leaves the
+    owner's ending as it stands, and its `done` says the charge stored, not 0."""
+    from server.cluster import RecoveredStream
+    from server.recovery import settle_recovered
+
+    svc = harness.svc
+    run, outcome, user = await _one_call(harness)
+    stored = svc.store.message_by_stream(run.stream_id)
+    assert stored["credits_charged"] == outcome.credits_charged > 0
+    by_stream = svc.db.write_store.message_by_stream
+    reads: list[str] = []
+
+    def before_the_owner_committed(stream_id: str) -> Any:
+        reads.append(stream_id)
+        row = by_stream(stream_id)
+        return {**row, "status": "streaming", "credits_charged": 0} if len(reads) == 1 else row
+
+    async def content(redis: Any, stream: Any) -> str:
+        return "so far"
+
+    monkeypatch.setattr("server.recovery._content", content)
+    monkeypatch.setattr(svc.db.write_store, "message_by_stream", before_the_owner_committed)
+    lost = RecoveredStream(
+        stream_id=run.stream_id,
+        session_id=run.session_id,
+        user_id=user["id"],
+        model_id=run.model.id,
+        reservation_id=run.reservation.id,
+        message_id=stored["id"],
+        dialect="chat",
+        started_at=0.0,
+        node_id="dead",
+        tokens=3,
+        last_id=3,
+        ended=False,
+        input_tokens=5,
+    )
+    events = await settle_recovered(
+        lost,
+        redis=None,  # type: ignore[arg-type]
+        db=svc.db,
+        catalog=svc.catalog,
+        credit_usd=0.0,
+    )
+    done = json.loads(dict(events)["done"])
+    assert done["creditsCharged"] == svc.ledger.charges_for_stream(run.stream_id) > 0
+    assert svc.store.message_by_stream(run.stream_id) == stored  # the owner's ending stands
