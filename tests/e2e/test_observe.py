@@ -341,24 +341,32 @@ async def test_websocket_observer_gets_the_same_feed(slow_live):
     assert got == stream_events(client)
 
 
-async def test_websocket_refuses_endusers_with_json(slow_live):
-    live = slow_live
-    alice = live.harness.user(credits=10)
-    sid = await new_session(live, alice)
+async def _refused_upgrade(live: Any, path: str) -> bytes:
+    """A WebSocket handshake the server refuses: its plain HTTP answer, whole."""
     url = urlsplit(live.url)
     stream = await trio.open_tcp_stream(url.hostname, url.port)
     async with stream:
         await stream.send_all(
-            f"GET /api/chat/sessions/{sid}/observe/ws?token={alice['token']} HTTP/1.1\r\n"
-            "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "X-Request-Id: ws-req-1\r\n\r\n".encode()
         )
         data = b""
         with trio.fail_after(5):
-            while b"}" not in data:
+            while not data.rstrip().endswith(b"}"):
                 chunk = await stream.receive_some()
-                assert chunk
+                assert chunk, data
                 data += chunk
+    return data
+
+
+async def test_websocket_refuses_endusers_with_json(slow_live):
+    live = slow_live
+    alice = live.harness.user(credits=10)
+    sid = await new_session(live, alice)
+    data = await _refused_upgrade(
+        live, f"/api/chat/sessions/{sid}/observe/ws?token={alice['token']}"
+    )
     assert data.startswith(b"HTTP/1.1 403")
     assert b'"errorCode":"FORBIDDEN"' in data.replace(b" ", b"")
 
@@ -550,25 +558,6 @@ async def test_an_observer_attaching_as_the_buffer_expires_still_gets_done(
     assert controls[1] == ("history-start", {"count": 1, "fromId": last.id})
     assert controls[2] == ("history-end", {"lastId": last.id})
     assert stream_events(observed) == [(last.id, "done", last.data)]
-
-
-async def _refused_upgrade(live: Any, path: str) -> bytes:
-    """A WebSocket handshake the server refuses: its plain HTTP answer, whole."""
-    url = urlsplit(live.url)
-    stream = await trio.open_tcp_stream(url.hostname, url.port)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            "X-Request-Id: ws-req-1\r\n\r\n".encode()
-        )
-        data = b""
-        with trio.fail_after(5):
-            while not data.rstrip().endswith(b"}"):
-                chunk = await stream.receive_some()
-                assert chunk, data
-                data += chunk
-    return data
 
 
 async def test_a_refused_websocket_observer_gets_the_http_routes_answers(live):

@@ -298,9 +298,9 @@ def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("server.db.RETRY_DELAYS", (0.01, 0.01, 0.01))
 
 
-async def _recover(monkeypatch: pytest.MonkeyPatch, svc: Any, **fields: Any) -> None:
+async def _recover(monkeypatch: pytest.MonkeyPatch, svc: Any, **fields: Any) -> dict[str, Any]:
     """A survivor ends a dead node's stream (``settle_recovered``), the cluster's
-    copy of its text being "so far"."""
+    copy of its text being "so far"; the closing events it tells, by name."""
     from server.cluster import RecoveredStream
     from server.recovery import settle_recovered
 
@@ -309,7 +309,10 @@ async def _recover(monkeypatch: pytest.MonkeyPatch, svc: Any, **fields: Any) -> 
 
     monkeypatch.setattr("server.recovery._content", content)
     lost = RecoveredStream(dialect="chat", started_at=0.0, node_id="dead", **fields)
-    await settle_recovered(lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0)  # type: ignore[arg-type]
+    events = await settle_recovered(
+        lost, redis=None, db=svc.db, catalog=svc.catalog, credit_usd=0.0
+    )  # type: ignore[arg-type]
+    return {name: json.loads(data) for name, data in events}
 
 
 @pytest.mark.parametrize("ended", [False, True])
@@ -490,9 +493,6 @@ async def test_a_survivor_late_to_an_owners_ending_tells_the_stored_charge(harne
     """A survivor that read the message as still streaming just before its owner's
     ending committed (a partition; another process on the database) leaves the
     owner's ending as it stands, and its `done` says the charge stored, not 0."""
-    from server.cluster import RecoveredStream
-    from server.recovery import settle_recovered
-
     svc = harness.svc
     run, outcome, user = await _one_call(harness)
     stored = svc.store.message_by_stream(run.stream_id)
@@ -505,33 +505,21 @@ async def test_a_survivor_late_to_an_owners_ending_tells_the_stored_charge(harne
         row = by_stream(stream_id)
         return {**row, "status": "streaming", "credits_charged": 0} if len(reads) == 1 else row
 
-    async def content(redis: Any, stream: Any) -> str:
-        return "so far"
-
-    monkeypatch.setattr("server.recovery._content", content)
     monkeypatch.setattr(svc.db.write_store, "message_by_stream", before_the_owner_committed)
-    lost = RecoveredStream(
+    told = await _recover(
+        monkeypatch,
+        svc,
         stream_id=run.stream_id,
         session_id=run.session_id,
         user_id=user["id"],
         model_id=run.model.id,
         reservation_id=run.reservation.id,
         message_id=stored["id"],
-        dialect="chat",
-        started_at=0.0,
-        node_id="dead",
         tokens=3,
         last_id=3,
         ended=False,
         input_tokens=5,
     )
-    events = await settle_recovered(
-        lost,
-        redis=None,  # type: ignore[arg-type]
-        db=svc.db,
-        catalog=svc.catalog,
-        credit_usd=0.0,
-    )
-    done = json.loads(dict(events)["done"])
+    done = told["done"]
     assert done["creditsCharged"] == svc.ledger.charges_for_stream(run.stream_id) > 0
     assert svc.store.message_by_stream(run.stream_id) == stored  # the owner's ending stands
