@@ -73,6 +73,11 @@ class HeldOpen:
         return run
 
 
+async def _post(got: list[Any], live: Any, path: str, user: dict[str, Any]) -> None:
+    """POST a message to ``path`` as ``user`` (a background task): the answer into ``got``."""
+    got.append(await live.http.post(path, json={"message": "a long one"}, headers=user["headers"]))
+
+
 async def test_a_client_gone_during_the_open_ends_its_run_at_once(paced, monkeypatch):
     """Not after ATTACH_TIMEOUT_S: the run, its reservation and its session's slot
     are let go as soon as the response that never started tells it."""
@@ -211,17 +216,8 @@ async def test_a_whole_answer_stopped_or_cut_is_not_a_success(paced, how):
     opened = HeldOpen(live.harness.svc.hub, sid, hold=False)
     answer: list[Any] = []
 
-    async def ask() -> None:
-        answer.append(
-            await live.http.post(
-                f"/api/chat/sessions/{sid}/messages",
-                json={"message": "a long one"},
-                headers=alice["headers"],
-            )
-        )
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ask)
+        nursery.start_soon(_post, answer, live, f"/api/chat/sessions/{sid}/messages", alice)
         run = await opened.first_token()
         if how == "stop":
             stop = await live.http.post(
@@ -267,17 +263,8 @@ async def test_a_session_deleted_before_the_open_is_a_404(live, monkeypatch, rou
     monkeypatch.setattr(StreamHub, "start", after_the_delete)
     got: list[Any] = []
 
-    async def ask() -> None:
-        got.append(
-            await live.http.post(
-                f"/api/chat/sessions/{sid}/{route}",
-                json={"message": "hi"},
-                headers=alice["headers"],
-            )
-        )
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ask)
+        nursery.start_soon(_post, got, live, f"/api/chat/sessions/{sid}/{route}", alice)
         with trio.fail_after(5):
             await checked.wait()
         r = await live.http.delete(f"/api/chat/sessions/{sid}", headers=alice["headers"])

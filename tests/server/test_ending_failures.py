@@ -315,6 +315,26 @@ async def _recover(monkeypatch: pytest.MonkeyPatch, svc: Any, **fields: Any) -> 
     return {name: json.loads(data) for name, data in events}
 
 
+async def _recover_run(
+    monkeypatch: pytest.MonkeyPatch, svc: Any, run: Any, user: dict[str, Any], stored: Any
+) -> dict[str, Any]:
+    """:func:`_recover` of a live run's stream, as a survivor sees it: 3 tokens out."""
+    return await _recover(
+        monkeypatch,
+        svc,
+        stream_id=run.stream_id,
+        session_id=run.session_id,
+        user_id=user["id"],
+        model_id=run.model.id,
+        reservation_id=run.reservation.id,
+        message_id=stored["id"],
+        tokens=3,
+        last_id=3,
+        ended=False,
+        input_tokens=5,
+    )
+
+
 @pytest.mark.parametrize("ended", [False, True])
 async def test_a_survivor_charges_what_the_owners_readers_were_told(harness, monkeypatch, ended):
     """A dead node's stream, ended in the database by a survivor (cluster mode):
@@ -385,20 +405,7 @@ async def test_a_survivor_never_overwrites_an_ending_the_owner_stored_first(
         race.setattr(svc.db.write_store, "message_by_stream", lambda _id: stale)
         if read_reservation:
             race.setattr(svc.db.write_ledger, "open_reservations", lambda _u: [run.reservation])
-        await _recover(
-            race,
-            svc,
-            stream_id=run.stream_id,
-            session_id=run.session_id,
-            user_id=user["id"],
-            model_id=run.model.id,
-            reservation_id=run.reservation.id,
-            message_id=stored["id"],
-            tokens=3,
-            last_id=3,
-            ended=False,
-            input_tokens=5,
-        )
+        await _recover_run(race, svc, run, user, stored)
     after = svc.store.message_by_stream(run.stream_id)
     assert (after["status"], after["credits_charged"], after["content"]) == (
         "complete",
@@ -506,20 +513,7 @@ async def test_a_survivor_late_to_an_owners_ending_tells_the_stored_charge(harne
         return {**row, "status": "streaming", "credits_charged": 0} if len(reads) == 1 else row
 
     monkeypatch.setattr(svc.db.write_store, "message_by_stream", before_the_owner_committed)
-    told = await _recover(
-        monkeypatch,
-        svc,
-        stream_id=run.stream_id,
-        session_id=run.session_id,
-        user_id=user["id"],
-        model_id=run.model.id,
-        reservation_id=run.reservation.id,
-        message_id=stored["id"],
-        tokens=3,
-        last_id=3,
-        ended=False,
-        input_tokens=5,
-    )
+    told = await _recover_run(monkeypatch, svc, run, user, stored)
     done = told["done"]
     assert done["creditsCharged"] == svc.ledger.charges_for_stream(run.stream_id) > 0
     assert svc.store.message_by_stream(run.stream_id) == stored  # the owner's ending stands
