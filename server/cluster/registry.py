@@ -142,6 +142,7 @@ class Registry:
         self._finishing = redis.script(_FINISHING)
         self._finished = redis.script(_FINISHED)
         self._mine: dict[str, StreamInfo] = {}  # registered and not finished
+        self._registering: set[str] = set()  # being registered (see is_mine)
 
     def _stream_keys(self, stream_id: str, session_id: str) -> list[str]:
         keys = self.redis.keys
@@ -157,8 +158,8 @@ class Registry:
         return list(self._mine.values())
 
     def is_mine(self, stream_id: str) -> bool:
-        """Registered by this incarnation and not finished."""
-        return stream_id in self._mine
+        """Registered (or being registered) by this incarnation, and not finished."""
+        return stream_id in self._mine or stream_id in self._registering
 
     async def register(self, info: StreamInfo) -> None:
         """Record a starting stream as this incarnation's (one round trip).
@@ -172,8 +173,14 @@ class Registry:
             *self._stream_keys(info.stream_id, info.session_id),
             self.redis.keys("node", self.identity.incarnation, "taken"),
         ]
-        with self.redis.guard("register"):
-            ok = await self._register(keys, [info.stream_id, self.buffer_ms, *fields])
+        # Mine from the moment the script may run (is_mine): its reply is a round
+        # trip later, and an observer here may read the session's latest meanwhile.
+        self._registering.add(info.stream_id)
+        try:
+            with self.redis.guard("register"):
+                ok = await self._register(keys, [info.stream_id, self.buffer_ms, *fields])
+        finally:
+            self._registering.discard(info.stream_id)
         if not ok:
             raise NodeLost(self.identity.incarnation)
         self._mine[info.stream_id] = info

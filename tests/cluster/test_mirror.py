@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -165,8 +166,27 @@ async def test_a_node_never_mirrors_a_stream_it_is_opening(redis: ClusterRedis):
     async with trio.open_nursery() as nursery:
         await nursery.start(mirror.run)
         info = StreamInfo("s1", "session-s1", "u", "m", "r", "msg", "chat", time.time(), "a")
-        await registry.register(info)  # the open's admission; its commit comes next
-        assert await mirror.open_latest("session-s1") is None
+        script, ran, answered = registry._register, trio.Event(), trio.Event()
+
+        async def reply_held(*args: Any) -> Any:
+            ok = await script(*args)
+            ran.set()  # in Redis now: the session's latest names it
+            await answered.wait()
+            return ok
+
+        registry._register = reply_held  # type: ignore[method-assign]
+        registered = trio.Event()
+
+        async def admit() -> None:  # the open's admission
+            await registry.register(info)
+            registered.set()
+
+        nursery.start_soon(admit)
+        await ran.wait()
+        assert await mirror.open_latest("session-s1") is None  # its reply still on the way
+        answered.set()
+        await registered.wait()
+        assert await mirror.open_latest("session-s1") is None  # its commit comes next
         assert mirror.statistics().mirrors == 0
         own = observations.open_stream("s1", group="session-s1")  # no StreamExists
         assert await mirror.open_latest("session-s1") is own
