@@ -57,7 +57,6 @@ class Abandoned:
         self._queued = trio.lowlevel.ParkingLot()  # run() waits here for the first
         self._drained = trio.lowlevel.ParkingLot()  # unparked when the queue empties
         self._tried = trio.lowlevel.ParkingLot()  # unparked as each round of tries ends
-        self._refused: set[str] = set()  # failed this round for a reason of their own
         #: Called (awaited) with each queued stream once it is ended: cluster mode
         #: takes it off the cluster's live list then (``ClusterLink.finished``).
         self.on_ended: Callable[[str], Awaitable[None]] | None = None
@@ -67,9 +66,10 @@ class Abandoned:
         """Stream ids waiting for another try."""
         return list(self._queue)
 
-    async def end(self, stream_id: str, user_id: str, content: str = "") -> bool:
+    async def end(self, stream_id: str, user_id: str, content: str = "") -> bool | None:
         """End ``stream_id`` now (through transient failures while the caller's
-        deadline allows); False (logged) if the database could not be asked."""
+        deadline allows); False (logged) if the database could not be asked,
+        None (logged) if it refused this one for a reason of its own."""
 
         def end(store: StoreBackend, book: ledger.LedgerBackend) -> tuple[int, bool]:
             released = 0
@@ -101,9 +101,7 @@ class Abandoned:
                 stream_id,
                 type(exc).__name__,
             )
-            if not isinstance(exc, TRANSIENT):
-                self._refused.add(stream_id)  # not the database's absence: the others go on
-            return False
+            return False if isinstance(exc, TRANSIENT) else None
         if released or cut:
             log.warning(
                 "stream %s: ended without its run: %d reservation(s) released, nothing "
@@ -143,13 +141,12 @@ class Abandoned:
         """A try for each queued stream, in turn, until one fails (also the hub's
         last act at shutdown)."""
         for stream_id, (user_id, content) in list(self._queue.items()):
-            ended = False
+            ended: bool | None = False
             with trio.move_on_after(TRY_TIMEOUT_S):
                 ended = await self.end(stream_id, user_id, content)
+            if ended is None:
+                continue  # this one's own trouble: the rest are tried
             if not ended:
-                if stream_id in self._refused:  # this one's own trouble: try the rest
-                    self._refused.discard(stream_id)
-                    continue
                 break  # the database is away: the rest wait for the next round
             # (A shutdown's round may run beside the task's: one of them says so.)
             if self._queue.pop(stream_id, None) is not None and self.on_ended is not None:

@@ -263,21 +263,24 @@ def _refuse_nul(path: str, query: bytes, view_args: dict[str, Any] | None) -> No
         raise ValidationError("The query string must not hold NUL characters.")
 
 
+def _request_id(incoming: str) -> str:
+    """The client's ``X-Request-Id`` if it is a sane one, else a new one."""
+    return incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+
+
 def _install_request_hooks(app: QuartTrio, settings: Settings) -> None:
     origins = settings.cors_origins
 
     @app.before_request
     async def assign_request_id() -> None:
-        incoming = request.headers.get("X-Request-Id", "")
-        g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+        g.request_id = _request_id(request.headers.get("X-Request-Id", ""))
         g.t0 = time.perf_counter()
         _refuse_nul(request.path, request.query_string, request.view_args)
 
     # A WebSocket's handshake is a request too: the same id, the same refusals.
     @app.before_websocket
     async def assign_websocket_id() -> None:
-        incoming = websocket.headers.get("X-Request-Id", "")
-        g.request_id = incoming if _REQUEST_ID.match(incoming) else f"req_{secrets.token_hex(8)}"
+        g.request_id = _request_id(websocket.headers.get("X-Request-Id", ""))
         _refuse_nul(websocket.path, websocket.query_string, websocket.view_args)
 
     @app.after_websocket

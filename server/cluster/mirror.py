@@ -150,8 +150,6 @@ class Mirror:
             done.set()
 
     async def _open(self, stream_id: str) -> Stream | None:
-        if self.is_mine(stream_id):  # still opening here: no stream yet, as on one node
-            return None
         keys, client = self.redis.keys, self.redis.client
         with self.redis.guard("mirror"):
             async with client.pipeline(transaction=False) as pipe:
@@ -159,7 +157,7 @@ class Mirror:
                 history_request = pipe.xrange(keys("stream", stream_id))
             meta, history = dict(await meta_request), await history_request
         info = info_from_meta(meta) if meta else None
-        if info is None or self.is_mine(stream_id):  # (registered here meanwhile)
+        if info is None or self.is_mine(stream_id):  # still opening here: none yet, as on one node
             return None
         # Synchronous from here to the reader's start: nothing can slip in between.
         stream = self.observations.open_stream(

@@ -13,6 +13,8 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import psycopg
+
 from .base import NewMessages, Page, Row, SessionGone, now_iso, search_terms
 from .pgsql import Conn, delete_sessions, select_all, select_one, select_value
 
@@ -96,8 +98,6 @@ class PostgresMessages(NewMessages):
     def _insert_messages(
         self, session_id: str, rows: list[Row], before: Callable[[Any], None] | None = None
     ) -> list[Row]:
-        import psycopg
-
         def unit(c: Conn) -> list[Row]:
             if before is not None:
                 before(c)
