@@ -57,6 +57,7 @@ class Abandoned:
         self._queued = trio.lowlevel.ParkingLot()  # run() waits here for the first
         self._drained = trio.lowlevel.ParkingLot()  # unparked when the queue empties
         self._tried = trio.lowlevel.ParkingLot()  # unparked as each round of tries ends
+        self._round = trio.Lock()  # a shutdown's round waits for the task's
         #: Called (awaited) with each queued stream once it is ended: cluster mode
         #: takes it off the cluster's live list then (``ClusterLink.finished``).
         self.on_ended: Callable[[str], Awaitable[None]] | None = None
@@ -75,7 +76,10 @@ class Abandoned:
             released = 0
             for held in book.open_reservations(user_id):
                 if held.streaming_session_id == stream_id:
-                    book.release(held.id)
+                    try:
+                        book.release(held.id)
+                    except ledger.ReservationClosed:
+                        continue  # another ending closed it after the listing
                     released += 1
             message = store.message_by_stream(stream_id)
             cut = False
@@ -139,7 +143,14 @@ class Abandoned:
 
     async def try_all(self) -> None:
         """A try for each queued stream, in turn, until one fails (also the hub's
-        last act at shutdown)."""
+        last act at shutdown); one round at a time."""
+        async with self._round:
+            await self._try_each()
+        self._tried.unpark_all()
+        if not self._queue:
+            self._drained.unpark_all()
+
+    async def _try_each(self) -> None:
         for stream_id, (user_id, content) in list(self._queue.items()):
             ended: bool | None = False
             with trio.move_on_after(TRY_TIMEOUT_S):
@@ -148,9 +159,5 @@ class Abandoned:
                 continue  # this one's own trouble: the rest are tried
             if not ended:
                 break  # the database is away: the rest wait for the next round
-            # (A shutdown's round may run beside the task's: one of them says so.)
             if self._queue.pop(stream_id, None) is not None and self.on_ended is not None:
                 await self.on_ended(stream_id)
-        self._tried.unpark_all()
-        if not self._queue:
-            self._drained.unpark_all()

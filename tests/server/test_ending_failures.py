@@ -517,3 +517,54 @@ async def test_a_survivor_late_to_an_owners_ending_tells_the_stored_charge(harne
     done = told["done"]
     assert done["creditsCharged"] == svc.ledger.charges_for_stream(run.stream_id) > 0
     assert svc.store.message_by_stream(run.stream_id) == stored  # the owner's ending stands
+
+
+async def test_rounds_of_tries_never_overlap(harness, monkeypatch):
+    """A shutdown's round and the hub task's round take turns: two tries of one
+    stream at once would race each other's release (one of them refused)."""
+    svc = harness.svc
+    abandoned = svc.hub.abandoned
+    trying: list[str] = []
+    overlapped: list[tuple[str, ...]] = []
+
+    async def end(stream_id: str, user_id: str, content: str = "") -> bool:
+        trying.append(stream_id)
+        if len(trying) > 1:
+            overlapped.append(tuple(trying))
+        await trio.sleep(0.01)  # a write in its thread
+        trying.remove(stream_id)
+        return True
+
+    monkeypatch.setattr(abandoned, "end", end)
+    abandoned.later("stream-a", "nobody")
+    abandoned.later("stream-b", "nobody")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(abandoned.try_all)
+        nursery.start_soon(abandoned.try_all)
+    assert overlapped == [] and abandoned.queued == []
+
+
+async def test_a_reservation_closed_between_listing_and_release_counts_as_ended(harness):
+    """Another ending (recovery, a survivor) may close the reservation after this
+    try listed it as open: the stream is ended, not refused and queued again."""
+    svc = harness.svc
+    dave = harness.user(credits=50)
+    svc.ledger.reserve(dave["id"], 50, streaming_session_id="stream-raced")
+    book = svc.db.write_ledger
+    listed = book.open_reservations(dave["id"])
+    for held in listed:
+        book.release(held.id)  # someone else's ending, just before this try's release
+
+    class Stale:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(book, name)
+
+        def open_reservations(self, user_id: str) -> Any:
+            return listed
+
+    svc.db.write_ledger = Stale()  # type: ignore[assignment]
+    try:
+        assert await svc.hub.abandoned.end("stream-raced", dave["id"]) is True
+    finally:
+        svc.db.write_ledger = book
+    assert svc.ledger.balance(dave["id"]).reserved == 0
