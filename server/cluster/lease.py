@@ -13,9 +13,10 @@ the loop is, only on whether it still runs. So:
   ``rediss://``, a Unix socket for ``unix://``), sharing nothing with the
   coredis client;
 - it renews only while the Trio loop shows progress: the loop calls
-  :meth:`LeaseKeeper.beat` every :data:`BEAT_S`; a loop that has not beaten
-  for half a lease (hung, deadlocked) lets the lease lapse, so a survivor
-  recovers its streams, as for a dead process;
+  :meth:`LeaseKeeper.beat` every :attr:`LeaseKeeper.beat_s` (:data:`BEAT_S`,
+  or an eighth of a shorter lease); a loop that has not beaten for half a
+  lease (hung, deadlocked) lets the lease lapse, so a survivor recovers its
+  streams, as for a dead process;
 - the outcome of each renewal (1 renewed, 0 re-acquired after Redis lost
   it, -1 taken over) is left in :attr:`LeaseKeeper.outcome` for the loop to
   act on (:class:`~server.cluster.nodes.Node` re-registers or steps down).
@@ -35,7 +36,7 @@ __all__ = ["BEAT_S", "LeaseKeeper", "RespError", "resp_command"]
 
 log = logging.getLogger("chinwag.cluster.lease")
 
-#: How often the Trio loop says it is alive.
+#: How often the Trio loop says it is alive (more often for a lease under 2 s).
 BEAT_S = 0.25
 #: Socket timeout for one command of the keeper.
 COMMAND_TIMEOUT_S = 2.0
@@ -144,6 +145,9 @@ class LeaseKeeper:
         #: The renew script's KEYS and ARGV for the current incarnation.
         self.keys_for = keys_for
         self.lease_ms = lease_ms
+        #: How often the loop beats: several times per half lease, so only a loop
+        #: held up for most of one reads as hung.
+        self.beat_s = min(BEAT_S, lease_ms / 8000)
         #: The last renewal's answer: 1, 0 or -1; None before the first, or while failing.
         self.outcome: int | None = None
         self._alive_at = time.monotonic()
@@ -152,7 +156,7 @@ class LeaseKeeper:
         self._sock: socket.socket | None = None
 
     def beat(self) -> None:
-        """The Trio loop is alive (called every :data:`BEAT_S` from a task of its own)."""
+        """The Trio loop is alive (called every :attr:`beat_s` from a task of its own)."""
         self._alive_at = time.monotonic()
 
     def start(self) -> None:

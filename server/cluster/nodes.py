@@ -42,7 +42,7 @@ from typing import Any
 
 import trio
 
-from .lease import BEAT_S, LeaseKeeper
+from .lease import LeaseKeeper
 from .publisher import END_ID, entry_id
 from .redis import ClusterRedis, ClusterUnavailable, text
 from .registry import Registry, info_from_meta
@@ -354,7 +354,7 @@ class Node:
         """Tell the keeper this loop still runs."""
         while True:
             self.keeper.beat()
-            await trio.sleep(BEAT_S)
+            await trio.sleep(self.keeper.beat_s)
 
     async def _tick(self, settle: Settle, on_lost: Callable[[list[Any]], Any] | None) -> None:
         outcome, self.keeper.outcome = self.keeper.outcome, None

@@ -113,3 +113,23 @@ async def test_the_keeper_reconnects_after_redis_restarts(own_redis: OwnRedis):
         assert keeper.outcome == 0
     finally:
         await trio.to_thread.run_sync(keeper.stop)
+
+
+async def test_a_short_lease_is_renewed_while_the_loop_runs(redis, caplog):
+    """The loop beats several times per half lease whatever the lease (down to the
+    100 ms minimum): a live, idle node never reads as hung to its own keeper."""
+    identity = Identity("short")
+    registry = Registry(redis, identity, buffer_ms=1000)
+    node = Node(redis, identity, registry, lease_ms=200, buffer_ms=1000)
+
+    async def settle(stream: object) -> list[tuple[str, str]]:
+        return []
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run, settle)
+        lease = redis.keys("node", identity.incarnation)
+        for _ in range(40):  # ten leases
+            await trio.sleep(0.05)
+            assert await redis.client.pttl(lease) > 0
+        nursery.cancel_scope.cancel()
+    assert "lease not renewed" not in caplog.text
