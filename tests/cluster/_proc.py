@@ -62,8 +62,10 @@ async def produce(args: dict[str, Any]) -> dict[str, Any]:
     async with open_redis(args["url"], prefix=args["prefix"]) as redis:
         identity = Identity("producer")
         registry = Registry(redis, identity, buffer_ms=10_000)
-        publisher = Publisher(redis, ring_size=64, buffer_ms=10_000)
-        observations = ObservationManager(ring_size=64, linger=10, encode=encode_event)
+        # Rings past the whole stream: it is published in one burst, and the test is
+        # about the bytes that cross, not about a reader falling a ring behind.
+        publisher = Publisher(redis, ring_size=256, buffer_ms=10_000)
+        observations = ObservationManager(ring_size=256, linger=10, encode=encode_event)
         sid = args["stream"]
         await registry.register(
             StreamInfo(sid, "session", "user", "m", "r", "msg", "chat", time.time(), "producer")

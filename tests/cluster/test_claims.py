@@ -86,12 +86,13 @@ async def test_several_processes_racing_for_one_session_one_wins(redis: ClusterR
 async def test_an_expired_lease_frees_the_session_and_the_old_owner_cannot_release_it(
     redis: ClusterRedis,
 ):
-    old = claims(redis, "old", lease_ms=200)
+    # A lease long enough for the refusal below to come within it on a loaded machine.
+    old = claims(redis, "old", lease_ms=1000)
     new = claims(redis, "new")
     first = await old.admit("s1", "u", "stream-1")
     with pytest.raises(SessionBusy):
         await new.admit("s1", "u", "stream-2")
-    await trio.sleep(0.35)  # the lease runs out in Redis (nobody renews it)
+    await trio.sleep(1.15)  # the lease runs out in Redis (nobody renews it)
     second = await new.admit("s1", "u", "stream-2")
     assert await old.release(first) is False  # compare-and-delete
     assert await new.holder("s1") == second.owner
@@ -181,13 +182,13 @@ async def test_the_user_cap_holds_under_a_race(redis: ClusterRedis):
 
 
 async def test_a_dead_nodes_cap_places_age_out(redis: ClusterRedis):
-    dead = claims(redis, "dead", lease_ms=200, cap=2)
+    dead = claims(redis, "dead", lease_ms=1000, cap=2)
     await dead.admit("s1", "alice", "a")
     await dead.admit("s2", "alice", "b")
     alive = claims(redis, "alive", cap=2)
     with pytest.raises(UserAtCap):
         await alive.admit("s3", "alice", "c")
-    await trio.sleep(0.35)
+    await trio.sleep(1.15)
     await alive.admit("s3", "alice", "c")
     await alive.admit("s4", "alice", "d")
 

@@ -166,11 +166,14 @@ async def test_run_goes_on_as_a_new_incarnation_after_a_take_over(redis: Cluster
         await nursery.start(node.run, lambda s: [], lost.append)
         first = node.identity.incarnation
         await node.registry.register(info(1, "n"))
-        # A survivor takes it over while it is (as if) paused.
+        # A survivor takes it over while it is paused (its keeper too: a renewal
+        # between the lease's end and the take-over would take the lease back).
+        await trio.to_thread.run_sync(node.keeper.stop)
         await redis.client.delete([redis.keys("node", first)])
         survivor = make_node(redis, "survivor")
         await survivor.join()
         assert await survivor.take_over(first) == ["stream-1"]
+        node.keeper.start()  # it comes back
         with trio.fail_after(5):
             await node.identity.lost.wait()
             # The node has no event for "joined again": look until it has.

@@ -119,7 +119,8 @@ async def test_an_observer_is_told_the_clusters_count_whichever_node_answers(clu
             cluster["a"].http.stream(
                 "POST",
                 f"/api/chat/sessions/{sid}/stream",
-                json={"message": "a long answer", "maxTokens": 120},
+                # 25 s of answer: live past any wait below (the client leaves at the end)
+                json={"message": "a long answer", "maxTokens": 1000},
                 headers=paced(RATE, alice["headers"]),
             )
         )

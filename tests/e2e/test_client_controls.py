@@ -126,8 +126,9 @@ async def test_reset_midway_cuts_without_done_then_resume_picks_it_up(live_facto
     blocks = [b for b in raw.decode().split("\n\n") if b.startswith("id: ")]
     assert [int(b.split("\n")[0][4:]) for b in blocks] == list(range(1, 21))  # half of 40
     assert b"event: done" not in raw
+    # The stream carries on within the grace (it may even have ended by now: the
+    # resume below replays the rest, and the stored message is complete).
     run = live.harness.svc.hub.for_stream(stream_id)
-    assert run is not None and not run.done  # the stream carries on within the grace
 
     async with live.http.stream(
         "GET",
@@ -138,8 +139,9 @@ async def test_reset_midway_cuts_without_done_then_resume_picks_it_up(live_facto
         rest = events([m async for m in messages(resumed)])
     assert [e.id for e in rest] == list(range(21, 42))
     assert rest[-1].event == "done" and rest[-1].data["finishReason"] == "stop"
-    with trio.fail_after(5):
-        await run.wait_done()
+    if run is not None:
+        with trio.fail_after(5):
+            await run.wait_done()
     stored = live.harness.svc.store.message_by_stream(stream_id)
     assert stored["status"] == "complete" and stored["output_tokens"] == 40
 

@@ -148,8 +148,9 @@ async def test_a_waiting_observer_gets_heartbeats_then_attaches(live_factory, se
         ) as r:
             client = await read_until_done(r)
         observed = await read_until_done(o, feed)
-    assert observed[0].event == "observer" and observed[0].data["status"] == "connected"
-    assert [m.event for m in observed if m.event and m.id is None][1:3] == [
+    told = [m for m in observed if m.event]  # (a beat may still come before the attach)
+    assert told[0].event == "observer" and told[0].data["status"] == "connected"
+    assert [m.event for m in told if m.id is None][1:3] == [
         "history-start",
         "history-end",
     ]
@@ -158,9 +159,13 @@ async def test_a_waiting_observer_gets_heartbeats_then_attaches(live_factory, se
     beats += [beat_ms(m) for m in observed if m.comment]
     assert len(beats) >= 4
     # One steady schedule from the response's opening: beat k is due k periods
-    # after the first, whether it was sent while waiting or after the attach.
-    drift = [b - beats[0] - k * period_ms for k, b in enumerate(beats)]
-    assert all(abs(d) < 0.3 * period_ms for d in drift), drift
+    # after the first, whether it was sent while waiting or after the attach. A
+    # beat is never early; a stalled loop may send one late (the next is on time
+    # again), but a schedule restarted at the attach would put every beat after
+    # it (two or more) 0.6 periods late.
+    offsets = [b - k * period_ms for k, b in enumerate(beats)]
+    late = [o - min(offsets) for o in offsets]
+    assert sum(d > 0.45 * period_ms for d in late) <= 1, late
 
 
 # The client side's own socket is sometimes collected unclosed after the server's close

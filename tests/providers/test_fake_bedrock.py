@@ -170,7 +170,7 @@ async def test_close_seen_at_once_while_hanging(fake: FakeBedrock) -> None:
     with trio.fail_after(1):
         await fake.wait_closed(conn.id)
     assert conn.closed_at is not None
-    assert conn.closed_at - closed_by_client < 0.1
+    assert conn.closed_at - closed_by_client < 1.0  # seen on the close, not at a timeout
 
 
 async def test_cli_subprocess_prints_port_and_stops_on_sigterm() -> None:

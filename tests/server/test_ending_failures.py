@@ -203,13 +203,19 @@ async def test_readers_are_told_when_a_try_outlasts_the_whole_ending(harness, mo
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(svc.db.write_store, "close_turn", close_turn)
+    # The hub's rounds find the database away too (the next one an hour away).
+    monkeypatch.setattr(svc.db.write_ledger, "open_reservations", _unreachable)
     run, outcome, user = await _one_call(harness)
     assert outcome.finish_reason == "error" and outcome.credits_charged == 0
     assert outcome.error is not None and "confirmed" in outcome.error.user_message
     assert run.stream.ended and svc.hub.abandoned.queued == [run.stream_id]
-    # Held until the hub ends it (its next round, an hour away here).
+    # Held until the hub ends it.
     assert svc.store.message_by_stream(run.stream_id)["status"] == "streaming"
     assert svc.ledger.balance(user["id"]).reserved > 0
+
+
+def _unreachable(*args: Any, **kwargs: Any) -> Any:
+    raise sqlite3.OperationalError("database is locked")
 
 
 async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -220,11 +226,8 @@ async def _one_call_database_away(harness: Any, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("server.abandoned.RETRY_S", 3600.0)
     _failing(svc.db.write_store, times=-1)
 
-    def unreachable(*args: Any, **kwargs: Any) -> Any:
-        raise sqlite3.OperationalError("database is locked")
-
     with monkeypatch.context() as away:
-        away.setattr(svc.db.write_ledger, "open_reservations", unreachable)
+        away.setattr(svc.db.write_ledger, "open_reservations", _unreachable)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(svc.hub.abandoned.round_ended)  # parked before the run ends
             result = await _one_call(harness)
