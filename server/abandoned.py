@@ -159,5 +159,6 @@ class Abandoned:
                 continue  # this one's own trouble: the rest are tried
             if not ended:
                 break  # the database is away: the rest wait for the next round
-            if self._queue.pop(stream_id, None) is not None and self.on_ended is not None:
+            del self._queue[stream_id]  # (rounds take turns: nothing else takes it off)
+            if self.on_ended is not None:
                 await self.on_ended(stream_id)
